@@ -1,0 +1,108 @@
+/* tokenformer: train, evaluate, scale and inspect TokenFormer vision transformers.
+ * Git-style subcommands; this file only dispatches and holds the help texts. */
+#include "cli/commands.h"
+
+#include "common/error.h"
+#include "common/timer.h"
+
+#include <stdio.h>
+#include <string.h>
+
+typedef struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *summary;
+    const char *usage;
+} cli_command;
+
+static const cli_command commands[] = {
+    {"train", cmd_train, "train a model from a YAML config on an ImageFolder tree",
+     "usage: tokenformer train --config FILE.yaml [--data ROOT] [--out DIR] [--set section.key=value]...\n"
+     "                         [--device auto|cpu|cuda] [--resume DIR] [--init-from FILE.safetensors]\n"
+     "                         [--init-state FILE.safetensors] [--deterministic]\n"
+     "\n"
+     "Trains with the recipe of the config (DESIGN.md section 3), evaluates on the validation split,\n"
+     "and writes DIR/model.safetensors, DIR/state.safetensors and DIR/metrics.jsonl.\n"
+     "  --config FILE     YAML config (configs/*.yaml)\n"
+     "  --data ROOT       ImageFolder root with ROOT/train and ROOT/val (overrides data.root)\n"
+     "  --out DIR         run directory (default runs/<config name>)\n"
+     "  --set K=V         override any config key, e.g. --set schedule.epochs=1\n"
+     "  --device D        auto (GPU when present), cpu or cuda (overrides run.device)\n"
+     "  --resume DIR      continue the run in DIR exactly where its last checkpoint stopped\n"
+     "  --init-from FILE  start from these weights (a grown model) with a fresh schedule\n"
+     "  --init-state FILE optimizer moments and EMA to start from (with --init-from)\n"},
+    {"eval", cmd_eval, "top-1/top-5 of a checkpoint on a validation split",
+     "usage: tokenformer eval --ckpt FILE.safetensors --data ROOT [--split val] [--ema] [--batch N]\n"
+     "                        [--device auto|cpu|cuda] [--json OUT]\n"},
+    {"predict", cmd_predict, "classes and probabilities of single images",
+     "usage: tokenformer predict --ckpt FILE.safetensors [--topk 5] [--json] IMAGE...\n"},
+    {"scale", cmd_scale, "grow a trained model by adding parameter tokens",
+     "usage: tokenformer scale --ckpt FILE --out FILE (--attn-tokens N --ffn-tokens M | --factor F)\n"
+     "                         [--state FILE --out-state FILE] [--key-init zero|random]\n"
+     "                         [--norm fixed|current] [--seed S]\n"},
+    {"bench", cmd_bench, "measure training, inference or loader throughput",
+     "usage: tokenformer bench train|infer --config FILE.yaml [--batch N] [--steps K] [--device D]\n"
+     "       tokenformer bench loader --data DIR [--transform train|eval] [--workers N] [--batches K]\n"},
+    {"inspect", cmd_inspect, "print a checkpoint's or a config's model and tensors",
+     "usage: tokenformer inspect FILE.safetensors\n"
+     "       tokenformer inspect --config FILE.yaml [--set section.key=value]...\n"
+     "\n"
+     "Prints the model config, every tensor (name, dtype, shape) and the parameter count.\n"},
+    {"prepare", cmd_prepare, "write a dataset as an ImageFolder tree of JPEG files",
+     "usage: tokenformer prepare fashion-mnist --out DIR [--source DIR]\n"
+     "       tokenformer prepare imagenet-like --out DIR --count N\n"
+     "\n"
+     "fashion-mnist: reads Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) and\n"
+     "writes DIR/train/<class>/*.jpg (60000) and DIR/val/<class>/*.jpg (10000).\n"},
+    {"plot", cmd_plot, "draw loss, learning rate and accuracy curves of a run",
+     "usage: tokenformer plot RUN_DIR [--out FILE.png]\n"},
+};
+enum { command_count = sizeof commands / sizeof commands[0] };
+
+static const cli_command *find_command(const char *name) {
+    for (int i = 0; i < command_count; i++)
+        if (strcmp(commands[i].name, name) == 0) return &commands[i];
+    return NULL;
+}
+
+int cli_print_help(const char *name) {
+    if (name) {
+        const cli_command *command = find_command(name);
+        if (!command) return 1;
+        fputs(command->usage, stdout);
+        return 0;
+    }
+    printf("usage: tokenformer COMMAND [options]\n\n"
+           "TokenFormer vision transformers: every projection is attention over parameter tokens.\n\n"
+           "commands:\n");
+    for (int i = 0; i < command_count; i++) printf("  %-8s %s\n", commands[i].name, commands[i].summary);
+    printf("\n'tokenformer help COMMAND' shows a command's options.\n");
+    return 0;
+}
+
+int cli_report(const char *command, int status) {
+    if (status != TF_OK) fprintf(stderr, "tokenformer %s: %s\n", command, tf_error_message());
+    return status;
+}
+
+int main(int argc, char **argv) {
+    tf_seconds_since_start(); /* the log's clock starts here */
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        cli_print_help(NULL);
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "help") == 0) {
+        if (argc < 3) return cli_print_help(NULL);
+        if (cli_print_help(argv[2]) == 0) return 0;
+        fprintf(stderr, "tokenformer: unknown command '%s'; 'tokenformer help' lists them\n", argv[2]);
+        return 2;
+    }
+    const cli_command *command = find_command(argv[1]);
+    if (!command) {
+        fprintf(stderr, "tokenformer: unknown command '%s'; 'tokenformer help' lists them\n", argv[1]);
+        return 2;
+    }
+    for (int i = 2; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return cli_print_help(command->name);
+    return command->run(argc - 1, argv + 1);
+}

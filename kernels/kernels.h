@@ -1,0 +1,198 @@
+/* The operations of the model, declared once, implemented by each backend.
+ *
+ * The model (vision/) calls operations only through a tf_backend: a table of functions that a
+ * backend fills. kernels/cpu/ implements it with plain C and CBLAS (compiled twice: fp32 for
+ * training on the CPU, fp64 for the finite-difference checks of the tests); kernels/cuda/
+ * implements it with CUDA kernels, cuBLASLt and cuDNN. Each backend has one file per operation,
+ * with the same names in both folders.
+ *
+ * Buffers live in the backend's memory and come in two kinds:
+ *   master  - the optimizer's copy of the parameters, parameter gradients, AdamW moments, the
+ *             EMA, per-row statistics (LayerNorm mean and 1/std, Pattention row norms, attention
+ *             log-sum-exp), losses, soft targets and per-sample drop-path scales.
+ *   compute - the parameter copy that the forward and backward passes read, and all activations.
+ * On the CPU both are fp32 (or both fp64); on CUDA master is fp32 and compute is bf16. Arguments
+ * below say which kind each buffer is; all sizes are element counts; matrices are row-major.
+ *
+ * Operations return nothing: a backend that fails (a CUDA error, say) records the first failure
+ * and synchronize() returns it, with the failing call in the message. The model calls
+ * synchronize() once per step. */
+#ifndef TF_KERNELS_KERNELS_H
+#define TF_KERNELS_KERNELS_H
+
+#include "common/config.h"
+#include "common/error.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+
+typedef enum { TF_DTYPE_F32 = 0, TF_DTYPE_F64 = 1, TF_DTYPE_BF16 = 2 } tf_dtype;
+
+size_t tf_dtype_size(tf_dtype dtype);
+const char *tf_dtype_name(tf_dtype dtype);
+
+/* C = op(A) op(B) (+ bias) (+ C). op(A) is m x k, op(B) is k x n, C is m x n. */
+typedef struct {
+    int m, n, k;
+    bool transpose_a;   /* A is stored k x m (so op(A) = A^T) */
+    bool transpose_b;   /* B is stored n x k (so op(B) = B^T) */
+    bool accumulate;    /* C += result; otherwise C = result */
+    bool master_output; /* C is a master buffer (a parameter gradient); otherwise compute */
+    const void *bias;   /* compute [n] added to every row, or NULL */
+} tf_matmul_desc;
+
+/* One group of parameters in the flat parameter buffer that AdamW updates alike. */
+typedef struct {
+    size_t offset, count; /* elements */
+    float lr_scale;       /* layer-wise lr decay factor (1 when off) */
+    float weight_decay;   /* 0 for the no-decay set */
+} tf_adamw_group;
+
+/* AdamW hyper-parameters of one step; the update is PyTorch's torch.optim.AdamW:
+ *   g = grad * grad_scale
+ *   p *= 1 - lr * lr_scale * weight_decay
+ *   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+ *   p -= lr * lr_scale / (1 - beta1^step) * m / (sqrt(v / (1 - beta2^step)) + eps) */
+typedef struct {
+    float lr, beta1, beta2, eps;
+    float grad_scale; /* applied to the gradient first (1/accumulation, clipping) */
+    int step;         /* 1 for the first update */
+} tf_adamw_hyper;
+
+typedef struct tf_backend tf_backend;
+struct tf_backend {
+    const char *name;
+    tf_dtype master_dtype;
+    tf_dtype compute_dtype;
+
+    /* ---- memory (all buffers are allocated once at start; the step allocates nothing) ---- */
+    /* Zero-filled buffer of bytes; what names the buffer in the error message. */
+    tf_status (*alloc)(void **buffer, size_t bytes, const char *what);
+    void (*free)(void *buffer);
+    void (*zero)(void *buffer, size_t bytes);
+    void (*copy)(void *dst, const void *src, size_t bytes); /* within the backend */
+    /* Host fp32 <-> backend buffer of the given dtype, converting; both wait for completion. */
+    void (*upload)(void *dst, tf_dtype dst_dtype, const float *src, size_t n);
+    void (*download)(float *dst, const void *src, tf_dtype src_dtype, size_t n);
+    /* Host bytes -> backend, as they are (uint8 image batches); waits for completion. */
+    void (*upload_bytes)(void *dst, const void *src, size_t bytes);
+    /* Within the backend, converting dtype (the compute copy of the master parameters). */
+    void (*convert)(void *dst, tf_dtype dst_dtype, const void *src, tf_dtype src_dtype, size_t n);
+    /* Waits for queued work; returns the first failure of any operation since the start. */
+    tf_status (*synchronize)(void);
+
+    /* ---- input batch ----
+     * images (compute [batch, channels, size, size]) = (pixels / 255 - mean[c]) / std[c], from
+     * uint8 pixels (backend memory, same layout). */
+    void (*images_normalize)(void *images, const void *pixels, int batch, int channels, int size,
+                             const float *mean, const float *std);
+    /* timm batch-mode mixup, in place: x[b] = lambda x[b] + (1 - lambda) x[batch - 1 - b]. */
+    void (*mixup_images)(void *images, int batch, size_t sample_size, float lambda);
+    /* timm batch-mode cutmix, in place: rows [y0, y1) and columns [x0, x1) of every channel of
+     * x[b] are replaced by those of x[batch - 1 - b] (the originals, not already-pasted ones). */
+    void (*cutmix_images)(void *images, int batch, int channels, int size, int y0, int y1, int x0, int x1);
+
+    /* ---- GEMM ---- a, b, bias: compute; c: compute or master (desc->master_output). */
+    void (*matmul)(void *c, const void *a, const void *b, const tf_matmul_desc *desc);
+
+    /* ---- Pattention normalisation (DESIGN.md section 2), one row per token ----
+     * forward: r = sqrt(sum_j A_j^2 + eps), Z = tau A / r, S = GELU(Z) (exact erf GELU).
+     * s, a: compute [rows, n]; row_norm: master [rows], receives r.
+     * backward: with dZ = dS GELU'(Z),  dA = tau / r (dZ - A (A . dZ) / r^2).
+     * da may be the same buffer as ds. */
+    void (*pattention_norm_forward)(void *s, void *row_norm, const void *a, int rows, int n, float tau,
+                                    float eps);
+    void (*pattention_norm_backward)(void *da, const void *ds, const void *a, const void *row_norm, int rows,
+                                     int n, float tau);
+
+    /* ---- multi-head softmax attention, not causal, scale 1/sqrt(head_dim) ----
+     * q, k, v, out: compute [batch * tokens, heads * head_dim]; head h is columns
+     * [h * head_dim, (h + 1) * head_dim). lse: master [batch, heads, tokens], the log-sum-exp of
+     * each row of scaled scores, kept for backward. dq, dk, dv are overwritten. */
+    void (*attention_forward)(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
+                              int tokens, int heads, int head_dim);
+    void (*attention_backward)(void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
+                               const void *v, const void *out, const void *lse, int batch, int tokens,
+                               int heads, int head_dim);
+
+    /* ---- LayerNorm over the last dimension, biased variance ----
+     * out = (x - mean) * rstd (* weight + bias). weight, bias: compute [dim] or both NULL
+     * (non-parametric). mean, rstd: master [rows]. */
+    void (*layernorm_forward)(void *out, void *mean, void *rstd, const void *x, const void *weight,
+                              const void *bias, int rows, int dim, float eps);
+    /* Residual add fused with the next (non-parametric) LayerNorm:
+     * residual_out = residual_in + scale[row / rows_per_sample] * branch;
+     * ln_out = LayerNorm(residual_out). sample_scale: master [rows / rows_per_sample] (drop path:
+     * 0 or 1/keep_prob per sample) or NULL for 1. */
+    void (*residual_layernorm_forward)(void *residual_out, void *ln_out, void *mean, void *rstd,
+                                       const void *residual_in, const void *branch,
+                                       const void *sample_scale, int rows, int dim, int rows_per_sample,
+                                       float eps);
+    /* dx += d LayerNorm / dx (dout); dweight, dbias (master, accumulated) may be NULL when weight is. */
+    void (*layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *x,
+                               const void *mean, const void *rstd, const void *weight, int rows, int dim);
+
+    /* ---- residual connection with drop path ----
+     * forward: out = residual_in + scale[row / rows_per_sample] * branch (scale NULL: 1).
+     * backward: dbranch = scale[row / rows_per_sample] * dout (the residual's own gradient passes
+     * through unchanged, so it needs no operation). */
+    void (*residual_forward)(void *out, const void *residual_in, const void *branch, const void *sample_scale,
+                             int rows, int dim, int rows_per_sample);
+    void (*residual_backward)(void *dbranch, const void *dout, const void *sample_scale, int rows, int dim,
+                              int rows_per_sample);
+
+    /* ---- patch embedding and token assembly ----
+     * im2col: images compute [batch, channels, size, size] -> patches compute
+     * [batch * (size/patch)^2, channels * patch * patch], patches in row-major order, each row in
+     * (channel, y, x) order so that it matches a conv weight [dim, channels, patch, patch]. */
+    void (*patch_im2col)(void *patches, const void *images, int batch, int channels, int size, int patch);
+    /* x[b, 0] = cls + pos[0]; x[b, 1 + i] = patch_tokens[b, i] + pos[1 + i].
+     * x: compute [batch, 1 + patches, dim]; cls: compute [dim]; pos: compute [1 + patches, dim]. */
+    void (*tokens_forward)(void *x, const void *patch_tokens, const void *cls, const void *pos, int batch,
+                           int patches, int dim);
+    /* dpatch_tokens (compute) = dx of the patch positions; dcls, dpos: master, accumulated. */
+    void (*tokens_backward)(void *dpatch_tokens, void *dcls, void *dpos, const void *dx, int batch,
+                            int patches, int dim);
+
+    /* ---- head ----
+     * pool: out[b] = mean over tokens 1..tokens-1 of x[b] (TF_POOL_AVG) or x[b, 0] (TF_POOL_CLS).
+     * x: compute [batch, tokens, dim]; out: compute [batch, dim]. backward overwrites all of dx. */
+    void (*token_pool_forward)(void *out, const void *x, int batch, int tokens, int dim, tf_pool pool);
+    void (*token_pool_backward)(void *dx, const void *dout, int batch, int tokens, int dim, tf_pool pool);
+    /* dbias (master, accumulated) += column sums of dout (compute [rows, dim]). */
+    void (*bias_backward)(void *dbias, const void *dout, int rows, int dim);
+
+    /* ---- loss ----
+     * Soft-target cross-entropy: loss[b] = -sum_c target[b,c] log softmax(logits[b])_c, in fp32 or
+     * better whatever the logits' dtype. dlogits[b] = dloss_scale (softmax(logits[b]) - target[b]);
+     * dlogits may be NULL (evaluation) and may be the logits buffer itself.
+     * logits, dlogits: compute [batch, classes]; target: master [batch, classes]; loss: master [batch]. */
+    void (*cross_entropy_forward_backward)(void *loss, void *dlogits, const void *logits, const void *target,
+                                           int batch, int classes, float dloss_scale);
+
+    /* ---- optimizer ----
+     * AdamW over the groups of the flat parameter buffer (see tf_adamw_hyper); master, grad, m, v:
+     * master; compute: the compute copy, rewritten from master for the updated elements (NULL when
+     * the compute copy is the master buffer itself, as on the CPU). */
+    void (*adamw_update)(void *master, void *compute, const void *grad, void *m, void *v,
+                         const tf_adamw_group *groups, int group_count, const tf_adamw_hyper *hyper);
+    /* ema = decay ema + (1 - decay) master; both master [n]. */
+    void (*ema_update)(void *ema, const void *master, size_t n, float decay);
+    /* Sum of squares of a master buffer, accumulated in double; waits for the result. */
+    double (*sum_squares)(const void *x, size_t n);
+};
+
+/* The CPU backend in fp32 (training) or fp64 (finite-difference checks). threads: 0 = all cores. */
+const tf_backend *tf_cpu_backend(tf_dtype dtype);
+void tf_cpu_backend_set_threads(int threads);
+
+#ifdef TOKENFORMER_CUDA
+/* The CUDA backend on the current device: bf16 compute, fp32 master. Fails with the CUDA error
+ * when no GPU is usable. */
+tf_status tf_cuda_backend(const tf_backend **backend);
+#endif
+
+/* Picks the backend for a device setting: auto = CUDA when a GPU is present, else the CPU. */
+tf_status tf_backend_open(tf_device device, int threads, const tf_backend **backend);
+
+#endif
