@@ -74,6 +74,9 @@ struct tf_backend {
     /* Host fp32 <-> backend buffer of the given dtype, converting; both wait for completion. */
     void (*upload)(void *dst, tf_dtype dst_dtype, const float *src, size_t n);
     void (*download)(float *dst, const void *src, tf_dtype src_dtype, size_t n);
+    /* Host memory that the backend copies from fastest (pinned on CUDA): the loader's batch ring. */
+    tf_status (*host_alloc)(void **buffer, size_t bytes);
+    void (*host_free)(void *buffer);
     /* Host bytes -> backend, as they are (uint8 image batches); waits for completion. */
     void (*upload_bytes)(void *dst, const void *src, size_t bytes);
     /* Within the backend, converting dtype (the compute copy of the master parameters). */

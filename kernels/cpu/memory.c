@@ -63,3 +63,11 @@ void CPU_FN(convert)(void *dst, tf_dtype dst_dtype, const void *src, tf_dtype sr
 tf_status CPU_FN(synchronize)(void) {
     return TF_OK; /* CPU operations cannot fail after their buffers exist */
 }
+
+tf_status CPU_FN(host_alloc)(void **buffer, size_t bytes) {
+    return CPU_FN(alloc)(buffer, bytes, "host batch buffer");
+}
+
+void CPU_FN(host_free)(void *buffer) {
+    free(buffer);
+}
