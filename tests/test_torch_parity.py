@@ -326,7 +326,7 @@ def compare_adamw(params: dict, bundle: dict, bundle_meta: dict):
     return rows, problems
 
 
-def print_table(case_name: str, rows: list, worst: int = 6) -> None:
+def print_table(rows: list, worst: int = 6) -> None:
     """The worst rows of each check, failures marked."""
     print(f"  {'check':<12} {'tensor':<34} {'rel. error':>10}")
     for check in dict.fromkeys(r[0] for r in rows):
@@ -335,7 +335,7 @@ def print_table(case_name: str, rows: list, worst: int = 6) -> None:
             mark = "" if error <= limit else f"  FAIL (> {limit:g})"
             print(f"  {check:<12} {name:<34} {error:10.2e}{mark}")
         if len(ranked) > worst:
-            print(f"  {check:<12} ... {len(ranked) - worst} more, all <= {ranked[worst - 1][2]:.2e}")
+            print(f"  {check:<12} ... {len(ranked) - worst} more, all <= {ranked[worst][2]:.2e}")
 
 
 def parity(tokenformer: str, scratch: str, device: str) -> list:
@@ -350,7 +350,7 @@ def parity(tokenformer: str, scratch: str, device: str) -> list:
             rows, problems = compare_case(case, scratch, dump, device)
         except (RuntimeError, ValueError, KeyError, OSError) as error:
             rows, problems = [], [f"{type(error).__name__}: {error}"]
-        print_table(case["name"], rows)
+        print_table(rows)
         failures += [f"{case['name']}: {p}" for p in problems]
         failures += [f"{case['name']}: {check} {name} relative error {error:.2e} > {limit:g}"
                      for check, name, error, limit in rows if not error <= limit]
