@@ -10,7 +10,7 @@
 
 typedef struct {
     const char *name;
-    int (*run)(int argc, char **argv);
+    int (*run)(int argc, char **argv); /* NULL: not in this build yet */
     const char *summary;
     const char *usage;
 } cli_command;
@@ -34,9 +34,9 @@ static const cli_command commands[] = {
     {"eval", cmd_eval, "top-1/top-5 of a checkpoint on a validation split",
      "usage: tokenformer eval --ckpt FILE.safetensors --data ROOT [--split val] [--ema] [--batch N]\n"
      "                        [--device auto|cpu|cuda] [--json OUT]\n"},
-    {"predict", cmd_predict, "classes and probabilities of single images",
+    {"predict", NULL, "classes and probabilities of single images",
      "usage: tokenformer predict --ckpt FILE.safetensors [--topk 5] [--json] IMAGE...\n"},
-    {"scale", cmd_scale, "grow a trained model by adding parameter tokens",
+    {"scale", NULL, "grow a trained model by adding parameter tokens",
      "usage: tokenformer scale --ckpt FILE --out FILE (--attn-tokens N --ffn-tokens M | --factor F)\n"
      "                         [--state FILE --out-state FILE] [--key-init zero|random]\n"
      "                         [--norm fixed|current] [--seed S]\n"},
@@ -54,7 +54,7 @@ static const cli_command commands[] = {
      "\n"
      "fashion-mnist: reads Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) and\n"
      "writes DIR/train/<class>/*.jpg (60000) and DIR/val/<class>/*.jpg (10000).\n"},
-    {"plot", cmd_plot, "draw loss, learning rate and accuracy curves of a run",
+    {"plot", NULL, "draw loss, learning rate and accuracy curves of a run",
      "usage: tokenformer plot RUN_DIR [--out FILE.png]\n"},
 };
 enum { command_count = sizeof commands / sizeof commands[0] };
@@ -104,5 +104,9 @@ int main(int argc, char **argv) {
     }
     for (int i = 2; i < argc; i++)
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return cli_print_help(command->name);
+    if (!command->run) {
+        fprintf(stderr, "tokenformer %s: not available in this version yet\n", command->name);
+        return 2;
+    }
     return command->run(argc - 1, argv + 1);
 }

@@ -57,3 +57,23 @@ double tf_rng_normal(tf_rng *rng) {
     double u2 = tf_rng_uniform(rng);
     return sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2);
 }
+
+double tf_rng_gamma(tf_rng *rng, double shape) {
+    if (shape < 1.0) {
+        double u = 1.0 - tf_rng_uniform(rng);
+        return tf_rng_gamma(rng, shape + 1.0) * pow(u, 1.0 / shape);
+    }
+    double d = shape - 1.0 / 3.0, c = 1.0 / sqrt(9.0 * d);
+    for (;;) {
+        double x = tf_rng_normal(rng), v = 1.0 + c * x;
+        if (v <= 0.0) continue;
+        v = v * v * v;
+        double u = 1.0 - tf_rng_uniform(rng);
+        if (log(u) < 0.5 * x * x + d - d * v + d * log(v)) return d * v;
+    }
+}
+
+double tf_rng_beta(tf_rng *rng, double a, double b) {
+    double x = tf_rng_gamma(rng, a), y = tf_rng_gamma(rng, b);
+    return x / (x + y);
+}

@@ -32,5 +32,9 @@ double tf_rng_uniform(tf_rng *rng);
 uint64_t tf_rng_below(tf_rng *rng, uint64_t n);
 /* Standard normal (Box-Muller; no cached second value, so the state stays four words). */
 double tf_rng_normal(tf_rng *rng);
+/* Gamma(shape, 1), shape > 0 (Marsaglia and Tsang; shape < 1 through Gamma(shape + 1) U^(1/shape)). */
+double tf_rng_gamma(tf_rng *rng, double shape);
+/* Beta(a, b) as X / (X + Y) with X ~ Gamma(a), Y ~ Gamma(b). */
+double tf_rng_beta(tf_rng *rng, double a, double b);
 
 #endif

@@ -1,0 +1,66 @@
+/* Option parsing (see args.h). */
+#include "cli/args.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+cli_parser cli_parser_make(int argc, char **argv) {
+    return (cli_parser){argc, argv, 1, TF_OK};
+}
+
+bool cli_more(const cli_parser *parser) {
+    return parser->status == TF_OK && parser->index < parser->argc;
+}
+
+bool cli_flag(cli_parser *parser, const char *name) {
+    if (strcmp(parser->argv[parser->index], name) != 0) return false;
+    parser->index++;
+    return true;
+}
+
+bool cli_value(cli_parser *parser, const char *name, const char **value) {
+    const char *argument = parser->argv[parser->index];
+    size_t length = strlen(name);
+    if (strncmp(argument, name, length) != 0) return false;
+    if (argument[length] == '=') {
+        *value = argument + length + 1;
+        parser->index++;
+        return true;
+    }
+    if (argument[length] != '\0') return false;
+    if (parser->index + 1 >= parser->argc) {
+        parser->status = tf_fail(TF_ERR_USAGE, "%s needs a value", name);
+        *value = "";
+        parser->index++;
+        return true;
+    }
+    *value = parser->argv[parser->index + 1];
+    parser->index += 2;
+    return true;
+}
+
+bool cli_positional(cli_parser *parser, const char **value) {
+    const char *argument = parser->argv[parser->index];
+    if (argument[0] == '-' && argument[1] != '\0') return false;
+    *value = argument;
+    parser->index++;
+    return true;
+}
+
+void cli_unknown(cli_parser *parser) {
+    parser->status = tf_fail(TF_ERR_USAGE, "unknown option '%s' (see 'tokenformer help %s')",
+                             parser->argv[parser->index], parser->argv[0]);
+}
+
+int cli_int(cli_parser *parser, const char *name, const char *value) {
+    char *end;
+    errno = 0;
+    long number = strtol(value, &end, 10);
+    if (errno || end == value || *end || number < -2147483647L || number > 2147483647L) {
+        if (parser->status == TF_OK)
+            parser->status = tf_fail(TF_ERR_USAGE, "%s: expected an integer, got '%s'", name, value);
+        return 0;
+    }
+    return (int)number;
+}

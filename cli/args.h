@@ -1,0 +1,33 @@
+/* Command-line option parsing shared by the subcommands: "--name value", "--name=value" and
+ * bare flags, with usage errors that name the option. */
+#ifndef TF_CLI_ARGS_H
+#define TF_CLI_ARGS_H
+
+#include "common/error.h"
+
+#include <stdbool.h>
+
+typedef struct {
+    int argc;
+    char **argv;
+    int index;        /* the argument being looked at */
+    tf_status status; /* the first usage error */
+} cli_parser;
+
+/* Starts after argv[0] (the subcommand). */
+cli_parser cli_parser_make(int argc, char **argv);
+/* True while there are arguments left and no error. */
+bool cli_more(const cli_parser *parser);
+/* True (and moves on) when the current argument is the flag. */
+bool cli_flag(cli_parser *parser, const char *name);
+/* True (and moves on) when the current argument is the option; *value is its value. A missing
+ * value records a usage error. */
+bool cli_value(cli_parser *parser, const char *name, const char **value);
+/* The current argument when it does not start with '-' (a positional argument), moving on. */
+bool cli_positional(cli_parser *parser, const char **value);
+/* Records "unknown option" for the current argument. */
+void cli_unknown(cli_parser *parser);
+/* Parses an integer option value; a non-integer records a usage error naming the option. */
+int cli_int(cli_parser *parser, const char *name, const char *value);
+
+#endif

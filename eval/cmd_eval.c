@@ -1,0 +1,180 @@
+/* `tokenformer eval`: top-1/top-5 of a checkpoint (or of the EMA weights in the training state
+ * beside it) on a split of an ImageFolder tree, through the eval transform. */
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "common/log.h"
+#include "common/path.h"
+#include "dataloader/loader.h"
+#include "eval/evaluate.h"
+#include "vision/checkpoint.h"
+#include "vision/model.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const char *checkpoint, *data_root, *split, *device, *json_path;
+    bool ema;
+    int batch, workers;
+    float crop_pct;
+} eval_arguments;
+
+static tf_status parse_arguments(int argc, char **argv, eval_arguments *arguments) {
+    cli_parser parser = cli_parser_make(argc, argv);
+    const char *value;
+    *arguments = (eval_arguments){.split = "val", .batch = 256};
+    while (cli_more(&parser)) {
+        if (cli_value(&parser, "--ckpt", &arguments->checkpoint)) continue;
+        if (cli_value(&parser, "--data", &arguments->data_root)) continue;
+        if (cli_value(&parser, "--split", &arguments->split)) continue;
+        if (cli_value(&parser, "--device", &arguments->device)) continue;
+        if (cli_value(&parser, "--json", &arguments->json_path)) continue;
+        if (cli_flag(&parser, "--ema")) {
+            arguments->ema = true;
+            continue;
+        }
+        if (cli_value(&parser, "--batch", &value)) {
+            arguments->batch = cli_int(&parser, "--batch", value);
+            continue;
+        }
+        if (cli_value(&parser, "--workers", &value)) {
+            arguments->workers = cli_int(&parser, "--workers", value);
+            continue;
+        }
+        if (cli_value(&parser, "--crop-pct", &value)) {
+            arguments->crop_pct = strtof(value, NULL);
+            continue;
+        }
+        cli_unknown(&parser);
+    }
+    TF_TRY(parser.status);
+    if (!arguments->checkpoint || !arguments->data_root)
+        return tf_fail(TF_ERR_USAGE, "--ckpt FILE.safetensors and --data ROOT are required");
+    if (arguments->batch < 1) return tf_fail(TF_ERR_USAGE, "--batch must be at least 1");
+    if (arguments->crop_pct < 0.0f || arguments->crop_pct > 1.0f)
+        return tf_fail(TF_ERR_USAGE, "--crop-pct must be in (0, 1]");
+    return TF_OK;
+}
+
+static tf_device parse_device(const char *device) {
+    if (!device || strcmp(device, "auto") == 0) return TF_DEVICE_AUTO;
+    return strcmp(device, "cpu") == 0 ? TF_DEVICE_CPU : TF_DEVICE_CUDA;
+}
+
+/* The EMA weights live in the training state file next to the model file. */
+static tf_status load_ema_weights(const char *checkpoint_path, tf_checkpoint *checkpoint) {
+    char copy[TF_PATH_MAX], state_path[TF_PATH_MAX];
+    TF_TRY(path_format(copy, sizeof copy, "%s", checkpoint_path));
+    TF_TRY(path_format(state_path, sizeof state_path, "%s/state.safetensors", dirname(copy)));
+    safetensors_file *file;
+    TF_TRY(safetensors_open(&file, state_path));
+    tf_status status = checkpoint_read_params(file, &checkpoint->layout, "ema.", checkpoint->params);
+    safetensors_close(file);
+    if (status != TF_OK) return tf_fail_context(status, "--ema: no EMA weights for %s", checkpoint_path);
+    return TF_OK;
+}
+
+static tf_status check_classes(const tf_checkpoint *checkpoint, const tf_dataset *dataset) {
+    if (checkpoint->classes.count != dataset->class_count)
+        return tf_fail(TF_ERR_USAGE, "the checkpoint has %d classes but %s has %d class folders",
+                       checkpoint->classes.count, dataset->directory, dataset->class_count);
+    for (int c = 0; c < dataset->class_count; c++)
+        if (strcmp(checkpoint->classes.names[c], dataset->class_names[c]) != 0)
+            return tf_fail(TF_ERR_USAGE, "class %d is '%s' in the checkpoint but '%s' in %s", c,
+                           checkpoint->classes.names[c], dataset->class_names[c], dataset->directory);
+    return TF_OK;
+}
+
+static tf_status write_json(const char *path, const eval_arguments *arguments, const tf_checkpoint *checkpoint,
+                            const tf_eval_result *result) {
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "checkpoint", arguments->checkpoint);
+    cJSON_AddBoolToObject(root, "ema", arguments->ema);
+    cJSON_AddStringToObject(root, "split", arguments->split);
+    cJSON_AddNumberToObject(root, "images", (double)result->images);
+    cJSON_AddNumberToObject(root, "top1", eval_top1(result));
+    cJSON_AddNumberToObject(root, "top5", eval_top5(result));
+    cJSON_AddNumberToObject(root, "loss", eval_loss(result));
+    cJSON_AddNumberToObject(root, "images_per_second", result->seconds > 0 ? result->images / result->seconds : 0);
+    cJSON *classes = cJSON_AddArrayToObject(root, "per_class");
+    cJSON *confusion = cJSON_AddArrayToObject(root, "confusion");
+    for (int c = 0; c < result->classes; c++) {
+        cJSON *entry = cJSON_CreateObject();
+        cJSON_AddStringToObject(entry, "class", checkpoint->classes.names[c]);
+        cJSON_AddNumberToObject(entry, "images", (double)result->class_images[c]);
+        cJSON_AddNumberToObject(entry, "top1", result->class_images[c]
+                                                   ? 100.0 * result->class_correct[c] / result->class_images[c]
+                                                   : 0.0);
+        cJSON_AddItemToArray(classes, entry);
+        cJSON *row = cJSON_CreateArray();
+        for (int p = 0; p < result->classes; p++)
+            cJSON_AddItemToArray(row, cJSON_CreateNumber((double)result->confusion[(size_t)c * result->classes + p]));
+        cJSON_AddItemToArray(confusion, row);
+    }
+    char *text = cJSON_Print(root);
+    cJSON_Delete(root);
+    FILE *file = fopen(path, "w");
+    tf_status status = TF_OK;
+    if (!file || fputs(text, file) < 0 || fputc('\n', file) < 0)
+        status = tf_fail(TF_ERR_RUNTIME, "cannot write %s: %s", path, strerror(errno));
+    if (file && fclose(file) != 0 && status == TF_OK)
+        status = tf_fail(TF_ERR_RUNTIME, "cannot write %s: %s", path, strerror(errno));
+    cJSON_free(text);
+    return status;
+}
+
+static tf_status run_eval(const eval_arguments *arguments, tf_checkpoint *checkpoint, tf_dataset *dataset,
+                          tf_model *model, tf_loader **loader, tf_eval_result *result) {
+    TF_TRY(checkpoint_load(arguments->checkpoint, checkpoint));
+    if (arguments->ema) TF_TRY(load_ema_weights(arguments->checkpoint, checkpoint));
+    TF_TRY(dataset_open(dataset, arguments->data_root, arguments->split, 0));
+    TF_TRY(check_classes(checkpoint, dataset));
+    const tf_backend *backend;
+    TF_TRY(tf_backend_open(parse_device(arguments->device), 0, &backend));
+    TF_TRY(model_create(model, &checkpoint->config, backend, arguments->batch));
+    model_set_params(model, checkpoint->params);
+    float crop_pct = arguments->crop_pct > 0 ? arguments->crop_pct
+                                             : checkpoint->crop_pct > 0 ? checkpoint->crop_pct : 0.875f;
+    tf_loader_options options = {
+        .transform = TF_TRANSFORM_EVAL,
+        .batch_size = arguments->batch,
+        .image_size = checkpoint->config.img_size,
+        .crop_pct = crop_pct,
+        .world_size = 1,
+        .workers = arguments->workers,
+        .host_alloc = backend->host_alloc,
+        .host_free = backend->host_free,
+    };
+    TF_TRY(loader_create(loader, dataset, &options));
+    tf_log("evaluating %s%s on %" PRId64 " images of %s (%s, crop_pct %.3f)", arguments->checkpoint,
+           arguments->ema ? " (EMA weights)" : "", dataset->count, dataset->directory, backend->name, crop_pct);
+    TF_TRY(eval_result_init(result, checkpoint->config.classes));
+    TF_TRY(evaluate(model, *loader, result));
+    printf("images: %" PRId64 "\nimages/s: %.1f\nloss: %.4f\ntop-5: %.2f%%\ntop-1: %.2f%%\n", result->images,
+           result->seconds > 0 ? result->images / result->seconds : 0.0, eval_loss(result), eval_top5(result),
+           eval_top1(result));
+    if (arguments->json_path) TF_TRY(write_json(arguments->json_path, arguments, checkpoint, result));
+    return TF_OK;
+}
+
+int cmd_eval(int argc, char **argv) {
+    eval_arguments arguments;
+    tf_checkpoint checkpoint = {0};
+    tf_dataset dataset = {0};
+    tf_model model = {0};
+    tf_loader *loader = NULL;
+    tf_eval_result result = {0};
+    tf_status status = parse_arguments(argc, argv, &arguments);
+    if (status == TF_OK) status = run_eval(&arguments, &checkpoint, &dataset, &model, &loader, &result);
+    if (loader) loader_destroy(loader);
+    if (model.backend) model_destroy(&model);
+    eval_result_free(&result);
+    dataset_close(&dataset);
+    checkpoint_free(&checkpoint);
+    return cli_report("eval", status);
+}

@@ -1,0 +1,104 @@
+/* Top-1/top-5 evaluation (see evaluate.h). Logits come back to the host per batch; ranking ten or
+ * a thousand classes there costs nothing next to the forward pass. */
+#include "eval/evaluate.h"
+
+#include "common/timer.h"
+#include "train/mixup.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+tf_status eval_result_init(tf_eval_result *result, int classes) {
+    memset(result, 0, sizeof *result);
+    result->classes = classes;
+    result->class_images = calloc((size_t)classes, sizeof *result->class_images);
+    result->class_correct = calloc((size_t)classes, sizeof *result->class_correct);
+    result->confusion = calloc((size_t)classes * classes, sizeof *result->confusion);
+    if (!result->class_images || !result->class_correct || !result->confusion)
+        return tf_fail(TF_ERR_RUNTIME, "out of memory for the evaluation tables of %d classes", classes);
+    return TF_OK;
+}
+
+void eval_result_free(tf_eval_result *result) {
+    free(result->class_images);
+    free(result->class_correct);
+    free(result->confusion);
+    memset(result, 0, sizeof *result);
+}
+
+void eval_result_merge(tf_eval_result *result, const tf_eval_result *other) {
+    result->images += other->images;
+    result->top1_correct += other->top1_correct;
+    result->top5_correct += other->top5_correct;
+    result->loss_sum += other->loss_sum;
+    for (int c = 0; c < result->classes; c++) {
+        result->class_images[c] += other->class_images[c];
+        result->class_correct[c] += other->class_correct[c];
+    }
+    for (size_t i = 0; i < (size_t)result->classes * result->classes; i++) result->confusion[i] += other->confusion[i];
+    if (other->seconds > result->seconds) result->seconds = other->seconds;
+}
+
+/* Rank of the true class: how many classes score strictly higher (ties count for the label, as
+ * a stable top-k would list the lower index first only when it is higher or equal). */
+static int rank_of_label(const float *logits, int classes, int label, int *prediction) {
+    int higher = 0, best = 0;
+    for (int c = 0; c < classes; c++) {
+        if (logits[c] > logits[label]) higher++;
+        if (logits[c] > logits[best]) best = c;
+    }
+    *prediction = best;
+    return higher;
+}
+
+void eval_count_batch(tf_eval_result *result, const float *logits, const int32_t *labels, int batch) {
+    int classes = result->classes;
+    for (int b = 0; b < batch; b++) {
+        int label = labels[b], prediction;
+        int rank = rank_of_label(logits + (size_t)b * classes, classes, label, &prediction);
+        result->images++;
+        result->class_images[label]++;
+        result->confusion[(size_t)label * classes + prediction]++;
+        if (prediction == label) {
+            result->top1_correct++;
+            result->class_correct[label]++;
+        }
+        if (rank < 5) result->top5_correct++;
+    }
+}
+
+tf_status evaluate(tf_model *model, tf_loader *loader, tf_eval_result *result) {
+    int classes = model->config.classes, max_batch = model->max_batch;
+    float *logits = malloc((size_t)max_batch * classes * sizeof *logits);
+    float *targets = malloc((size_t)max_batch * classes * sizeof *targets);
+    float *losses = malloc((size_t)max_batch * sizeof *losses);
+    tf_status status = TF_OK;
+    if (!logits || !targets || !losses) status = tf_fail(TF_ERR_RUNTIME, "out of memory for evaluation buffers");
+    double start = tf_seconds();
+    if (status == TF_OK) status = loader_start_epoch(loader, 0, 0);
+    while (status == TF_OK) {
+        tf_batch *batch;
+        status = loader_next_batch(loader, &batch);
+        if (status != TF_OK || !batch) break;
+        if (batch->count > max_batch) {
+            status = tf_fail(TF_ERR_RUNTIME, "evaluation batch of %d exceeds the model's %d", batch->count, max_batch);
+            loader_release_batch(loader, batch);
+            break;
+        }
+        model_load_pixels(model, batch->images, batch->count);
+        model_forward(model, batch->count, NULL);
+        mixup_targets(batch->labels, batch->count, classes, 0.0f, 1.0f, targets);
+        status = model_loss(model, targets, batch->count, losses);
+        if (status == TF_OK) status = model_logits(model, logits, batch->count);
+        if (status == TF_OK) {
+            eval_count_batch(result, logits, batch->labels, batch->count);
+            for (int b = 0; b < batch->count; b++) result->loss_sum += losses[b];
+        }
+        loader_release_batch(loader, batch);
+    }
+    result->seconds += tf_seconds() - start;
+    free(logits);
+    free(targets);
+    free(losses);
+    return status;
+}

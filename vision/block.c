@@ -1,0 +1,86 @@
+/* One pre-norm encoder block (DESIGN.md section 2), five Pattentions and softmax attention:
+ *
+ *   y = LN(x);  q, k, v = P_q(y), P_k(y), P_v(y)
+ *   x' = x + DropPath(P_o(MHSA(q, k, v)))
+ *   x'' = x' + DropPath(P_ffn(LN(x')))
+ *
+ * LayerNorms are non-parametric. Each residual add is fused with the LayerNorm that follows it:
+ * the first add with LN(x'), the second with the next block's first LN, so LN(x) of block 0 is the
+ * only standalone one. Drop path multiplies a branch per sample by 0 or 1/keep (model_drop_scales). */
+#include "vision/layers.h"
+
+#include <stddef.h>
+
+/* The drop-path scales of one branch of one block, or NULL when not dropping. */
+static const void *branch_scales(const tf_model *model, const void *drop_scales, int block, int branch, int batch) {
+    if (!drop_scales) return NULL;
+    size_t offset = ((size_t)block * 2 + (size_t)branch) * (size_t)batch;
+    return (const char *)drop_scales + offset * tf_dtype_size(model->backend->master_dtype);
+}
+
+void block_forward(tf_model *model, int block, int batch, const void *drop_scales) {
+    const tf_backend *backend = model->backend;
+    const tf_model_config *config = &model->config;
+    tf_block_cache *cache = &model->blocks[block];
+    int tokens = model->tokens, rows = batch * tokens, dim = config->dim;
+
+    if (block == 0)
+        backend->layernorm_forward(cache->ln1, cache->ln1_mean, cache->ln1_rstd, model->residual[0], NULL, NULL,
+                                   rows, dim, TF_LAYERNORM_EPS);
+    pattention_forward(model, block, TF_PATT_Q, cache->q, cache->ln1, rows);
+    pattention_forward(model, block, TF_PATT_K, cache->k, cache->ln1, rows);
+    pattention_forward(model, block, TF_PATT_V, cache->v, cache->ln1, rows);
+    backend->attention_forward(cache->attention, cache->attention_lse, cache->q, cache->k, cache->v, batch, tokens,
+                               config->heads, dim / config->heads);
+    pattention_forward(model, block, TF_PATT_O, model->branch, cache->attention, rows);
+    backend->residual_layernorm_forward(cache->residual_mid, cache->ln2, cache->ln2_mean, cache->ln2_rstd,
+                                        model->residual[block], model->branch,
+                                        branch_scales(model, drop_scales, block, 0, batch), rows, dim, tokens,
+                                        TF_LAYERNORM_EPS);
+
+    pattention_forward(model, block, TF_PATT_FFN, model->branch, cache->ln2, rows);
+    const void *ffn_scales = branch_scales(model, drop_scales, block, 1, batch);
+    if (block + 1 < config->depth) {
+        tf_block_cache *next = &model->blocks[block + 1];
+        backend->residual_layernorm_forward(model->residual[block + 1], next->ln1, next->ln1_mean, next->ln1_rstd,
+                                            cache->residual_mid, model->branch, ffn_scales, rows, dim, tokens,
+                                            TF_LAYERNORM_EPS);
+    } else {
+        backend->residual_forward(model->residual[block + 1], cache->residual_mid, model->branch, ffn_scales, rows,
+                                  dim, tokens);
+    }
+}
+
+/* d loss / d branch output: the residual gradient scaled per sample, or the residual gradient
+ * itself when nothing is dropped. */
+static const void *branch_gradient(tf_model *model, const void *scales, int rows) {
+    if (!scales) return model->d_residual;
+    model->backend->residual_backward(model->d_branch, model->d_residual, scales, rows, model->config.dim,
+                                      model->tokens);
+    return model->d_branch;
+}
+
+void block_backward(tf_model *model, int block, int batch, const void *drop_scales) {
+    const tf_backend *backend = model->backend;
+    const tf_model_config *config = &model->config;
+    tf_block_cache *cache = &model->blocks[block];
+    int tokens = model->tokens, rows = batch * tokens, dim = config->dim;
+
+    /* FFN branch: residual[block + 1] = residual_mid + s * P_ffn(LN(residual_mid)). */
+    const void *d_ffn = branch_gradient(model, branch_scales(model, drop_scales, block, 1, batch), rows);
+    pattention_backward(model, block, TF_PATT_FFN, model->d_ln, false, d_ffn, cache->ln2, rows);
+    backend->layernorm_backward(model->d_residual, NULL, NULL, model->d_ln, cache->residual_mid, cache->ln2_mean,
+                                cache->ln2_rstd, NULL, rows, dim);
+
+    /* Attention branch: residual_mid = residual[block] + s * P_o(MHSA(P_q(y), P_k(y), P_v(y))). */
+    const void *d_out = branch_gradient(model, branch_scales(model, drop_scales, block, 0, batch), rows);
+    pattention_backward(model, block, TF_PATT_O, model->d_attention, false, d_out, cache->attention, rows);
+    backend->attention_backward(model->d_q, model->d_k, model->d_v, model->d_attention, cache->q, cache->k, cache->v,
+                                cache->attention, cache->attention_lse, batch, tokens, config->heads,
+                                dim / config->heads);
+    pattention_backward(model, block, TF_PATT_Q, model->d_ln, false, model->d_q, cache->ln1, rows);
+    pattention_backward(model, block, TF_PATT_K, model->d_ln, true, model->d_k, cache->ln1, rows);
+    pattention_backward(model, block, TF_PATT_V, model->d_ln, true, model->d_v, cache->ln1, rows);
+    backend->layernorm_backward(model->d_residual, NULL, NULL, model->d_ln, model->residual[block], cache->ln1_mean,
+                                cache->ln1_rstd, NULL, rows, dim);
+}

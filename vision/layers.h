@@ -1,0 +1,37 @@
+/* The layers of the model, each with its forward and backward side by side in its own file:
+ * embed.c (patch embedding, cls token, position embedding), pattention.c (token-parameter
+ * attention), block.c (one encoder block), head.c (pool, fc_norm, linear head, loss). They work on
+ * the buffers of a tf_model (model.h) through its backend; model.c strings them together. */
+#ifndef TF_VISION_LAYERS_H
+#define TF_VISION_LAYERS_H
+
+#include "vision/model.h"
+
+#include <stdbool.h>
+
+/* The compute copy of parameter tensor `tensor`, and its gradient (master). */
+const void *model_param(const tf_model *model, int tensor);
+void *model_grad(const tf_model *model, int tensor);
+
+void embed_forward(tf_model *model, int batch);
+/* Reads model->d_residual (d loss / d tokens). */
+void embed_backward(tf_model *model, int batch);
+
+/* out = Pattention `which` of block `block` applied to in [rows, dim]; keeps its cache. */
+void pattention_forward(tf_model *model, int block, int which, void *out, const void *in, int rows);
+/* From d_out, adds the key and value gradients, and writes (or adds, with accumulate) d_in. */
+void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,
+                         const void *in, int rows);
+
+/* Block `block` from model->residual[block] to model->residual[block + 1]. drop_scales: the
+ * master buffer [depth, 2, batch], or NULL. */
+void block_forward(tf_model *model, int block, int batch, const void *drop_scales);
+/* model->d_residual: d loss / d residual[block + 1] on entry, d loss / d residual[block] on return. */
+void block_backward(tf_model *model, int block, int batch, const void *drop_scales);
+
+/* residual[depth] -> logits. */
+void head_forward(tf_model *model, int batch);
+/* d_logits -> d_residual (overwritten) and the head's gradients. */
+void head_backward(tf_model *model, int batch);
+
+#endif

@@ -1,0 +1,290 @@
+/* The model's buffers and its passes (see model.h): memory is planned once from the config and
+ * the largest batch, then the layers of embed.c, block.c and head.c run in order. */
+#include "vision/layers.h"
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ImageNet statistics (DESIGN.md section 3), used for every data set as timm does. */
+static const float imagenet_mean[3] = {0.485f, 0.456f, 0.406f};
+static const float imagenet_std[3] = {0.229f, 0.224f, 0.225f};
+
+/* ---- memory plan ---------------------------------------------------------------------------- */
+
+/* Hands out aligned pieces of an arena. Run once with base 0 to measure, then on the real base. */
+typedef struct {
+    uintptr_t base;
+    size_t used;
+    size_t element_size;
+} arena;
+
+static void *arena_take(arena *arena, size_t elements) {
+    size_t offset = (arena->used + 255) / 256 * 256; /* 256-byte alignment suits vector loads and cuBLASLt */
+    arena->used = offset + elements * arena->element_size;
+    return (void *)(arena->base + offset);
+}
+
+static void plan_buffers(tf_model *model, arena *compute, arena *master) {
+    const tf_model_config *config = &model->config;
+    size_t batch = (size_t)model->max_batch, dim = (size_t)config->dim;
+    size_t rows = batch * (size_t)model->tokens, patch_rows = batch * (size_t)model->patches;
+    size_t image = (size_t)config->channels * config->img_size * config->img_size;
+    size_t patch_size = (size_t)config->channels * config->patch * config->patch;
+    size_t max_tokens = (size_t)(config->n_attn > config->n_ffn ? config->n_attn : config->n_ffn);
+
+    /* uint8 pixels share the master arena: its element size only matters for the other buffers. */
+    size_t master_element = master->element_size;
+    master->element_size = 1;
+    model->pixels = arena_take(master, batch * image);
+    master->element_size = master_element;
+
+    model->images = arena_take(compute, batch * image);
+    model->patch_rows = arena_take(compute, patch_rows * patch_size);
+    model->patch_tokens = arena_take(compute, patch_rows * dim);
+    for (int l = 0; l <= config->depth; l++) model->residual[l] = arena_take(compute, rows * dim);
+    for (int l = 0; l < config->depth; l++) {
+        tf_block_cache *cache = &model->blocks[l];
+        cache->ln1 = arena_take(compute, rows * dim);
+        cache->ln1_mean = arena_take(master, rows);
+        cache->ln1_rstd = arena_take(master, rows);
+        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++) {
+            size_t n = (size_t)(which == TF_PATT_FFN ? config->n_ffn : config->n_attn);
+            cache->patt[which].scores = arena_take(compute, rows * n);
+            cache->patt[which].probs = arena_take(compute, rows * n);
+            cache->patt[which].row_norm = arena_take(master, rows);
+        }
+        cache->q = arena_take(compute, rows * dim);
+        cache->k = arena_take(compute, rows * dim);
+        cache->v = arena_take(compute, rows * dim);
+        cache->attention = arena_take(compute, rows * dim);
+        cache->attention_lse = arena_take(master, rows * (size_t)config->heads);
+        cache->residual_mid = arena_take(compute, rows * dim);
+        cache->ln2 = arena_take(compute, rows * dim);
+        cache->ln2_mean = arena_take(master, rows);
+        cache->ln2_rstd = arena_take(master, rows);
+    }
+    model->branch = arena_take(compute, rows * dim);
+    model->pooled = arena_take(compute, batch * dim);
+    model->head_ln = arena_take(compute, batch * dim);
+    model->head_ln_mean = arena_take(master, batch);
+    model->head_ln_rstd = arena_take(master, batch);
+    model->logits = arena_take(compute, batch * (size_t)config->classes);
+    model->drop_scales = arena_take(master, (size_t)config->depth * 2 * batch);
+    model->targets = arena_take(master, batch * (size_t)config->classes);
+    model->losses = arena_take(master, batch);
+
+    model->d_residual = arena_take(compute, rows * dim);
+    model->d_branch = arena_take(compute, rows * dim);
+    model->d_ln = arena_take(compute, rows * dim);
+    model->d_q = arena_take(compute, rows * dim);
+    model->d_k = arena_take(compute, rows * dim);
+    model->d_v = arena_take(compute, rows * dim);
+    model->d_attention = arena_take(compute, rows * dim);
+    model->d_scores = arena_take(compute, rows * max_tokens);
+    model->d_pooled = arena_take(compute, batch * dim);
+    model->d_head_ln = arena_take(compute, batch * dim);
+    model->d_logits = arena_take(compute, batch * (size_t)config->classes);
+    model->d_patch_tokens = arena_take(compute, patch_rows * dim);
+}
+
+static tf_status check_model_config(const tf_model_config *config, int max_batch) {
+    if (config->channels != 3)
+        return tf_fail(TF_ERR_USAGE, "model.channels is %d, but images are loaded as RGB: use 3", config->channels);
+    if (config->depth < 1 || config->depth > TF_MAX_DEPTH)
+        return tf_fail(TF_ERR_USAGE, "model.depth %d is outside [1, %d]", config->depth, TF_MAX_DEPTH);
+    if (config->heads < 1 || config->dim % config->heads != 0)
+        return tf_fail(TF_ERR_USAGE, "model.dim %d is not a multiple of model.heads %d", config->dim, config->heads);
+    if (config->patch < 1 || config->img_size % config->patch != 0)
+        return tf_fail(TF_ERR_USAGE, "model.img_size %d is not a multiple of model.patch %d", config->img_size,
+                       config->patch);
+    if (max_batch < 1) return tf_fail(TF_ERR_USAGE, "batch size %d must be at least 1", max_batch);
+    return TF_OK;
+}
+
+tf_status model_create(tf_model *model, const tf_model_config *config, const tf_backend *backend, int max_batch) {
+    memset(model, 0, sizeof *model);
+    TF_TRY(check_model_config(config, max_batch));
+    model->config = *config;
+    model->backend = backend;
+    model->max_batch = max_batch;
+    model->patches = (config->img_size / config->patch) * (config->img_size / config->patch);
+    model->tokens = 1 + model->patches;
+    TF_TRY(param_layout_build(&model->layout, config));
+
+    model->residual = calloc((size_t)config->depth + 1, sizeof *model->residual);
+    model->blocks = calloc((size_t)config->depth, sizeof *model->blocks);
+    model->host_losses = calloc((size_t)max_batch, sizeof *model->host_losses);
+    if (!model->residual || !model->blocks || !model->host_losses) return tf_fail(TF_ERR_RUNTIME, "out of memory for the model tables");
+
+    size_t master_size = tf_dtype_size(backend->master_dtype), compute_size = tf_dtype_size(backend->compute_dtype);
+    size_t total = model->layout.total;
+    TF_TRY(backend->alloc(&model->params, total * master_size, "parameters"));
+    TF_TRY(backend->alloc(&model->grads, total * master_size, "gradients"));
+    if (backend->compute_dtype == backend->master_dtype)
+        model->params_compute = model->params;
+    else
+        TF_TRY(backend->alloc(&model->params_compute, total * compute_size, "parameters (compute copy)"));
+
+    arena compute = {0, 0, compute_size}, master = {0, 0, master_size};
+    plan_buffers(model, &compute, &master);
+    TF_TRY(backend->alloc(&model->compute_arena, compute.used, "activations"));
+    TF_TRY(backend->alloc(&model->master_arena, master.used, "activation statistics"));
+    model->compute_arena_bytes = compute.used;
+    model->master_arena_bytes = master.used;
+    compute = (arena){(uintptr_t)model->compute_arena, 0, compute_size};
+    master = (arena){(uintptr_t)model->master_arena, 0, master_size};
+    plan_buffers(model, &compute, &master);
+    return TF_OK;
+}
+
+void model_destroy(tf_model *model) {
+    const tf_backend *backend = model->backend;
+    if (backend) {
+        if (model->params_compute != model->params) backend->free(model->params_compute);
+        backend->free(model->params);
+        backend->free(model->grads);
+        backend->free(model->compute_arena);
+        backend->free(model->master_arena);
+    }
+    free(model->residual);
+    free(model->blocks);
+    free(model->host_losses);
+    param_layout_free(&model->layout);
+    memset(model, 0, sizeof *model);
+}
+
+size_t model_memory_bytes(const tf_model *model) {
+    const tf_backend *backend = model->backend;
+    size_t total = model->layout.total;
+    size_t bytes = 2 * total * tf_dtype_size(backend->master_dtype);
+    if (model->params_compute != model->params) bytes += total * tf_dtype_size(backend->compute_dtype);
+    return bytes + model->compute_arena_bytes + model->master_arena_bytes;
+}
+
+/* ---- parameters ----------------------------------------------------------------------------- */
+
+const void *model_param(const tf_model *model, int tensor) {
+    size_t offset = model->layout.tensors[tensor].offset * tf_dtype_size(model->backend->compute_dtype);
+    return (const char *)model->params_compute + offset;
+}
+
+void *model_grad(const tf_model *model, int tensor) {
+    size_t offset = model->layout.tensors[tensor].offset * tf_dtype_size(model->backend->master_dtype);
+    return (char *)model->grads + offset;
+}
+
+tf_status model_init_params(tf_model *model, uint64_t seed) {
+    float *params = malloc(model->layout.total * sizeof *params);
+    if (!params) return tf_fail(TF_ERR_RUNTIME, "out of host memory for %zu parameters", model->layout.total);
+    param_init(&model->layout, params, seed);
+    model_set_params(model, params);
+    free(params);
+    return TF_OK;
+}
+
+void model_set_params(tf_model *model, const float *params) {
+    model->backend->upload(model->params, model->backend->master_dtype, params, model->layout.total);
+    model_refresh_compute_params(model);
+}
+
+void model_get_params(const tf_model *model, float *params) {
+    model->backend->download(params, model->params, model->backend->master_dtype, model->layout.total);
+}
+
+void model_get_grads(const tf_model *model, float *grads) {
+    model->backend->download(grads, model->grads, model->backend->master_dtype, model->layout.total);
+}
+
+void model_refresh_compute_params(tf_model *model) {
+    const tf_backend *backend = model->backend;
+    if (model->params_compute != model->params)
+        backend->convert(model->params_compute, backend->compute_dtype, model->params, backend->master_dtype,
+                         model->layout.total);
+}
+
+void model_swap_params(tf_model *model, void **other) {
+    void *current = model->params;
+    model->params = *other;
+    *other = current;
+    if (model->params_compute == current)
+        model->params_compute = model->params;
+    else
+        model_refresh_compute_params(model);
+}
+
+void model_zero_grads(tf_model *model) {
+    model->backend->zero(model->grads, model->layout.total * tf_dtype_size(model->backend->master_dtype));
+}
+
+/* ---- passes --------------------------------------------------------------------------------- */
+
+void model_drop_scales(const tf_model_config *config, int batch, tf_rng *rng, float *scales) {
+    for (int block = 0; block < config->depth; block++) {
+        double rate = config->depth > 1 ? config->drop_path * (double)block / (config->depth - 1) : 0.0;
+        float keep_scale = rate < 1.0 ? (float)(1.0 / (1.0 - rate)) : 0.0f;
+        for (int branch = 0; branch < 2; branch++)
+            for (int b = 0; b < batch; b++) {
+                float *scale = &scales[((size_t)block * 2 + (size_t)branch) * (size_t)batch + (size_t)b];
+                *scale = rate > 0.0 && tf_rng_uniform(rng) < rate ? 0.0f : keep_scale;
+            }
+    }
+}
+
+void model_load_pixels(tf_model *model, const uint8_t *pixels, int batch) {
+    const tf_backend *backend = model->backend;
+    const tf_model_config *config = &model->config;
+    size_t image = (size_t)config->channels * config->img_size * config->img_size;
+    backend->upload_bytes(model->pixels, pixels, (size_t)batch * image);
+    backend->images_normalize(model->images, model->pixels, batch, config->channels, config->img_size,
+                              imagenet_mean, imagenet_std);
+}
+
+void model_forward(tf_model *model, int batch, const float *drop_scales) {
+    const tf_backend *backend = model->backend;
+    const tf_model_config *config = &model->config;
+    const void *scales = NULL;
+    if (drop_scales) {
+        backend->upload(model->drop_scales, backend->master_dtype, drop_scales, (size_t)config->depth * 2 * batch);
+        scales = model->drop_scales;
+    }
+    embed_forward(model, batch);
+    for (int block = 0; block < config->depth; block++) block_forward(model, block, batch, scales);
+    head_forward(model, batch);
+    /* Remembered for backward: whether this forward dropped paths. */
+    model->forward_dropped = scales != NULL;
+}
+
+static tf_status cross_entropy(tf_model *model, const float *targets, int batch, float loss_scale, bool backward,
+                               float *losses) {
+    const tf_backend *backend = model->backend;
+    int classes = model->config.classes;
+    backend->upload(model->targets, backend->master_dtype, targets, (size_t)batch * classes);
+    backend->cross_entropy_forward_backward(model->losses, backward ? model->d_logits : NULL, model->logits,
+                                            model->targets, batch, classes, loss_scale);
+    backend->download(losses, model->losses, backend->master_dtype, (size_t)batch);
+    return backend->synchronize();
+}
+
+tf_status model_backward(tf_model *model, const float *targets, int batch, float loss_scale, double *mean_loss) {
+    TF_TRY(cross_entropy(model, targets, batch, loss_scale, true, model->host_losses));
+    double sum = 0.0;
+    for (int b = 0; b < batch; b++) sum += model->host_losses[b];
+    *mean_loss = sum / batch;
+
+    const void *scales = model->forward_dropped ? model->drop_scales : NULL;
+    head_backward(model, batch);
+    for (int block = model->config.depth - 1; block >= 0; block--) block_backward(model, block, batch, scales);
+    embed_backward(model, batch);
+    return model->backend->synchronize();
+}
+
+tf_status model_loss(tf_model *model, const float *targets, int batch, float *losses) {
+    return cross_entropy(model, targets, batch, 1.0f, false, losses);
+}
+
+tf_status model_logits(tf_model *model, float *logits, int batch) {
+    model->backend->download(logits, model->logits, model->backend->compute_dtype,
+                             (size_t)batch * model->config.classes);
+    return model->backend->synchronize();
+}

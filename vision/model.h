@@ -1,0 +1,140 @@
+/* The TokenFormer vision transformer (DESIGN.md section 2): patch embedding, cls token and
+ * position embedding, pre-norm blocks of five Pattentions and multi-head attention, average pool,
+ * fc_norm and a linear head. Forward and backward run through a tf_backend; every buffer is sized
+ * from the config and the largest batch at creation, so a step allocates nothing.
+ *
+ * One training micro-step:
+ *   model_load_pixels(model, pixels, batch);                   uint8 batch -> normalised images
+ *   (batch-level augmentation such as mixup works on model->images here)
+ *   model_forward(model, batch, drop_scales);                  images -> logits
+ *   model_backward(model, targets, batch, loss_scale, &loss);  loss, gradients += d loss
+ * Evaluation calls model_forward() with drop_scales NULL, then model_loss() / model_logits(). */
+#ifndef TF_VISION_MODEL_H
+#define TF_VISION_MODEL_H
+
+#include "common/config.h"
+#include "common/error.h"
+#include "common/rng.h"
+#include "kernels/kernels.h"
+#include "vision/params.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* LayerNorm epsilon of every norm (blocks and fc_norm), as timm's ViT with MAE's settings. */
+#define TF_LAYERNORM_EPS 1e-6f
+
+/* What one Pattention keeps from forward for backward. */
+typedef struct {
+    void *scores;   /* compute [rows, n]: A = X K^T */
+    void *probs;    /* compute [rows, n]: S = GELU(norm(A)) */
+    void *row_norm; /* master [rows] */
+} tf_pattention_cache;
+
+/* What one block keeps from forward for backward. Its input is model->residual[l]. */
+typedef struct {
+    void *ln1, *ln1_mean, *ln1_rstd;           /* LN(x) and its statistics */
+    tf_pattention_cache patt[TF_PATTENTIONS_PER_BLOCK];
+    void *q, *k, *v;                           /* compute [rows, dim] */
+    void *attention, *attention_lse;           /* softmax attention output; lse master [B, H, T] */
+    void *residual_mid;                        /* x + drop_path(P_o(attention)) */
+    void *ln2, *ln2_mean, *ln2_rstd;
+} tf_block_cache;
+
+typedef struct {
+    tf_model_config config;
+    tf_param_layout layout;
+    const tf_backend *backend;
+    int max_batch;
+    int tokens;  /* 1 + patches per image */
+    int patches; /* (img_size / patch)^2 */
+
+    /* Parameters: the optimizer's master copy, the compute copy the passes read (the same
+     * buffer when the backend's dtypes agree), and gradients (master). */
+    void *params;
+    void *params_compute;
+    void *grads;
+
+    /* Forward activations. */
+    void *pixels;       /* uint8 [B, C, S, S]: the batch as the loader gives it */
+    void *images;       /* compute [B, C, S, S]: normalised */
+    void *patch_rows;   /* compute [B * patches, C p p] */
+    void *patch_tokens; /* compute [B * patches, dim] */
+    void **residual;    /* depth + 1 buffers, compute [B * tokens, dim] */
+    tf_block_cache *blocks;
+    void *branch;       /* compute [B * tokens, dim]: P_o or FFN output before the residual add */
+    void *pooled, *head_ln, *head_ln_mean, *head_ln_rstd;
+    void *logits;       /* compute [B, classes] */
+    void *drop_scales;  /* master [depth, 2, B] */
+    void *targets;      /* master [B, classes] */
+    void *losses;       /* master [B] */
+
+    /* Backward scratch. */
+    void *d_residual;   /* compute [B * tokens, dim] */
+    void *d_branch;     /* compute [B * tokens, dim] */
+    void *d_ln;         /* compute [B * tokens, dim] */
+    void *d_q, *d_k, *d_v, *d_attention;
+    void *d_scores;     /* compute [B * tokens, max(n_attn, n_ffn)] */
+    void *d_pooled, *d_head_ln;
+    void *d_logits;     /* compute [B, classes] */
+    void *d_patch_tokens;
+
+    bool forward_dropped; /* the last forward used drop_scales, so backward uses them too */
+    float *host_losses;   /* host [max_batch] */
+
+    /* The two arenas the buffers above are carved from. */
+    void *compute_arena, *master_arena;
+    size_t compute_arena_bytes, master_arena_bytes;
+} tf_model;
+
+/* Allocates parameters, gradients and activations for batches up to max_batch. Parameters are
+ * zero until model_init_params() or model_set_params(). */
+tf_status model_create(tf_model *model, const tf_model_config *config, const tf_backend *backend, int max_batch);
+void model_destroy(tf_model *model);
+
+/* Bytes of backend memory the model holds (parameters, gradients, activations). */
+size_t model_memory_bytes(const tf_model *model);
+
+/* DESIGN.md's initialisation from seed (param_init), uploaded. */
+tf_status model_init_params(tf_model *model, uint64_t seed);
+/* Uploads host fp32 parameters [layout.total] and refreshes the compute copy. */
+void model_set_params(tf_model *model, const float *params);
+/* Downloads the master parameters (or gradients) as fp32 [layout.total]. */
+void model_get_params(const tf_model *model, float *params);
+void model_get_grads(const tf_model *model, float *grads);
+/* Rewrites the compute copy from the master parameters (after loading or an EMA swap). */
+void model_refresh_compute_params(tf_model *model);
+
+/* Exchanges the master parameters with another master buffer of the same size (the EMA weights)
+ * and refreshes the compute copy; calling it again swaps back. */
+void model_swap_params(tf_model *model, void **other);
+
+void model_zero_grads(tf_model *model);
+
+/* Copies a batch of uint8 CHW images [batch, channels, size, size] from host memory into
+ * model->images, normalised with the ImageNet mean and std. */
+void model_load_pixels(tf_model *model, const uint8_t *pixels, int batch);
+
+/* Forward pass over model->images. drop_scales: host [depth, 2, batch] per-sample drop-path
+ * scales for the attention (0) and FFN (1) branch of each block (model_drop_scales), or NULL for
+ * none (evaluation). */
+void model_forward(tf_model *model, int batch, const float *drop_scales);
+
+/* After model_forward(): soft-target cross-entropy against targets (host [batch, classes], rows
+ * sum to 1), then the backward pass, adding (loss_scale * d sum_b loss_b) to the gradients. Returns
+ * the mean loss over the batch, or a backend failure. Use loss_scale = 1 / global batch so that
+ * accumulated micro-batches give the gradient of the mean loss. */
+tf_status model_backward(tf_model *model, const float *targets, int batch, float loss_scale, double *mean_loss);
+
+/* After model_forward(): per-sample losses without backward (evaluation). losses: host [batch]. */
+tf_status model_loss(tf_model *model, const float *targets, int batch, float *losses);
+
+/* After model_forward(): host fp32 logits [batch, classes]. */
+tf_status model_logits(tf_model *model, float *logits, int batch);
+
+/* Draws per-sample drop-path scales for one micro-batch: for block l the rate is
+ * drop_path * l / (depth - 1) (timm's linspace); a sample is kept with 1 - rate and then scaled by
+ * 1 / (1 - rate). scales: host [depth, 2, batch]. */
+void model_drop_scales(const tf_model_config *config, int batch, tf_rng *rng, float *scales);
+
+#endif

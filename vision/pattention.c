@@ -1,0 +1,60 @@
+/* Pattention: attention of input tokens over learnable parameter tokens (DESIGN.md section 2).
+ *
+ *   A = X K^T                       K: key tokens [n, d_in], no scale, no bias
+ *   Z = A tau / sqrt(sum_j A_j^2 + eps)   tau = sqrt(n_norm), per row
+ *   S = GELU(Z)                     exact erf GELU
+ *   out = S V                       V: value tokens [n, d_out]
+ *
+ * Backward, from dO = d loss / d out:
+ *   dS = dO V^T,  dV += S^T dO
+ *   dA = norm backward of dS (kernels.h gives the formula)
+ *   dK += dA^T X, dX = dA K
+ * A and S are kept from forward; the normalisation and GELU are one fused row operation. */
+#include "vision/layers.h"
+
+#include <math.h>
+
+static int pattention_tokens(const tf_model *model, int which) {
+    return which == TF_PATT_FFN ? model->config.n_ffn : model->config.n_attn;
+}
+
+static float pattention_tau(const tf_model *model, int block, int which) {
+    return sqrtf((float)model->config.n_norm[block][which]);
+}
+
+void pattention_forward(tf_model *model, int block, int which, void *out, const void *in, int rows) {
+    const tf_backend *backend = model->backend;
+    const tf_param_layout *layout = &model->layout;
+    tf_pattention_cache *cache = &model->blocks[block].patt[which];
+    int n = pattention_tokens(model, which), dim = model->config.dim;
+
+    backend->matmul(cache->scores, in, model_param(model, layout->keys[block][which]),
+                    &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
+    backend->pattention_norm_forward(cache->probs, cache->row_norm, cache->scores, rows, n,
+                                     pattention_tau(model, block, which), model->config.eps);
+    backend->matmul(out, cache->probs, model_param(model, layout->values[block][which]),
+                    &(tf_matmul_desc){.m = rows, .n = dim, .k = n});
+}
+
+void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,
+                         const void *in, int rows) {
+    const tf_backend *backend = model->backend;
+    const tf_param_layout *layout = &model->layout;
+    const tf_pattention_cache *cache = &model->blocks[block].patt[which];
+    int n = pattention_tokens(model, which), dim = model->config.dim;
+    int keys = layout->keys[block][which], values = layout->values[block][which];
+    void *d_scores = model->d_scores;
+
+    backend->matmul(d_scores, d_out, model_param(model, values),
+                    &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
+    backend->matmul(model_grad(model, values), cache->probs, d_out,
+                    &(tf_matmul_desc){.m = n, .n = dim, .k = rows, .transpose_a = true, .accumulate = true,
+                                      .master_output = true});
+    backend->pattention_norm_backward(d_scores, d_scores, cache->scores, cache->row_norm, rows, n,
+                                      pattention_tau(model, block, which));
+    backend->matmul(model_grad(model, keys), d_scores, in,
+                    &(tf_matmul_desc){.m = n, .n = dim, .k = rows, .transpose_a = true, .accumulate = true,
+                                      .master_output = true});
+    backend->matmul(d_in, d_scores, model_param(model, keys),
+                    &(tf_matmul_desc){.m = rows, .n = dim, .k = n, .accumulate = accumulate});
+}
