@@ -34,6 +34,11 @@ typedef struct {
  * w = round(sqrt(area * ratio)), h = round(sqrt(area / ratio)); accepted when it fits, at a
  * uniform integer position; otherwise the centre crop clamped to the ratio range. */
 tf_box image_random_resized_crop_box(int width, int height, const tf_augment_config *augment, tf_rng *rng);
+/* The same rule with its random numbers given, for tests: uniforms in [0, 1) used in order (two
+ * per try: area, ratio; then two for the position: i = floor(u * (H - h + 1)), likewise j); draws
+ * past draw_count read as 0. */
+tf_box image_random_resized_crop_box_from_draws(int width, int height, const tf_augment_config *augment,
+                                                const double *draws, int draw_count);
 
 /* Eval geometry: resize the shorter side to int(size / crop_pct) (aspect kept, torchvision's
  * rounding of the longer side), then centre crop size x size (torchvision's rounding). Returned as
@@ -47,6 +52,21 @@ void image_eval_geometry(int width, int height, int size, float crop_pct, int *r
  * scratch holds the intermediate pass and is reused between calls. */
 tf_status image_resize_bicubic(const tf_image *src, tf_box box, int out_width, int out_height, tf_image *dst,
                                tf_image *scratch);
+
+/* torchvision's F.resized_crop on a PIL image: img.crop(box).resize(size, BICUBIC), so the filter
+ * sees only the pixels inside the box (edge pixels repeat), unlike image_resize_bicubic, whose
+ * filter reaches past the box into the rest of the image. A fractional box (scaled with a reduced
+ * JPEG decode) crops to the whole pixels that cover it and resamples the fractional box inside. */
+tf_status image_resized_crop_bicubic(const tf_image *src, tf_box box, int out_width, int out_height,
+                                     tf_image *dst, tf_image *scratch);
+
+/* The eval transform's pixels: PIL resize of the whole image to resize_width x resize_height, then
+ * the crop (crop_left, crop_top, crop_width, crop_height) of that (torchvision's CenterCrop; parts
+ * outside the resized image are 0, as torchvision pads), computing only the pixels kept. Equal to
+ * resizing then cropping. */
+tf_status image_resize_then_crop_bicubic(const tf_image *src, int resize_width, int resize_height,
+                                         int crop_left, int crop_top, int crop_width, int crop_height,
+                                         tf_image *dst, tf_image *scratch);
 
 void image_flip_horizontal(tf_image *image);
 

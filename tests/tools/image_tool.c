@@ -1,0 +1,184 @@
+/* A command-line front end to dataloader/image.h for tests/test_image_pil.py, which runs the same
+ * operation through PIL and torchvision and compares: it loads an image (PNG, PPM or JPEG through
+ * stb_image), applies one operation named on the command line, and writes the result as binary
+ * PPM (P6); the geometry commands print numbers instead. "bench" times the hot paths.
+ *
+ *   image_tool resize IN OUT LEFT TOP WIDTH HEIGHT OUT_W OUT_H        PIL resize(size, BICUBIC, box)
+ *   image_tool resized_crop IN OUT LEFT TOP WIDTH HEIGHT OUT_W OUT_H  crop(box).resize(size, BICUBIC)
+ *   image_tool eval IN OUT SIZE CROP_PCT                              Resize(int(size/crop_pct)) + CenterCrop
+ *   image_tool eval_geometry < lines "W H SIZE CROP_PCT"                prints "rw rh left top" each
+ *   image_tool rrc < lines "W H SCALE_MIN SCALE_MAX RATIO_MIN RATIO_MAX U..."  prints "left top w h" each
+ *   image_tool rrc_sample W H COUNT SEED                              prints COUNT boxes from tf_rng
+ *   image_tool flip IN OUT
+ *   image_tool chw IN OUT                                             raw CHW planes
+ *   image_tool op IN OUT NAME ARGUMENT                                one RandAugment operation
+ *   image_tool randaugment IN OUT SPEC SEED COUNT                     COUNT applications, last one written
+ *   image_tool parse SPEC                                             prints the parsed fields
+ *   image_tool bench IN                                               prints timings */
+#define STB_IMAGE_IMPLEMENTATION
+#include <stb/stb_image.h>
+
+#include "common/config.h"
+#include "common/error.h"
+#include "common/rng.h"
+#include "common/timer.h"
+#include "dataloader/image.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static tf_status load_image(const char *path, tf_image *image) {
+    int width, height, channels;
+    uint8_t *pixels = stbi_load(path, &width, &height, &channels, 3);
+    if (!pixels) return tf_fail(TF_ERR_RUNTIME, "%s: cannot load: %s", path, stbi_failure_reason());
+    tf_status status = image_reserve(image, width, height);
+    if (status == TF_OK) memcpy(image->pixels, pixels, (size_t)width * (size_t)height * 3);
+    stbi_image_free(pixels);
+    return status;
+}
+
+static tf_status write_ppm(const char *path, const tf_image *image) {
+    FILE *file = fopen(path, "wb");
+    if (!file) return tf_fail(TF_ERR_RUNTIME, "%s: cannot open for writing", path);
+    fprintf(file, "P6\n%d %d\n255\n", image->width, image->height);
+    size_t bytes = (size_t)image->width * (size_t)image->height * 3;
+    size_t written = fwrite(image->pixels, 1, bytes, file);
+    if (fclose(file) != 0 || written != bytes) return tf_fail(TF_ERR_RUNTIME, "%s: write failed", path);
+    return TF_OK;
+}
+
+static tf_status write_raw(const char *path, const uint8_t *bytes, size_t count) {
+    FILE *file = fopen(path, "wb");
+    if (!file) return tf_fail(TF_ERR_RUNTIME, "%s: cannot open for writing", path);
+    size_t written = fwrite(bytes, 1, count, file);
+    if (fclose(file) != 0 || written != count) return tf_fail(TF_ERR_RUNTIME, "%s: write failed", path);
+    return TF_OK;
+}
+
+static tf_box box_from_args(char **argv) {
+    return (tf_box){
+        .left = atof(argv[0]), .top = atof(argv[1]), .width = atof(argv[2]), .height = atof(argv[3])};
+}
+
+typedef struct {
+    tf_image input, output, scratch;
+} tool_images;
+
+static tf_status run_resize(int argc, char **argv, tool_images *im, int crop_first) {
+    if (argc != 10)
+        return tf_fail(TF_ERR_USAGE, "usage: %s IN OUT LEFT TOP WIDTH HEIGHT OUT_W OUT_H", argv[1]);
+    TF_TRY(load_image(argv[2], &im->input));
+    tf_box box = box_from_args(argv + 4);
+    int out_width = atoi(argv[8]), out_height = atoi(argv[9]);
+    if (crop_first)
+        TF_TRY(image_resized_crop_bicubic(&im->input, box, out_width, out_height, &im->output, &im->scratch));
+    else
+        TF_TRY(image_resize_bicubic(&im->input, box, out_width, out_height, &im->output, &im->scratch));
+    return write_ppm(argv[3], &im->output);
+}
+
+static tf_status run_eval(int argc, char **argv, tool_images *im) {
+    if (argc != 6) return tf_fail(TF_ERR_USAGE, "usage: eval IN OUT SIZE CROP_PCT");
+    TF_TRY(load_image(argv[2], &im->input));
+    int size = atoi(argv[4]), rw, rh, left, top;
+    image_eval_geometry(im->input.width, im->input.height, size, strtof(argv[5], NULL), &rw, &rh, &left,
+                        &top);
+    TF_TRY(
+        image_resize_then_crop_bicubic(&im->input, rw, rh, left, top, size, size, &im->output, &im->scratch));
+    printf("%d %d %d %d\n", rw, rh, left, top);
+    return write_ppm(argv[3], &im->output);
+}
+
+/* One line per query on stdin, "W H SIZE CROP_PCT"; one line "rw rh left top" per query out. */
+static tf_status run_eval_geometry(void) {
+    int width, height, size;
+    char pct[64];
+    while (scanf("%d %d %d %63s", &width, &height, &size, pct) == 4) {
+        int rw, rh, left, top;
+        image_eval_geometry(width, height, size, strtof(pct, NULL), &rw, &rh, &left, &top);
+        printf("%d %d %d %d\n", rw, rh, left, top);
+    }
+    return TF_OK;
+}
+
+/* One line per query on stdin: "W H SCALE_MIN SCALE_MAX RATIO_MIN RATIO_MAX U1 ... Un"; one line
+ * "left top width height" per query out. */
+static tf_status run_rrc(void) {
+    char line[8192];
+    while (fgets(line, sizeof line, stdin)) {
+        char *cursor = line, *end;
+        double numbers[6 + 64];
+        int count = 0;
+        for (double value = strtod(cursor, &end); end != cursor && count < 6 + 64;
+             value = strtod(cursor, &end)) {
+            numbers[count++] = value;
+            cursor = end;
+        }
+        if (count == 0) continue;
+        if (count < 6)
+            return tf_fail(TF_ERR_USAGE, "rrc: a line needs W H SCALE_MIN SCALE_MAX RATIO_MIN RATIO_MAX");
+        tf_augment_config augment = {.scale_min = (float)numbers[2],
+                                     .scale_max = (float)numbers[3],
+                                     .ratio_min = (float)numbers[4],
+                                     .ratio_max = (float)numbers[5]};
+        tf_box box = image_random_resized_crop_box_from_draws((int)numbers[0], (int)numbers[1], &augment,
+                                                              numbers + 6, count - 6);
+        printf("%.0f %.0f %.0f %.0f\n", box.left, box.top, box.width, box.height);
+    }
+    return TF_OK;
+}
+
+static tf_status run_rrc_sample(int argc, char **argv) {
+    if (argc != 6) return tf_fail(TF_ERR_USAGE, "usage: rrc_sample W H COUNT SEED");
+    tf_augment_config augment = {
+        .scale_min = 0.08f, .scale_max = 1.0f, .ratio_min = 3.0f / 4.0f, .ratio_max = 4.0f / 3.0f};
+    int width = atoi(argv[2]), height = atoi(argv[3]), count = atoi(argv[4]);
+    tf_rng rng = tf_rng_make(strtoull(argv[5], NULL, 10), TF_RNG_TEST, 0, 0);
+    for (int i = 0; i < count; i++) {
+        tf_box box = image_random_resized_crop_box(width, height, &augment, &rng);
+        printf("%.0f %.0f %.0f %.0f\n", box.left, box.top, box.width, box.height);
+    }
+    return TF_OK;
+}
+
+static tf_status run_flip(int argc, char **argv, tool_images *im) {
+    if (argc != 4) return tf_fail(TF_ERR_USAGE, "usage: flip IN OUT");
+    TF_TRY(load_image(argv[2], &im->input));
+    image_flip_horizontal(&im->input);
+    return write_ppm(argv[3], &im->input);
+}
+
+static tf_status run_chw(int argc, char **argv, tool_images *im) {
+    if (argc != 4) return tf_fail(TF_ERR_USAGE, "usage: chw IN OUT");
+    TF_TRY(load_image(argv[2], &im->input));
+    size_t bytes = (size_t)im->input.width * (size_t)im->input.height * 3;
+    TF_TRY(image_reserve(&im->output, im->input.width, im->input.height));
+    image_to_chw(&im->input, im->output.pixels);
+    return write_raw(argv[3], im->output.pixels, bytes);
+}
+
+static tf_status run(int argc, char **argv, tool_images *im) {
+    if (argc < 2)
+        return tf_fail(TF_ERR_USAGE, "usage: image_tool COMMAND ARGS... (see the top of image_tool.c)");
+    const char *command = argv[1];
+    if (!strcmp(command, "resize")) return run_resize(argc, argv, im, 0);
+    if (!strcmp(command, "resized_crop")) return run_resize(argc, argv, im, 1);
+    if (!strcmp(command, "eval")) return run_eval(argc, argv, im);
+    if (!strcmp(command, "eval_geometry")) return run_eval_geometry();
+    if (!strcmp(command, "rrc")) return run_rrc();
+    if (!strcmp(command, "rrc_sample")) return run_rrc_sample(argc, argv);
+    if (!strcmp(command, "flip")) return run_flip(argc, argv, im);
+    if (!strcmp(command, "chw")) return run_chw(argc, argv, im);
+    return tf_fail(TF_ERR_USAGE, "image_tool: unknown command '%s'", command);
+}
+
+int main(int argc, char **argv) {
+    tool_images images = {0};
+    tf_status status = run(argc, argv, &images);
+    image_free(&images.input);
+    image_free(&images.output);
+    image_free(&images.scratch);
+    if (status != TF_OK) fprintf(stderr, "image_tool: %s\n", tf_error_message());
+    return (int)status;
+}
