@@ -1,0 +1,59 @@
+/* The Pattention normalisation (DESIGN.md section 2): between A = X K^T and out = S V, each row
+ * of scores is scaled to a fixed norm and passed through GELU:
+ *   r = sqrt(sum_j A_j^2 + eps),  Z = tau A / r,  S = GELU(Z)  (exact erf GELU).
+ * The row norms r are kept for backward, which recomputes Z from A rather than storing it.
+ * Row sums are accumulated in double in both builds. */
+#include "kernels/cpu/cpu_real.h"
+
+void CPU_FN(pattention_norm_forward)(void *s_buffer, void *row_norm_buffer, const void *a_buffer, int rows,
+                                     int n, float tau, float eps) {
+    real *s = s_buffer, *row_norm = row_norm_buffer;
+    const real *a = a_buffer;
+#pragma omp parallel for schedule(static)
+    for (int row = 0; row < rows; row++) {
+        const real *a_row = a + (size_t)row * n;
+        real *s_row = s + (size_t)row * n;
+        double sum_squares = 0.0;
+#pragma omp simd reduction(+ : sum_squares)
+        for (int j = 0; j < n; j++) sum_squares += (double)a_row[j] * (double)a_row[j];
+        /* Z is computed from the stored (rounded) r so that backward recomputes the same Z. */
+        real r = (real)sqrt(sum_squares + (double)eps);
+        real scale = (real)tau / r;
+        row_norm[row] = r;
+#pragma omp simd
+        for (int j = 0; j < n; j++) s_row[j] = cpu_gelu(scale * a_row[j]);
+    }
+}
+
+/* Backward. With dZ_j = dS_j GELU'(Z_j), and for one row
+ *   r = sqrt(sum_k A_k^2 + eps),   dr / dA_i = A_i / r,
+ *   Z_j = tau A_j / r,   dZ_j / dA_i = tau delta_ij / r - tau A_j A_i / r^3,
+ * so
+ *   dA_i = sum_j dZ_j dZ_j/dA_i = tau / r dZ_i - tau A_i / r^3 sum_j A_j dZ_j
+ *        = tau / r (dZ_i - A_i (A . dZ) / r^2),
+ * where r^2 includes eps. GELU'(z) = Phi(z) + z phi(z) (cpu_real.h). Two passes per row: the
+ * first writes dZ into da and sums A . dZ (in double), the second finishes dA in place. Each
+ * element of ds is read before the same element of da is written, so da may be ds. */
+void CPU_FN(pattention_norm_backward)(void *da_buffer, const void *ds_buffer, const void *a_buffer,
+                                      const void *row_norm_buffer, int rows, int n, float tau) {
+    real *da = da_buffer;
+    const real *ds = ds_buffer, *a = a_buffer, *row_norm = row_norm_buffer;
+#pragma omp parallel for schedule(static)
+    for (int row = 0; row < rows; row++) {
+        const real *a_row = a + (size_t)row * n;
+        const real *ds_row = ds + (size_t)row * n;
+        real *da_row = da + (size_t)row * n;
+        real r = row_norm[row];
+        real scale = (real)tau / r;
+        double a_dot_dz = 0.0;
+#pragma omp simd reduction(+ : a_dot_dz)
+        for (int j = 0; j < n; j++) {
+            real dz = ds_row[j] * cpu_gelu_derivative(scale * a_row[j]);
+            da_row[j] = dz;
+            a_dot_dz += (double)a_row[j] * (double)dz;
+        }
+        real projection = (real)(a_dot_dz / ((double)r * (double)r));
+#pragma omp simd
+        for (int j = 0; j < n; j++) da_row[j] = scale * (da_row[j] - a_row[j] * projection);
+    }
+}
