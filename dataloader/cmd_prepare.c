@@ -89,15 +89,17 @@ static tf_status check_output(const char *out, const char *description, bool *do
     snprintf(marker, sizeof marker, "%s/%s", out, marker_name);
     FILE *file = fopen(marker, "r");
     if (!file)
-        return tf_fail(TF_ERR_RUNTIME, "%s exists but was not written by `tokenformer prepare` (no %s): remove it or "
-                                       "choose another --out",
+        return tf_fail(TF_ERR_RUNTIME,
+                       "%s exists but was not written by `tokenformer prepare` (no %s): remove it or "
+                       "choose another --out",
                        out, marker_name);
     size_t got = fread(found, 1, sizeof found - 1, file);
     found[got] = '\0';
     fclose(file);
     if (strcmp(found, description) != 0)
-        return tf_fail(TF_ERR_RUNTIME, "%s holds another prepared dataset (%.*s): remove it or choose another --out",
-                       out, (int)strcspn(found, "\n"), found);
+        return tf_fail(TF_ERR_RUNTIME,
+                       "%s holds another prepared dataset (%.*s): remove it or choose another --out", out,
+                       (int)strcspn(found, "\n"), found);
     *done = true;
     return TF_OK;
 }
@@ -143,8 +145,8 @@ static void progress_update(progress_meter *meter, int64_t done) {
     double now = tf_seconds();
     if (now - meter->last < 2.0 && done < meter->total) return;
     meter->last = now;
-    tf_log("prepare %s: %lld/%lld images (%.0f%%), %.1f s", meter->what, (long long)done, (long long)meter->total,
-           100.0 * (double)done / (double)meter->total, now - meter->started);
+    tf_log("prepare %s: %lld/%lld images (%.0f%%), %.1f s", meter->what, (long long)done,
+           (long long)meter->total, 100.0 * (double)done / (double)meter->total, now - meter->started);
 }
 
 /* ---- fashion-mnist --------------------------------------------------------------------------- */
@@ -161,13 +163,14 @@ static tf_status gz_open(const char *path, gzFile *file) {
     *file = gzopen(path, "rb");
     if (*file) return TF_OK;
     if (access(path, F_OK) != 0)
-        return tf_fail(TF_ERR_RUNTIME, "%s: not found (Debian's Fashion-MNIST: apt-get install dataset-fashion-mnist)",
-                       path);
+        return tf_fail(TF_ERR_RUNTIME,
+                       "%s: not found (Debian's Fashion-MNIST: apt-get install dataset-fashion-mnist)", path);
     return tf_fail(TF_ERR_RUNTIME, "%s: cannot open: %s", path, strerror(errno));
 }
 
 /* Reads exactly `bytes` bytes; a short read names what was being read. */
-static tf_status gz_read_exactly(gzFile file, const char *path, void *buffer, size_t bytes, const char *what) {
+static tf_status gz_read_exactly(gzFile file, const char *path, void *buffer, size_t bytes,
+                                 const char *what) {
     size_t done = 0;
     while (done < bytes) {
         unsigned chunk = bytes - done > (1u << 30) ? (1u << 30) : (unsigned)(bytes - done);
@@ -178,7 +181,8 @@ static tf_status gz_read_exactly(gzFile file, const char *path, void *buffer, si
             return tf_fail(TF_ERR_RUNTIME, "%s: corrupt gzip data while reading %s: %s", path, what, message);
         }
         if (got == 0)
-            return tf_fail(TF_ERR_RUNTIME, "%s: file ends early: %zu of %zu bytes of %s", path, done, bytes, what);
+            return tf_fail(TF_ERR_RUNTIME, "%s: file ends early: %zu of %zu bytes of %s", path, done, bytes,
+                           what);
         done += (size_t)got;
     }
     return TF_OK;
@@ -197,18 +201,19 @@ static tf_status read_idx_labels(const char *path, idx_split *split) {
     uint8_t header[8];
     tf_status status = gz_read_exactly(file, path, header, sizeof header, "the header");
     if (status == TF_OK && big_endian_u32(header) != 0x00000801)
-        status = tf_fail(TF_ERR_RUNTIME, "%s: not an IDX label file (magic 0x%08x, expected 0x00000801)", path,
-                         big_endian_u32(header));
+        status = tf_fail(TF_ERR_RUNTIME, "%s: not an IDX label file (magic 0x%08x, expected 0x00000801)",
+                         path, big_endian_u32(header));
     if (status == TF_OK) {
         split->count = big_endian_u32(header + 4);
         split->labels = malloc((size_t)split->count + 1);
         if (!split->labels) status = tf_fail(TF_ERR_RUNTIME, "%s: out of memory", path);
     }
-    if (status == TF_OK) status = gz_read_exactly(file, path, split->labels, (size_t)split->count, "the labels");
+    if (status == TF_OK)
+        status = gz_read_exactly(file, path, split->labels, (size_t)split->count, "the labels");
     for (int64_t i = 0; status == TF_OK && i < split->count; i++)
         if (split->labels[i] >= 10)
-            status = tf_fail(TF_ERR_RUNTIME, "%s: label %d of image %lld is not a class (0-9)", path, split->labels[i],
-                             (long long)i);
+            status = tf_fail(TF_ERR_RUNTIME, "%s: label %d of image %lld is not a class (0-9)", path,
+                             split->labels[i], (long long)i);
     gzclose(file);
     return status;
 }
@@ -219,8 +224,8 @@ static tf_status read_idx_images(const char *path, idx_split *split) {
     uint8_t header[16];
     tf_status status = gz_read_exactly(file, path, header, sizeof header, "the header");
     if (status == TF_OK && big_endian_u32(header) != 0x00000803)
-        status = tf_fail(TF_ERR_RUNTIME, "%s: not an IDX image file (magic 0x%08x, expected 0x00000803)", path,
-                         big_endian_u32(header));
+        status = tf_fail(TF_ERR_RUNTIME, "%s: not an IDX image file (magic 0x%08x, expected 0x00000803)",
+                         path, big_endian_u32(header));
     if (status == TF_OK && big_endian_u32(header + 4) != split->count)
         status = tf_fail(TF_ERR_RUNTIME, "%s: %u images, but the label file has %lld labels", path,
                          big_endian_u32(header + 4), (long long)split->count);
@@ -228,7 +233,8 @@ static tf_status read_idx_images(const char *path, idx_split *split) {
         split->rows = (int)big_endian_u32(header + 8);
         split->columns = (int)big_endian_u32(header + 12);
         if (split->rows < 1 || split->rows > 4096 || split->columns < 1 || split->columns > 4096)
-            status = tf_fail(TF_ERR_RUNTIME, "%s: images of %dx%d pixels?", path, split->columns, split->rows);
+            status =
+                tf_fail(TF_ERR_RUNTIME, "%s: images of %dx%d pixels?", path, split->columns, split->rows);
     }
     size_t bytes = (size_t)split->count * (size_t)split->rows * (size_t)split->columns;
     if (status == TF_OK) {
@@ -268,13 +274,13 @@ static tf_status write_fashion_split(const char *temporary, const char *split_na
     size_t image_bytes = (size_t)split->rows * split->columns;
     for (int64_t i = 0; status == TF_OK && i < split->count; i++) {
         unsigned long size = capacity;
-        if (tjCompress2(compressor, split->pixels + (size_t)i * image_bytes, split->columns, 0, split->rows, TJPF_GRAY,
-                        &jpeg, &size, TJSAMP_GRAY, 100, TJFLAG_NOREALLOC) != 0) {
+        if (tjCompress2(compressor, split->pixels + (size_t)i * image_bytes, split->columns, 0, split->rows,
+                        TJPF_GRAY, &jpeg, &size, TJSAMP_GRAY, 100, TJFLAG_NOREALLOC) != 0) {
             status = tf_fail(TF_ERR_RUNTIME, "JPEG compression failed: %s", tjGetErrorStr2(compressor));
             break;
         }
-        snprintf(path, sizeof path, "%s/%s/%s/%05lld.jpg", temporary, split_name, fashion_classes[split->labels[i]],
-                 (long long)i);
+        snprintf(path, sizeof path, "%s/%s/%s/%05lld.jpg", temporary, split_name,
+                 fashion_classes[split->labels[i]], (long long)i);
         status = write_file(path, jpeg, size);
         progress_update(meter, ++*written);
     }
@@ -296,7 +302,8 @@ static tf_status write_fashion_mnist(const char *out, const char *source, const 
         if (!compressor) status = tf_fail(TF_ERR_RUNTIME, "tjInitCompress failed: %s", tjGetErrorStr2(NULL));
     }
     if (status == TF_OK) status = start_output(out, temporary);
-    if (status == TF_OK) status = write_fashion_split(temporary, "train", &train, compressor, &meter, &written);
+    if (status == TF_OK)
+        status = write_fashion_split(temporary, "train", &train, compressor, &meter, &written);
     if (status == TF_OK) status = write_fashion_split(temporary, "val", &val, compressor, &meter, &written);
     if (status == TF_OK) status = finish_output(temporary, out, description);
     if (status == TF_OK)
@@ -341,7 +348,8 @@ static bool has_photo_extension(const char *name, bool any_image) {
     const char *dot = strrchr(name, '.');
     if (!dot) return false;
     if (strcasecmp(dot, ".jpg") == 0 || strcasecmp(dot, ".jpeg") == 0) return true;
-    return any_image && (strcasecmp(dot, ".png") == 0 || strcasecmp(dot, ".bmp") == 0 || strcasecmp(dot, ".ppm") == 0);
+    return any_image &&
+           (strcasecmp(dot, ".png") == 0 || strcasecmp(dot, ".bmp") == 0 || strcasecmp(dot, ".ppm") == 0);
 }
 
 static tf_status photo_set_add(photo_set *set, const char *path) {
@@ -379,11 +387,13 @@ static tf_status find_debian_photos(photo_set *set) {
     glob_t found;
     tf_status status = TF_OK;
     if (glob("/usr/share/backgrounds/mate/nature/*.[jJ][pP][gG]", 0, NULL, &found) == 0) {
-        for (size_t i = 0; status == TF_OK && i < found.gl_pathc; i++) status = photo_set_add(set, found.gl_pathv[i]);
+        for (size_t i = 0; status == TF_OK && i < found.gl_pathc; i++)
+            status = photo_set_add(set, found.gl_pathv[i]);
         globfree(&found);
     }
     glob_t wallpapers;
-    if (status == TF_OK && glob("/usr/share/wallpapers/*/contents/images", GLOB_ONLYDIR, NULL, &wallpapers) == 0) {
+    if (status == TF_OK &&
+        glob("/usr/share/wallpapers/*/contents/images", GLOB_ONLYDIR, NULL, &wallpapers) == 0) {
         for (size_t w = 0; status == TF_OK && w < wallpapers.gl_pathc; w++) {
             char pattern[TF_PATH_MAX];
             snprintf(pattern, sizeof pattern, "%s/*.[jJ][pP][gG]", wallpapers.gl_pathv[w]);
@@ -401,9 +411,10 @@ static tf_status find_debian_photos(photo_set *set) {
         globfree(&wallpapers);
     }
     if (status == TF_OK && set->count == 0)
-        status = tf_fail(TF_ERR_RUNTIME, "no photographs found in /usr/share/backgrounds/mate/nature or "
-                                         "/usr/share/wallpapers/*/contents/images: apt-get install mate-backgrounds "
-                                         "plasma-workspace-wallpapers (or give --source DIR)");
+        status = tf_fail(TF_ERR_RUNTIME,
+                         "no photographs found in /usr/share/backgrounds/mate/nature or "
+                         "/usr/share/wallpapers/*/contents/images: apt-get install mate-backgrounds "
+                         "plasma-workspace-wallpapers (or give --source DIR)");
     return status;
 }
 
@@ -512,12 +523,12 @@ typedef struct {
 static tf_status write_imagenet_like_image(imagenet_like_job *job, int64_t index, tjhandle compressor,
                                            tf_image *resized, tf_image *scratch, unsigned char **jpeg) {
     imagenet_like_plan plan = plan_image(job->photos, job->seed, index);
-    TF_TRY(image_resize_bicubic(&job->photos->images[plan.source], plan.crop, plan.width, plan.height, resized,
-                                scratch));
+    TF_TRY(image_resize_bicubic(&job->photos->images[plan.source], plan.crop, plan.width, plan.height,
+                                resized, scratch));
     /* In: the buffer's size (every output fits); out: the JPEG's. */
     unsigned long size = tjBufSize(IMAGENET_LIKE_LONG_SIDE, IMAGENET_LIKE_LONG_SIDE, TJSAMP_420);
-    if (tjCompress2(compressor, resized->pixels, plan.width, 0, plan.height, TJPF_RGB, jpeg, &size, TJSAMP_420,
-                    plan.quality, TJFLAG_NOREALLOC) != 0)
+    if (tjCompress2(compressor, resized->pixels, plan.width, 0, plan.height, TJPF_RGB, jpeg, &size,
+                    TJSAMP_420, plan.quality, TJFLAG_NOREALLOC) != 0)
         return tf_fail(TF_ERR_RUNTIME, "JPEG compression failed: %s", tjGetErrorStr2(compressor));
     char path[TF_PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/%s/%s/img_%07lld.jpg", job->temporary, plan.val ? "val" : "train",
@@ -531,9 +542,11 @@ static void *imagenet_like_worker(void *argument) {
     imagenet_like_job *job = argument;
     tjhandle compressor = tjInitCompress();
     tf_image resized = {0}, scratch = {0};
-    unsigned char *jpeg = tjAlloc((int)tjBufSize(IMAGENET_LIKE_LONG_SIDE, IMAGENET_LIKE_LONG_SIDE, TJSAMP_420));
-    tf_status status =
-        compressor && jpeg ? TF_OK : tf_fail(TF_ERR_RUNTIME, "TurboJPEG compressor: %s", tjGetErrorStr2(NULL));
+    unsigned char *jpeg =
+        tjAlloc((int)tjBufSize(IMAGENET_LIKE_LONG_SIDE, IMAGENET_LIKE_LONG_SIDE, TJSAMP_420));
+    tf_status status = compressor && jpeg
+                           ? TF_OK
+                           : tf_fail(TF_ERR_RUNTIME, "TurboJPEG compressor: %s", tjGetErrorStr2(NULL));
     while (status == TF_OK && !atomic_load(&job->failed)) {
         int64_t index = atomic_fetch_add(&job->next, 1);
         if (index >= job->count) break;
@@ -566,15 +579,16 @@ static tf_status run_imagenet_like_writers(imagenet_like_job *job) {
         usleep(100000);
         progress_update(&meter, atomic_load(&job->written));
     }
-    for (int i = 0; i < started; i++) pthread_join(threads[i], NULL);
+    for (int i = 0; i < started; i++)
+        pthread_join(threads[i], NULL);
     if (atomic_load(&job->failed)) return tf_fail(TF_ERR_RUNTIME, "%s", job->error);
     return TF_OK;
 }
 
 static tf_status prepare_imagenet_like(const char *out, int64_t count, uint64_t seed, const char *source) {
     char description[TF_PATH_MAX + 128], temporary[TF_PATH_MAX];
-    snprintf(description, sizeof description, "imagenet-like count=%lld seed=%llu source=%s\n", (long long)count,
-             (unsigned long long)seed, source ? source : "debian");
+    snprintf(description, sizeof description, "imagenet-like count=%lld seed=%llu source=%s\n",
+             (long long)count, (unsigned long long)seed, source ? source : "debian");
     bool done;
     TF_TRY(check_output(out, description, &done));
     if (done) {
@@ -585,20 +599,24 @@ static tf_status prepare_imagenet_like(const char *out, int64_t count, uint64_t 
     double started = tf_seconds();
     photo_set photos = {0};
     tf_status status = source ? find_photos_in(source, &photos) : find_debian_photos(&photos);
-    if (status == TF_OK && photos.count == 0) status = tf_fail(TF_ERR_RUNTIME, "--source %s: no images", source);
+    if (status == TF_OK && photos.count == 0)
+        status = tf_fail(TF_ERR_RUNTIME, "--source %s: no images", source);
     if (status == TF_OK) status = load_photos(&photos);
     if (status == TF_OK) tf_log("prepare imagenet-like: %d source photographs decoded", photos.count);
     if (status == TF_OK) status = start_output(out, temporary);
-    if (status == TF_OK) status = make_class_folders(temporary, "train", imagenet_like_classes, IMAGENET_LIKE_CLASSES);
-    if (status == TF_OK) status = make_class_folders(temporary, "val", imagenet_like_classes, IMAGENET_LIKE_CLASSES);
+    if (status == TF_OK)
+        status = make_class_folders(temporary, "train", imagenet_like_classes, IMAGENET_LIKE_CLASSES);
+    if (status == TF_OK)
+        status = make_class_folders(temporary, "val", imagenet_like_classes, IMAGENET_LIKE_CLASSES);
     imagenet_like_job job = {.photos = &photos, .temporary = temporary, .seed = seed, .count = count};
     pthread_mutex_init(&job.error_lock, NULL);
     if (status == TF_OK) status = run_imagenet_like_writers(&job);
     pthread_mutex_destroy(&job.error_lock);
     if (status == TF_OK) status = finish_output(temporary, out, description);
     if (status == TF_OK)
-        printf("wrote %lld images (%.1f KB on average) from %d photographs to %s in %.1f s\n", (long long)count,
-               (double)atomic_load(&job.bytes) / 1024.0 / (double)count, photos.count, out, tf_seconds() - started);
+        printf("wrote %lld images (%.1f KB on average) from %d photographs to %s in %.1f s\n",
+               (long long)count, (double)atomic_load(&job.bytes) / 1024.0 / (double)count, photos.count, out,
+               tf_seconds() - started);
     photo_set_free(&photos);
     return status;
 }
@@ -652,7 +670,8 @@ int cmd_prepare(int argc, char **argv) {
         tf_fail(TF_ERR_USAGE, "which dataset? fashion-mnist or imagenet-like ('tokenformer help prepare')");
         return cli_report("prepare", TF_ERR_USAGE);
     }
-    bool fashion = strcmp(argv[1], "fashion-mnist") == 0, imagenet_like = strcmp(argv[1], "imagenet-like") == 0;
+    bool fashion = strcmp(argv[1], "fashion-mnist") == 0,
+         imagenet_like = strcmp(argv[1], "imagenet-like") == 0;
     if (!fashion && !imagenet_like) {
         tf_fail(TF_ERR_USAGE, "unknown dataset '%s': fashion-mnist or imagenet-like", argv[1]);
         return cli_report("prepare", TF_ERR_USAGE);

@@ -17,7 +17,8 @@
 #include <strings.h>
 #include <sys/stat.h>
 
-static const char *const image_extensions[] = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tga", ".gif"};
+static const char *const image_extensions[] = {".jpg", ".jpeg", ".png", ".bmp",
+                                               ".ppm", ".pgm",  ".tga", ".gif"};
 
 /* os.walk with followlinks=True would loop forever on a link to an ancestor; we stop here. */
 enum { DATASET_MAX_DEPTH = 32 };
@@ -26,7 +27,8 @@ static bool has_image_extension(const char *name) {
     size_t length = strlen(name);
     for (size_t i = 0; i < sizeof image_extensions / sizeof image_extensions[0]; i++) {
         size_t extension_length = strlen(image_extensions[i]);
-        if (length > extension_length && strcasecmp(name + length - extension_length, image_extensions[i]) == 0)
+        if (length > extension_length &&
+            strcasecmp(name + length - extension_length, image_extensions[i]) == 0)
             return true;
     }
     return false;
@@ -57,7 +59,8 @@ static tf_status string_list_push(string_list *list, const char *text) {
 }
 
 static void string_list_free(string_list *list) {
-    for (size_t i = 0; i < list->count; i++) free(list->items[i]);
+    for (size_t i = 0; i < list->count; i++)
+        free(list->items[i]);
     free(list->items);
     *list = (string_list){0};
 }
@@ -69,7 +72,8 @@ static bool is_directory(const char *path) {
 
 static tf_status join_path(char *out, const char *directory, const char *name) {
     int written = snprintf(out, TF_PATH_MAX, "%s/%s", directory, name);
-    if (written < 0 || written >= TF_PATH_MAX) return tf_fail(TF_ERR_RUNTIME, "%s/%s: path too long", directory, name);
+    if (written < 0 || written >= TF_PATH_MAX)
+        return tf_fail(TF_ERR_RUNTIME, "%s/%s: path too long", directory, name);
     return TF_OK;
 }
 
@@ -84,8 +88,8 @@ static tf_status list_directory(const char *path, string_list *directories, stri
         if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0) continue;
         status = join_path(full, path, entry->d_name);
         if (status != TF_OK) break;
-        bool directory = entry->d_type == DT_DIR || ((entry->d_type == DT_LNK || entry->d_type == DT_UNKNOWN) &&
-                                                     is_directory(full));
+        bool directory = entry->d_type == DT_DIR ||
+                         ((entry->d_type == DT_LNK || entry->d_type == DT_UNKNOWN) && is_directory(full));
         if (directory) {
             if (directories) status = string_list_push(directories, entry->d_name);
         } else if (images && has_image_extension(entry->d_name)) {
@@ -125,7 +129,8 @@ static tf_status path_block_add(path_block *block, const char *directory, const 
     size_t length = strlen(directory) + 1 + strlen(name) + 1;
     if (block->text_size + length > block->text_capacity) {
         size_t capacity = block->text_capacity ? block->text_capacity * 2 : 1 << 16;
-        while (capacity < block->text_size + length) capacity *= 2;
+        while (capacity < block->text_size + length)
+            capacity *= 2;
         char *text = realloc(block->text, capacity);
         if (!text) return tf_fail(TF_ERR_RUNTIME, "dataset index: out of memory");
         block->text = text;
@@ -169,7 +174,8 @@ static tf_status index_class(const char *class_path, int32_t label, path_block *
             strcat(list, image_extensions[i]);
             if (i + 1 < n) strcat(list, " ");
         }
-        return tf_fail(TF_ERR_RUNTIME, "%s: class folder has no images (looked for %s, any case)", class_path, list);
+        return tf_fail(TF_ERR_RUNTIME, "%s: class folder has no images (looked for %s, any case)", class_path,
+                       list);
     }
     return status;
 }
@@ -213,9 +219,11 @@ static tf_status limit_quotas(const int64_t *class_counts, int class_count, int6
 static tf_status apply_limit(path_block *block, int class_count, int64_t limit) {
     int64_t *class_counts = calloc((size_t)class_count, sizeof *class_counts);
     int64_t *quotas = calloc((size_t)class_count, sizeof *quotas);
-    tf_status status = class_counts && quotas ? TF_OK : tf_fail(TF_ERR_RUNTIME, "dataset index: out of memory");
+    tf_status status =
+        class_counts && quotas ? TF_OK : tf_fail(TF_ERR_RUNTIME, "dataset index: out of memory");
     if (status == TF_OK) {
-        for (size_t i = 0; i < block->count; i++) class_counts[block->labels[i]]++;
+        for (size_t i = 0; i < block->count; i++)
+            class_counts[block->labels[i]]++;
         status = limit_quotas(class_counts, class_count, (int64_t)block->count, limit, quotas);
     }
     if (status == TF_OK) {
@@ -240,8 +248,8 @@ static tf_status index_classes(tf_dataset *dataset, path_block *block) {
     string_list classes = {0};
     tf_status status = list_directory(dataset->directory, &classes, NULL);
     if (status == TF_OK && classes.count == 0)
-        status = tf_fail(TF_ERR_RUNTIME, "%s: no class folders (expected %s/<class>/<image>)", dataset->directory,
-                         dataset->directory);
+        status = tf_fail(TF_ERR_RUNTIME, "%s: no class folders (expected %s/<class>/<image>)",
+                         dataset->directory, dataset->directory);
     if (status != TF_OK) {
         string_list_free(&classes);
         return status;
@@ -264,7 +272,8 @@ tf_status dataset_open(tf_dataset *dataset, const char *root, const char *split,
         return tf_fail(TF_ERR_USAGE, "%s/%s: path too long", root, split);
     struct stat info;
     if (stat(dataset->directory, &info) != 0)
-        return tf_fail(TF_ERR_RUNTIME, "%s: dataset split not found: %s", dataset->directory, strerror(errno));
+        return tf_fail(TF_ERR_RUNTIME, "%s: dataset split not found: %s", dataset->directory,
+                       strerror(errno));
     if (!S_ISDIR(info.st_mode)) return tf_fail(TF_ERR_RUNTIME, "%s: not a directory", dataset->directory);
 
     path_block block = {0};
@@ -285,7 +294,8 @@ tf_status dataset_open(tf_dataset *dataset, const char *root, const char *split,
     /* paths[0] must be the start of the text block for dataset_close; a limit may have dropped
      * the first entry, so move the block's start there. */
     memmove(block.text, block.text + block.offsets[0], block.text_size - block.offsets[0]);
-    for (size_t i = 0; i < block.count; i++) dataset->paths[i] = block.text + (block.offsets[i] - block.offsets[0]);
+    for (size_t i = 0; i < block.count; i++)
+        dataset->paths[i] = block.text + (block.offsets[i] - block.offsets[0]);
     dataset->labels = block.labels;
     dataset->count = (int64_t)block.count;
     free(block.offsets);
@@ -296,7 +306,8 @@ void dataset_close(tf_dataset *dataset) {
     if (dataset->paths && dataset->count > 0) free(dataset->paths[0]);
     free(dataset->paths);
     free(dataset->labels);
-    for (int c = 0; c < dataset->class_count; c++) free(dataset->class_names[c]);
+    for (int c = 0; c < dataset->class_count; c++)
+        free(dataset->class_names[c]);
     free(dataset->class_names);
     *dataset = (tf_dataset){0};
 }

@@ -84,7 +84,8 @@ tf_status decoder_read_header(tf_decoder *decoder, const uint8_t *data, size_t s
     if (is_jpeg(data, size)) {
         int subsampling, colorspace;
         if (tjDecompressHeader3(decoder->handle, data, size, &width, &height, &subsampling, &colorspace) != 0)
-            return tf_fail(TF_ERR_RUNTIME, "%s: corrupt JPEG header: %s", path, tjGetErrorStr2(decoder->handle));
+            return tf_fail(TF_ERR_RUNTIME, "%s: corrupt JPEG header: %s", path,
+                           tjGetErrorStr2(decoder->handle));
         info->jpeg = true;
         info->jpeg_colorspace = colorspace;
     } else {
@@ -93,10 +94,12 @@ tf_status decoder_read_header(tf_decoder *decoder, const uint8_t *data, size_t s
             return tf_fail(TF_ERR_RUNTIME, "%s: not a JPEG, and not an image stb_image reads (%s)", path,
                            stbi_failure_reason() ? stbi_failure_reason() : "unknown format");
     }
-    if (width <= 0 || height <= 0) return tf_fail(TF_ERR_RUNTIME, "%s: image of %dx%d pixels", path, width, height);
+    if (width <= 0 || height <= 0)
+        return tf_fail(TF_ERR_RUNTIME, "%s: image of %dx%d pixels", path, width, height);
     if ((int64_t)width * height > decoder->pixel_limit)
-        return tf_fail(TF_ERR_RUNTIME, "%s: %dx%d = %lld pixels is over the limit of %lld (a decompression bomb?)",
-                       path, width, height, (long long)width * height, (long long)decoder->pixel_limit);
+        return tf_fail(TF_ERR_RUNTIME,
+                       "%s: %dx%d = %lld pixels is over the limit of %lld (a decompression bomb?)", path,
+                       width, height, (long long)width * height, (long long)decoder->pixel_limit);
     info->width = width;
     info->height = height;
     return TF_OK;
@@ -156,7 +159,8 @@ static tf_status decode_jpeg(tf_decoder *decoder, const uint8_t *data, size_t si
     bool cmyk = info->jpeg_colorspace == TJCS_CMYK || info->jpeg_colorspace == TJCS_YCCK;
     if (cmyk) {
         TF_TRY(grow(&decoder->cmyk, &decoder->cmyk_capacity, (size_t)width * height * 4));
-        result = tjDecompress2(decoder->handle, data, size, decoder->cmyk, width, 0, height, TJPF_CMYK, flags);
+        result =
+            tjDecompress2(decoder->handle, data, size, decoder->cmyk, width, 0, height, TJPF_CMYK, flags);
     } else {
         result = tjDecompress2(decoder->handle, data, size, image->pixels, width, 0, height, TJPF_RGB, flags);
     }
@@ -194,8 +198,10 @@ tf_status decode_read_file(const char *path, uint8_t **buffer, size_t *capacity,
     if (fd < 0) return tf_fail(TF_ERR_RUNTIME, "%s: cannot open: %s", path, strerror(errno));
     struct stat info;
     tf_status status = TF_OK;
-    if (fstat(fd, &info) != 0) status = tf_fail(TF_ERR_RUNTIME, "%s: cannot stat: %s", path, strerror(errno));
-    else if (!S_ISREG(info.st_mode)) status = tf_fail(TF_ERR_RUNTIME, "%s: not a regular file", path);
+    if (fstat(fd, &info) != 0)
+        status = tf_fail(TF_ERR_RUNTIME, "%s: cannot stat: %s", path, strerror(errno));
+    else if (!S_ISREG(info.st_mode))
+        status = tf_fail(TF_ERR_RUNTIME, "%s: not a regular file", path);
     /* One byte more than the size, so that a file that grew since fstat is still read whole. */
     size_t wanted = status == TF_OK ? (size_t)info.st_size + 1 : 0;
     if (status == TF_OK) status = grow(buffer, capacity, wanted);

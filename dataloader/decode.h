@@ -23,8 +23,8 @@
 typedef struct tf_decoder tf_decoder;
 
 typedef struct {
-    int width, height; /* full-size dimensions */
-    bool jpeg;         /* decoded by TurboJPEG (else stb_image) */
+    int width, height;   /* full-size dimensions */
+    bool jpeg;           /* decoded by TurboJPEG (else stb_image) */
     int jpeg_colorspace; /* TurboJPEG's TJCS_* of a JPEG */
 } tf_image_info;
 

@@ -81,4 +81,20 @@ void loader_release_batch(tf_loader *loader, tf_batch *batch);
 tf_loader_stats loader_stats(const tf_loader *loader);
 void loader_destroy(tf_loader *loader);
 
+/* Where the time went, for `bench loader` and epoch summaries. Worker times are summed over the
+ * workers: read (the file's bytes), decode (header and pixels), transform (crop, resize, flip,
+ * RandAugment, CHW). */
+typedef struct {
+    int workers;
+    int64_t waited_batches; /* loader_next_batch calls that had to wait */
+    int64_t samples;        /* produced by the workers (some may not be delivered yet) */
+    double read_seconds, decode_seconds, transform_seconds;
+} tf_loader_profile;
+
+tf_loader_profile loader_profile(const tf_loader *loader);
+
+/* `tokenformer bench loader ...` (dataloader/loader_bench.c), called by cli/cmd_bench.c with
+ * argv[0] = "loader"; returns the exit code. */
+int loader_bench_main(int argc, char **argv);
+
 #endif
