@@ -645,7 +645,7 @@ static tf_status parse_options(int argc, char **argv, bool imagenet_like, prepar
         const char *option = argv[i];
         if (i + 1 >= argc) return tf_fail(TF_ERR_USAGE, "%s needs a value", option);
         const char *value = argv[++i];
-        long long number;
+        long long number = 0;
         if (strcmp(option, "--out") == 0) {
             options->out = value;
         } else if (strcmp(option, "--source") == 0) {
