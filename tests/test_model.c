@@ -1,0 +1,202 @@
+/* The whole model on the CPU: gradients of every parameter tensor against central finite
+ * differences in double precision (the fp64 CPU backend), with drop path active and both pooling
+ * modes; the fp32 backend against the fp64 one; the parameter layout's counts for the four presets
+ * of DESIGN.md section 2; drop-path scale statistics. */
+#include "common/config.h"
+#include "tests/test_util.h"
+#include "vision/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static tf_model_config tiny_config(tf_pool pool) {
+    tf_model_config config = {
+        .img_size = 8, .patch = 4, .channels = 3, .depth = 2, .dim = 8, .heads = 2, .n_attn = 6, .n_ffn = 10,
+        .classes = 5, .pool = pool, .drop_path = 0.5f, .eps = 1e-6f,
+    };
+    for (int block = 0; block < config.depth; block++)
+        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++)
+            config.n_norm[block][which] = which == TF_PATT_FFN ? config.n_ffn : config.n_attn;
+    config.n_norm[1][TF_PATT_K] = 4; /* a grown model's n_norm differs from its token count */
+    return config;
+}
+
+typedef struct {
+    int batch;
+    uint8_t *pixels;
+    float *targets, *drop_scales;
+} tiny_inputs;
+
+static tiny_inputs make_inputs(const tf_model_config *config, int batch, uint64_t seed) {
+    tiny_inputs inputs = {.batch = batch};
+    size_t pixels = (size_t)batch * config->channels * config->img_size * config->img_size;
+    inputs.pixels = malloc(pixels);
+    inputs.targets = malloc((size_t)batch * config->classes * sizeof(float));
+    inputs.drop_scales = malloc((size_t)config->depth * 2 * batch * sizeof(float));
+    tf_rng rng = tf_rng_make(seed, TF_RNG_TEST, 1, 0);
+    for (size_t i = 0; i < pixels; i++) inputs.pixels[i] = (uint8_t)tf_rng_below(&rng, 256);
+    for (int b = 0; b < batch; b++) {
+        double sum = 0.0;
+        float *row = inputs.targets + (size_t)b * config->classes;
+        for (int c = 0; c < config->classes; c++) sum += row[c] = (float)exp(tf_rng_normal(&rng));
+        for (int c = 0; c < config->classes; c++) row[c] = (float)(row[c] / sum);
+    }
+    /* One dropped branch and scaled-up others, so drop path's backward is exercised. */
+    model_drop_scales(config, batch, &rng, inputs.drop_scales);
+    inputs.drop_scales[(size_t)(config->depth - 1) * 2 * batch] = 0.0f;
+    return inputs;
+}
+
+static void free_inputs(tiny_inputs *inputs) {
+    free(inputs->pixels);
+    free(inputs->targets);
+    free(inputs->drop_scales);
+}
+
+/* The mean loss after forward and backward. The fp64 backend's per-sample losses are read in
+ * double from its (host) buffer: model_backward() reports the mean through fp32 downloads, too
+ * coarse for finite differences. */
+static double loss_of(tf_model *model, const tiny_inputs *inputs) {
+    double loss = 0.0;
+    model_load_pixels(model, inputs->pixels, inputs->batch);
+    model_forward(model, inputs->batch, inputs->drop_scales);
+    model_zero_grads(model);
+    CHECK_OK(model_backward(model, inputs->targets, inputs->batch, 1.0f / inputs->batch, &loss));
+    if (model->backend->master_dtype != TF_DTYPE_F64) return loss;
+    double sum = 0.0;
+    for (int b = 0; b < inputs->batch; b++) sum += ((const double *)model->losses)[b];
+    return sum / inputs->batch;
+}
+
+/* Host parameters stay in double for the finite differences: set through a double buffer. */
+static void set_params_f64(tf_model *model, const double *params) {
+    model->backend->copy(model->params, params, model->layout.total * sizeof(double));
+}
+
+/* For every tensor, the gradient at up to `samples` random positions against central differences. */
+static void check_gradients(const char *label, tf_pool pool) {
+    const tf_backend *backend = tf_cpu_backend(TF_DTYPE_F64);
+    tf_model_config config = tiny_config(pool);
+    tf_model model;
+    if (!CHECK_OK(model_create(&model, &config, backend, 3))) return;
+    CHECK_OK(model_init_params(&model, 11));
+    size_t total = model.layout.total;
+    double *params = malloc(total * sizeof *params), *grads = malloc(total * sizeof *grads);
+    memcpy(params, model.params, total * sizeof *params);
+    /* Larger values than the init gives, so that every path carries a sizeable gradient. */
+    tf_rng rng = tf_rng_make(5, TF_RNG_TEST, 2, 0);
+    for (size_t i = 0; i < total; i++) params[i] += 0.3 * tf_rng_normal(&rng);
+    set_params_f64(&model, params);
+    tiny_inputs inputs = make_inputs(&config, 3, 3);
+    loss_of(&model, &inputs);
+    memcpy(grads, model.grads, total * sizeof *grads);
+
+    const double h = 1e-5;
+    for (int t = 0; t < model.layout.count; t++) {
+        const tf_tensor_info *tensor = &model.layout.tensors[t];
+        int samples = tensor->count < 12 ? (int)tensor->count : 12;
+        double numeric[12], analytic[12];
+        for (int s = 0; s < samples; s++) {
+            size_t i = tensor->offset + (samples == (int)tensor->count ? (size_t)s : tf_rng_below(&rng, tensor->count));
+            double saved = params[i];
+            params[i] = saved + h;
+            set_params_f64(&model, params);
+            double plus = loss_of(&model, &inputs);
+            params[i] = saved - h;
+            set_params_f64(&model, params);
+            double minus = loss_of(&model, &inputs);
+            params[i] = saved;
+            numeric[s] = (plus - minus) / (2 * h);
+            analytic[s] = grads[i];
+        }
+        double error = relative_error_f64(analytic, numeric, (size_t)samples);
+        CHECK(error < 1e-6, "%s %s: gradient vs finite differences %.2e", label, tensor->name, error);
+    }
+    set_params_f64(&model, params);
+    printf("  %s: %d tensors checked against finite differences\n", label, model.layout.count);
+    free_inputs(&inputs);
+    free(params);
+    free(grads);
+    model_destroy(&model);
+}
+
+/* The fp32 backend computes what the fp64 one does, to fp32 rounding. */
+static void check_fp32_matches_fp64(void) {
+    tf_model_config config = tiny_config(TF_POOL_AVG);
+    tf_model model32, model64;
+    CHECK_OK(model_create(&model32, &config, tf_cpu_backend(TF_DTYPE_F32), 4));
+    CHECK_OK(model_create(&model64, &config, tf_cpu_backend(TF_DTYPE_F64), 4));
+    CHECK_OK(model_init_params(&model32, 2));
+    CHECK_OK(model_init_params(&model64, 2));
+    tiny_inputs inputs = make_inputs(&config, 4, 9);
+    double loss32 = loss_of(&model32, &inputs), loss64 = loss_of(&model64, &inputs);
+    size_t total = model32.layout.total;
+    float *grads32 = malloc(total * sizeof *grads32), *grads64 = malloc(total * sizeof *grads64);
+    model_get_grads(&model32, grads32);
+    model_get_grads(&model64, grads64);
+    double error = relative_error_f32(grads32, grads64, total);
+    CHECK(fabs(loss32 - loss64) / loss64 < 1e-6, "fp32 loss %.9f vs fp64 %.9f", loss32, loss64);
+    CHECK(error < 1e-4, "fp32 gradients vs fp64: relative error %.2e", error);
+    printf("  fp32 vs fp64: loss %.3e, gradients %.3e\n", fabs(loss32 - loss64) / loss64, error);
+    free(grads32);
+    free(grads64);
+    free_inputs(&inputs);
+    model_destroy(&model32);
+    model_destroy(&model64);
+}
+
+static void check_preset_counts(void) {
+    static const struct {
+        const char *preset;
+        double millions;
+    } presets[] = {{"b16", 114.8}, {"b16_pm", 86.4}, {"l16", 404.7}, {"l16_pm", 304.0}};
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++) {
+        tf_config config;
+        config_defaults(&config);
+        CHECK_OK(config_apply_model_preset(&config.model, presets[i].preset));
+        CHECK_OK(config_finalize(&config));
+        tf_param_layout layout;
+        CHECK_OK(param_layout_build(&layout, &config.model));
+        double millions = round((double)layout.total / 1e5) / 10.0;
+        CHECK(millions == presets[i].millions, "%s: %.1fM parameters, DESIGN.md says %.1fM", presets[i].preset,
+              millions, presets[i].millions);
+        printf("  %s: %zu parameters (%.1fM)\n", presets[i].preset, layout.total, millions);
+        param_layout_free(&layout);
+    }
+}
+
+/* Drop path keeps a sample of block l with probability 1 - rate_l and scales it by 1/(1 - rate_l). */
+static void check_drop_scales(void) {
+    tf_model_config config = tiny_config(TF_POOL_AVG);
+    config.depth = 3;
+    config.drop_path = 0.4f;
+    enum { batch = 20000 };
+    float *scales = malloc((size_t)config.depth * 2 * batch * sizeof *scales);
+    tf_rng rng = tf_rng_make(1, TF_RNG_TEST, 3, 0);
+    model_drop_scales(&config, batch, &rng, scales);
+    for (int block = 0; block < config.depth; block++) {
+        double rate = 0.4 * block / (config.depth - 1), mean = 0.0;
+        int dropped = 0;
+        for (int b = 0; b < 2 * batch; b++) {
+            float scale = scales[(size_t)block * 2 * batch + b];
+            dropped += scale == 0.0f;
+            mean += scale;
+        }
+        double dropped_share = dropped / (2.0 * batch);
+        mean /= 2.0 * batch;
+        CHECK(fabs(dropped_share - rate) < 0.01, "block %d dropped %.3f, rate %.3f", block, dropped_share, rate);
+        CHECK(fabs(mean - 1.0) < 0.02, "block %d mean scale %.3f", block, mean);
+    }
+    free(scales);
+}
+
+int main(void) {
+    check_gradients("avg pool", TF_POOL_AVG);
+    check_gradients("cls pool", TF_POOL_CLS);
+    check_fp32_matches_fp64();
+    check_preset_counts();
+    check_drop_scales();
+    return test_finish("test_model");
+}
