@@ -93,6 +93,16 @@ typedef enum {
 tf_status randaugment_apply_op(tf_image *image, tf_randaugment_op op, double argument, const uint8_t fill[3],
                                tf_image *scratch);
 
+/* timm's name of an operation ("AutoContrast", ..., "TranslateYRel"; the increasing set's names
+ * when increasing), or NULL for a value out of range. */
+const char *randaugment_op_name(tf_randaugment_op op, int increasing);
+
+/* timm's level-to-argument mapping at magnitude m in [0, 10] (the argument of
+ * randaugment_apply_op): negate is the draw of _randomly_negate for the signed operations, width
+ * and height the image size for the Rel translations. 0 for the operations without an argument. */
+double randaugment_argument(tf_randaugment_op op, double magnitude, int increasing, int negate, int width,
+                            int height);
+
 /* Parses a timm string or "none"; errors name the string and the part that is wrong. */
 tf_status randaugment_parse(const char *spec, tf_randaugment *randaugment);
 /* Applies RandAugment in place; scratch is reused between calls. */

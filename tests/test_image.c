@@ -229,6 +229,142 @@ static void test_to_chw(void) {
     image_free(&image);
 }
 
+/* ---- RandAugment ---- */
+
+static void test_randaugment_parse(void) {
+    tf_randaugment ra;
+    CHECK_OK(randaugment_parse("rand-m9-mstd0.5-inc1", &ra));
+    CHECK(ra.enabled && ra.num_ops == 2 && ra.magnitude == 9.0f && ra.magnitude_std == 0.5f &&
+              ra.probability == 0.5f && ra.increasing && ra.fill[0] == 124 && ra.fill[1] == 116 &&
+              ra.fill[2] == 104,
+          "rand-m9-mstd0.5-inc1 fields");
+    CHECK_OK(randaugment_parse("rand", &ra));
+    CHECK(ra.enabled && ra.num_ops == 2 && ra.magnitude == 10.0f && ra.magnitude_std == 0.0f &&
+              !ra.increasing,
+          "timm defaults: n2, m10, original set");
+    CHECK_OK(randaugment_parse("rand-n3-m5-p0.7", &ra));
+    CHECK(ra.num_ops == 3 && ra.magnitude == 5.0f && fabsf(ra.probability - 0.7f) < 1e-7f, "n3 m5 p0.7");
+    CHECK_OK(randaugment_parse("none", &ra));
+    CHECK(!ra.enabled, "none disables");
+
+    const char *bad[][2] = {
+        {"rnd-m9", "start with 'rand-'"},
+        {"rand-m", "has no value"},
+        {"rand-x9", "unknown section 'x9'"},
+        {"rand-m9.5", "bad value in 'm9.5'"},
+        {"rand-mstd-1", "'mstd' has no value"},
+        {"rand-inc0", "inc1"},
+        {"rand-w0", "weighted"},
+        {"rand--m9", "empty section"},
+        {"rand-m9-", "empty section"},
+        {"rand-p1.5", "bad value in 'p1.5'"},
+        {"rand-n2x", "bad value in 'n2x'"},
+        {"randm9", "start with 'rand-'"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        tf_status status = randaugment_parse(bad[i][0], &ra);
+        CHECK(status == TF_ERR_USAGE && strstr(tf_error_message(), bad[i][0]) &&
+                  strstr(tf_error_message(), bad[i][1]),
+              "'%s' should fail naming '%s', got: %s", bad[i][0], bad[i][1], tf_error_message());
+    }
+}
+
+static void make_photo_like(tf_image *image, int width, int height, tf_rng *rng) {
+    CHECK_OK(image_reserve(image, width, height));
+    for (int y = 0; y < height; y++)
+        for (int x = 0; x < width; x++)
+            for (int c = 0; c < 3; c++)
+                image->pixels[((size_t)y * width + x) * 3 + c] =
+                    (uint8_t)((x * (c + 1) + y * 2 + (int)tf_rng_below(rng, 20)) % 256);
+}
+
+/* Every operation keeps the size, geometric ones with a zero argument are the identity, an integer
+ * translation is a shift with the fill colour, tiny images are fine, and a warmed-up scratch is not
+ * reallocated. */
+static void test_randaugment_ops(void) {
+    tf_rng rng = tf_rng_make(5, TF_RNG_TEST, 0, 0);
+    tf_image image = {0}, original = {0}, scratch = {0};
+    const uint8_t fill[3] = {124, 116, 104};
+    make_photo_like(&original, 61, 47, &rng);
+    size_t bytes = (size_t)61 * 47 * 3;
+    CHECK_OK(image_reserve(&image, 61, 47));
+    const double arguments[TF_RA_OP_COUNT] = {0,   0,   0,   17,  2,    100, 50,   1.5,
+                                              0.4, 1.3, 1.8, 0.2, -0.2, 5.5, -7.25};
+    for (int op = 0; op < TF_RA_OP_COUNT; op++) {
+        memcpy(image.pixels, original.pixels, bytes);
+        CHECK_OK(randaugment_apply_op(&image, (tf_randaugment_op)op, arguments[op], fill, &scratch));
+        CHECK(image.width == 61 && image.height == 47, "%s changed the size", randaugment_op_name(op, 1));
+    }
+    const tf_randaugment_op geometric[] = {TF_RA_ROTATE, TF_RA_SHEAR_X, TF_RA_SHEAR_Y, TF_RA_TRANSLATE_X,
+                                           TF_RA_TRANSLATE_Y};
+    for (size_t i = 0; i < 5; i++) {
+        memcpy(image.pixels, original.pixels, bytes);
+        CHECK_OK(randaugment_apply_op(&image, geometric[i], 0.0, fill, &scratch));
+        CHECK(memcmp(image.pixels, original.pixels, bytes) == 0, "%s(0) is not the identity",
+              randaugment_op_name(geometric[i], 1));
+    }
+    memcpy(image.pixels, original.pixels, bytes);
+    CHECK_OK(randaugment_apply_op(&image, TF_RA_TRANSLATE_X, 3.0, fill, &scratch));
+    int shifted = 1;
+    for (int y = 0; y < 47; y++)
+        for (int x = 0; x < 61; x++) {
+            const uint8_t *expect = x + 3 < 61 ? original.pixels + ((size_t)y * 61 + x + 3) * 3 : fill;
+            if (memcmp(image.pixels + ((size_t)y * 61 + x) * 3, expect, 3) != 0) shifted = 0;
+        }
+    CHECK(shifted, "TranslateX by 3 pixels is not a shift left with the fill colour");
+
+    uint8_t *scratch_memory = scratch.pixels;
+    CHECK_OK(randaugment_apply_op(&image, TF_RA_ROTATE, 12.0, fill, &scratch));
+    CHECK_OK(randaugment_apply_op(&image, TF_RA_SHARPNESS, 1.7, fill, &scratch));
+    CHECK(scratch.pixels == scratch_memory, "a warmed-up scratch was reallocated");
+
+    for (int size = 1; size <= 3; size++) {
+        make_photo_like(&image, size, size, &rng);
+        for (int op = 0; op < TF_RA_OP_COUNT; op++)
+            CHECK_OK(randaugment_apply_op(&image, (tf_randaugment_op)op, arguments[op], fill, &scratch));
+    }
+    image_free(&image), image_free(&original), image_free(&scratch);
+}
+
+/* The same generator state gives the same image; different samples differ; n0 and none do nothing. */
+static void test_randaugment_apply(void) {
+    tf_rng rng = tf_rng_make(6, TF_RNG_TEST, 0, 0);
+    tf_image original = {0}, a = {0}, b = {0}, scratch = {0};
+    make_photo_like(&original, 64, 48, &rng);
+    size_t bytes = (size_t)64 * 48 * 3;
+    CHECK_OK(image_reserve(&a, 64, 48));
+    CHECK_OK(image_reserve(&b, 64, 48));
+    tf_randaugment ra;
+    CHECK_OK(randaugment_parse("rand-m9-mstd0.5-inc1", &ra));
+    int same = 1, changed = 0, differ = 0;
+    for (int sample = 0; sample < 200; sample++) {
+        tf_rng first = tf_rng_make(9, TF_RNG_AUGMENT, 0, (uint64_t)sample), second = first;
+        memcpy(a.pixels, original.pixels, bytes);
+        memcpy(b.pixels, original.pixels, bytes);
+        CHECK_OK(randaugment_apply(&a, &ra, &first, &scratch));
+        CHECK_OK(randaugment_apply(&b, &ra, &second, &scratch));
+        if (memcmp(a.pixels, b.pixels, bytes) != 0) same = 0;
+        if (memcmp(a.pixels, original.pixels, bytes) != 0) changed++;
+        tf_rng other = tf_rng_make(9, TF_RNG_AUGMENT, 0, (uint64_t)sample + 1000);
+        memcpy(b.pixels, original.pixels, bytes);
+        CHECK_OK(randaugment_apply(&b, &ra, &other, &scratch));
+        if (memcmp(a.pixels, b.pixels, bytes) != 0) differ++;
+    }
+    CHECK(same, "the same draws gave different images");
+    /* Each of 2 ops fires with p 0.5 and nearly all change this image: about 75% change. */
+    CHECK(changed > 120 && changed < 180, "%d of 200 samples changed", changed);
+    CHECK(differ > 120, "%d of 200 sample pairs differ", differ);
+
+    const char *inert[] = {"none", "rand-n0-m9"};
+    for (int i = 0; i < 2; i++) {
+        CHECK_OK(randaugment_parse(inert[i], &ra));
+        memcpy(a.pixels, original.pixels, bytes);
+        CHECK_OK(randaugment_apply(&a, &ra, &rng, &scratch));
+        CHECK(memcmp(a.pixels, original.pixels, bytes) == 0, "'%s' changed the image", inert[i]);
+    }
+    image_free(&original), image_free(&a), image_free(&b), image_free(&scratch);
+}
+
 int main(void) {
     test_crop_box_inside();
     test_crop_statistics();
@@ -239,5 +375,8 @@ int main(void) {
     test_resize_consistency();
     test_resize_errors();
     test_to_chw();
+    test_randaugment_parse();
+    test_randaugment_ops();
+    test_randaugment_apply();
     return test_finish("test_image");
 }

@@ -14,6 +14,10 @@ PIL and handed over as PPM, so decoding is not compared. Checks:
   with torchvision's 0 < w, h) fed the same uniform draws: identical boxes; and our generator's
   boxes have the rule's distribution.
 - flip and CHW: exact.
+- RandAugment: each of the 15 operations at several arguments (both signs, small and large, the
+  extremes of m in [0, 10] and beyond) against timm 0.3.2's PIL calls (copied below; timm is not
+  packaged in Debian), on the photograph and variants: pixel-exact; and timm's level-to-argument
+  mapping on hundreds of magnitudes: bit-identical doubles.
 
 Prints one line per comparison and exits 1 on any failure.
 """
@@ -283,6 +287,124 @@ def test_flip_chw(images):
         report(f"to_chw {source}", ours.shape == ref.shape and np.array_equal(ours, ref), "R, G, B planes")
 
 
+# ---- RandAugment ---------------------------------------------------------------------------------------
+# timm 0.3.2 timm/data/auto_augment.py, the parts MAE's rand-m9-mstd0.5-inc1 uses (timm is not in
+# Debian): the PIL call of each operation and the level-to-argument functions.
+
+FILL = (124, 116, 104)  # MAE's hparams img_mean: round(255 * ImageNet mean)
+AFFINE_KWARGS = dict(fillcolor=FILL, resample=BICUBIC)
+
+
+def timm_op(name, img, arg):
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if name == "Equalize":
+        return ImageOps.equalize(img)
+    if name == "Invert":
+        return ImageOps.invert(img)
+    if name == "Rotate":
+        return img.rotate(arg, **AFFINE_KWARGS)
+    if name == "PosterizeIncreasing":
+        return img if arg >= 8 else ImageOps.posterize(img, int(arg))
+    if name == "SolarizeIncreasing":
+        return ImageOps.solarize(img, arg)
+    if name == "SolarizeAdd":
+        lut = [min(255, i + arg) if i < 128 else i for i in range(256)]
+        return img.point(lut + lut + lut)
+    if name == "ColorIncreasing":
+        return ImageEnhance.Color(img).enhance(arg)
+    if name == "ContrastIncreasing":
+        return ImageEnhance.Contrast(img).enhance(arg)
+    if name == "BrightnessIncreasing":
+        return ImageEnhance.Brightness(img).enhance(arg)
+    if name == "SharpnessIncreasing":
+        return ImageEnhance.Sharpness(img).enhance(arg)
+    if name == "ShearX":
+        return img.transform(img.size, Image.AFFINE, (1, arg, 0, 0, 1, 0), **AFFINE_KWARGS)
+    if name == "ShearY":
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, arg, 1, 0), **AFFINE_KWARGS)
+    if name == "TranslateXRel":  # translate_x_rel after pixels = pct * img.size[0]
+        return img.transform(img.size, Image.AFFINE, (1, 0, arg, 0, 1, 0), **AFFINE_KWARGS)
+    if name == "TranslateYRel":
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, arg), **AFFINE_KWARGS)
+    raise ValueError(name)
+
+
+def timm_argument(name, magnitude, negate, width, height):
+    """timm's _*_level_to_arg for the increasing set, _randomly_negate replaced by the given draw."""
+    sign = (lambda v: -v) if negate else (lambda v: v)
+    level = magnitude
+    if name == "Rotate":
+        return sign((level / 10.) * 30.)
+    if name == "PosterizeIncreasing":
+        return 4 - int((level / 10.) * 4)
+    if name == "SolarizeIncreasing":
+        return 256 - int((level / 10.) * 256)
+    if name == "SolarizeAdd":
+        return int((level / 10.) * 110)
+    if name.endswith("Increasing"):  # Color, Contrast, Brightness, Sharpness
+        return 1.0 + sign((level / 10.) * .9)
+    if name in ("ShearX", "ShearY"):
+        return sign((level / 10.) * 0.3)
+    if name == "TranslateXRel":
+        return sign((level / 10.) * 0.45) * width
+    if name == "TranslateYRel":
+        return sign((level / 10.) * 0.45) * height
+    return 0.0
+
+
+OPS = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+       "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+       "TranslateXRel", "TranslateYRel"]
+
+ENHANCE = [0.0, 0.1, 0.19, 0.55, 0.9, 1.0, 1.1, 1.45, 1.81, 1.9, 2.5]
+OP_ARGUMENTS = {
+    "AutoContrast": [0], "Equalize": [0], "Invert": [0],
+    "Rotate": [0.0, 1.5, -1.5, 13.5, -13.5, 27.0, -27.0, 30.0, -30.0, 29.87, -0.0001, 90.0, 180.0, 359.9, -270.0],
+    "PosterizeIncreasing": [0, 1, 2, 3, 4, 7, 8],
+    "SolarizeIncreasing": [0, 1, 26, 128, 205, 255, 256],
+    "SolarizeAdd": [0, 11, 55, 99, 110],
+    "ColorIncreasing": ENHANCE, "ContrastIncreasing": ENHANCE, "BrightnessIncreasing": ENHANCE,
+    "SharpnessIncreasing": ENHANCE,
+    "ShearX": [0.03, -0.03, 0.15, -0.15, 0.27, -0.27, 0.3, -0.3, 0.0],
+    "ShearY": [0.03, -0.03, 0.15, -0.15, 0.27, -0.27, 0.3, -0.3],
+    "TranslateXRel": [0.045, -0.045, 0.2, -0.2, 0.405, -0.405, 0.45, -0.45, 0.0, 0.5 / 320],
+    "TranslateYRel": [0.045, -0.045, 0.2, -0.2, 0.405, -0.405, 0.45, -0.45, 1.0 / 240],
+}
+
+
+def test_ops(images):
+    # Inputs: the photograph, an odd-sized crop, a low-contrast version (so autocontrast and equalize
+    # have work to do), a square crop (90 degrees), and a tiny image (equalize's small steps).
+    photo, _ = images["photo"]
+    low = photo.point(lambda v: 60 + v * 120 // 255)
+    square = photo.crop((40, 10, 40 + 211, 10 + 211))
+    tiny = photo.resize((9, 7), BICUBIC)
+    inputs = {"photo": photo, "odd": images["odd"][0], "low": low, "square": square, "tiny": tiny}
+    paths = {name: save_ppm(image, f"op_{name}.ppm") for name, image in inputs.items()}
+    out = os.path.join(SCRATCH, "op.ppm")
+    for name in OPS:
+        for arg in OP_ARGUMENTS[name]:
+            sources = ["photo", "odd"] + (["low", "tiny"] if arg == 0 else []) + (["square"] if arg == 90.0 else [])
+            for source in sources:
+                image = inputs[source]
+                value = arg * image.size[0] if name == "TranslateXRel" else \
+                    arg * image.size[1] if name == "TranslateYRel" else arg
+                run_tool("op", paths[source], out, name, repr(value))
+                compare_images(f"{name}({value:.6g}) {source}", out, timm_op(name, image, value))
+
+    # Level to argument: magnitudes across [0, 10], including those where int() steps.
+    rng = random.Random(3)
+    magnitudes = [0.0, 10.0, 2.5, 5.0, 7.5, 9.0, 1.25, 3.75, 8.75, 0.1, 9.999] + [rng.uniform(0, 10) for _ in range(300)]
+    queries = [(name, m, negate, w, h) for name in OPS for m in magnitudes for negate in (0, 1)
+               for (w, h) in [(224, 224), (320, 240)]]
+    stdin = "".join(f"{n} {m!r} 1 {neg} {w} {h}\n" for n, m, neg, w, h in queries)
+    ours = [float(v) for v in run_tool("argument", stdin=stdin).split()]
+    bad = [(q, o, timm_argument(*q)) for q, o in zip(queries, ours) if o != timm_argument(*q)]
+    report("RandAugment level-to-argument vs timm (increasing set)", len(ours) == len(queries) and not bad,
+           f"{len(queries)} (op, magnitude, sign, size) cases, {len(bad)} differ" + (f", first {bad[0]}" if bad else ""))
+
+
 def main():
     global TOOL, SCRATCH
     if len(sys.argv) < 3:
@@ -302,6 +424,7 @@ def main():
     test_eval(images)
     test_rrc()
     test_flip_chw(images)
+    test_ops(images)
 
     print(f"{'FAILED' if failures else 'PASSED'}: {len(failures)} failure(s)")
     return 1 if failures else 0

@@ -12,6 +12,7 @@
  *   image_tool flip IN OUT
  *   image_tool chw IN OUT                                             raw CHW planes
  *   image_tool op IN OUT NAME ARGUMENT                                one RandAugment operation
+ *   image_tool argument < lines "NAME MAGNITUDE INCREASING NEGATE W H"  prints timm's level argument each
  *   image_tool randaugment IN OUT SPEC SEED COUNT                     COUNT applications, last one written
  *   image_tool parse SPEC                                             prints the parsed fields
  *   image_tool bench IN                                               prints timings */
@@ -158,6 +159,127 @@ static tf_status run_chw(int argc, char **argv, tool_images *im) {
     return write_raw(argv[3], im->output.pixels, bytes);
 }
 
+static tf_status find_op(const char *name, tf_randaugment_op *op) {
+    for (int i = 0; i < TF_RA_OP_COUNT; i++) {
+        if (!strcmp(name, randaugment_op_name((tf_randaugment_op)i, 0)) ||
+            !strcmp(name, randaugment_op_name((tf_randaugment_op)i, 1))) {
+            *op = (tf_randaugment_op)i;
+            return TF_OK;
+        }
+    }
+    return tf_fail(TF_ERR_USAGE, "op: unknown operation '%s'", name);
+}
+
+static tf_status run_op(int argc, char **argv, tool_images *im) {
+    if (argc != 6) return tf_fail(TF_ERR_USAGE, "usage: op IN OUT NAME ARGUMENT");
+    tf_randaugment_op op = TF_RA_AUTO_CONTRAST;
+    TF_TRY(find_op(argv[4], &op));
+    TF_TRY(load_image(argv[2], &im->input));
+    const uint8_t fill[3] = {124, 116, 104};
+    TF_TRY(randaugment_apply_op(&im->input, op, strtod(argv[5], NULL), fill, &im->scratch));
+    return write_ppm(argv[3], &im->input);
+}
+
+/* One line per query on stdin, "NAME MAGNITUDE INCREASING NEGATE WIDTH HEIGHT"; prints the argument
+ * with 17 significant digits. */
+static tf_status run_argument(void) {
+    char name[64];
+    double magnitude;
+    int increasing, negate, width, height;
+    while (scanf("%63s %lf %d %d %d %d", name, &magnitude, &increasing, &negate, &width, &height) == 6) {
+        tf_randaugment_op op = TF_RA_AUTO_CONTRAST;
+        TF_TRY(find_op(name, &op));
+        printf("%.17g\n", randaugment_argument(op, magnitude, increasing, negate, width, height));
+    }
+    return TF_OK;
+}
+
+static tf_status run_randaugment(int argc, char **argv, tool_images *im) {
+    if (argc != 7) return tf_fail(TF_ERR_USAGE, "usage: randaugment IN OUT SPEC SEED COUNT");
+    tf_randaugment ra;
+    TF_TRY(randaugment_parse(argv[4], &ra));
+    TF_TRY(load_image(argv[2], &im->input));
+    TF_TRY(image_reserve(&im->output, im->input.width, im->input.height));
+    size_t bytes = (size_t)im->input.width * (size_t)im->input.height * 3;
+    for (int i = 0, count = atoi(argv[6]); i < count; i++) {
+        tf_rng rng = tf_rng_make(strtoull(argv[5], NULL, 10), TF_RNG_TEST, (uint64_t)i, 0);
+        memcpy(im->output.pixels, im->input.pixels, bytes);
+        TF_TRY(randaugment_apply(&im->output, &ra, &rng, &im->scratch));
+    }
+    return write_ppm(argv[3], &im->output);
+}
+
+static tf_status run_parse(int argc, char **argv) {
+    if (argc != 3) return tf_fail(TF_ERR_USAGE, "usage: parse SPEC");
+    tf_randaugment ra;
+    TF_TRY(randaugment_parse(argv[2], &ra));
+    printf("enabled=%d num_ops=%d magnitude=%g magnitude_std=%g probability=%g increasing=%d fill=%d,%d,%d\n",
+           ra.enabled, ra.num_ops, ra.magnitude, ra.magnitude_std, ra.probability, ra.increasing, ra.fill[0],
+           ra.fill[1], ra.fill[2]);
+    return TF_OK;
+}
+
+/* Single-thread timings on IN (any size): the train transform's pieces and the eval resize. */
+static tf_status run_bench(int argc, char **argv, tool_images *im) {
+    if (argc != 3) return tf_fail(TF_ERR_USAGE, "usage: bench IN");
+    TF_TRY(load_image(argv[2], &im->input));
+    const tf_image *src = &im->input;
+    tf_box whole = {0, 0, src->width, src->height};
+    int reps = 300;
+    double start = tf_seconds();
+    for (int i = 0; i < reps; i++)
+        TF_TRY(image_resize_bicubic(src, whole, 224, 224, &im->output, &im->scratch));
+    printf("resize %dx%d -> 224x224: %.3f ms\n", src->width, src->height,
+           (tf_seconds() - start) / reps * 1e3);
+
+    tf_augment_config augment = {
+        .scale_min = 0.08f, .scale_max = 1.0f, .ratio_min = 0.75f, .ratio_max = 4.0f / 3.0f};
+    tf_rng rng = tf_rng_make(1, TF_RNG_TEST, 0, 0);
+    start = tf_seconds();
+    for (int i = 0; i < reps; i++) {
+        tf_box box = image_random_resized_crop_box(src->width, src->height, &augment, &rng);
+        TF_TRY(image_resized_crop_bicubic(src, box, 224, 224, &im->output, &im->scratch));
+    }
+    printf("random resized crop -> 224x224: %.3f ms\n", (tf_seconds() - start) / reps * 1e3);
+
+    int rw, rh, left, top;
+    image_eval_geometry(src->width, src->height, 224, 0.875f, &rw, &rh, &left, &top);
+    start = tf_seconds();
+    for (int i = 0; i < reps; i++)
+        TF_TRY(image_resize_then_crop_bicubic(src, rw, rh, left, top, 224, 224, &im->output, &im->scratch));
+    printf("eval resize %dx%d + crop 224: %.3f ms\n", rw, rh, (tf_seconds() - start) / reps * 1e3);
+
+    tf_image base = {0};
+    TF_TRY(image_resize_bicubic(src, whole, 224, 224, &base, &im->scratch));
+    size_t bytes = (size_t)224 * 224 * 3;
+    const uint8_t fill[3] = {124, 116, 104};
+    const double arguments[TF_RA_OP_COUNT] = {0,    0,    0,    27,   1,     26,   99,   1.81,
+                                              0.19, 1.81, 1.81, 0.27, -0.27, 90.7, -90.7};
+    for (int op = 0; op < TF_RA_OP_COUNT; op++) {
+        start = tf_seconds();
+        for (int i = 0; i < reps; i++) {
+            memcpy(im->output.pixels, base.pixels, bytes);
+            TF_TRY(
+                randaugment_apply_op(&im->output, (tf_randaugment_op)op, arguments[op], fill, &im->scratch));
+        }
+        printf("  %-20s %.3f ms\n", randaugment_op_name((tf_randaugment_op)op, 1),
+               (tf_seconds() - start) / reps * 1e3);
+    }
+    tf_randaugment ra;
+    TF_TRY(randaugment_parse("rand-m9-mstd0.5-inc1", &ra));
+    reps = 3000;
+    start = tf_seconds();
+    for (int i = 0; i < reps; i++) {
+        tf_rng sample = tf_rng_make(1, TF_RNG_AUGMENT, 0, (uint64_t)i);
+        memcpy(im->output.pixels, base.pixels, bytes);
+        TF_TRY(randaugment_apply(&im->output, &ra, &sample, &im->scratch));
+    }
+    printf("randaugment rand-m9-mstd0.5-inc1 on 224x224 (mean over draws): %.3f ms\n",
+           (tf_seconds() - start) / reps * 1e3);
+    image_free(&base);
+    return TF_OK;
+}
+
 static tf_status run(int argc, char **argv, tool_images *im) {
     if (argc < 2)
         return tf_fail(TF_ERR_USAGE, "usage: image_tool COMMAND ARGS... (see the top of image_tool.c)");
@@ -170,6 +292,11 @@ static tf_status run(int argc, char **argv, tool_images *im) {
     if (!strcmp(command, "rrc_sample")) return run_rrc_sample(argc, argv);
     if (!strcmp(command, "flip")) return run_flip(argc, argv, im);
     if (!strcmp(command, "chw")) return run_chw(argc, argv, im);
+    if (!strcmp(command, "op")) return run_op(argc, argv, im);
+    if (!strcmp(command, "argument")) return run_argument();
+    if (!strcmp(command, "randaugment")) return run_randaugment(argc, argv, im);
+    if (!strcmp(command, "parse")) return run_parse(argc, argv);
+    if (!strcmp(command, "bench")) return run_bench(argc, argv, im);
     return tf_fail(TF_ERR_USAGE, "image_tool: unknown command '%s'", command);
 }
 
