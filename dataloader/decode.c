@@ -83,7 +83,11 @@ tf_status decoder_read_header(tf_decoder *decoder, const uint8_t *data, size_t s
     int width = 0, height = 0;
     if (is_jpeg(data, size)) {
         int subsampling, colorspace;
-        if (tjDecompressHeader3(decoder->handle, data, size, &width, &height, &subsampling, &colorspace) != 0)
+        /* A warning (extraneous bytes before a marker) still gives a usable header; decoding repeats
+         * it, and decoder_decode reports it. */
+        if (tjDecompressHeader3(decoder->handle, data, size, &width, &height, &subsampling, &colorspace) !=
+                0 &&
+            (tjGetErrorCode(decoder->handle) == TJERR_FATAL || width <= 0 || height <= 0))
             return tf_fail(TF_ERR_RUNTIME, "%s: corrupt JPEG header: %s", path,
                            tjGetErrorStr2(decoder->handle));
         info->jpeg = true;

@@ -32,10 +32,10 @@ static void make_file(const char *relative) {
 }
 
 static void build_tree(void) {
-    static const char *const classes[] = {"b", "B", "a_b", "a-b", "a", "Zebra", "z", "\xc3\xa4pfel", "10", "9",
-                                          ".hidden"};
+    static const char *const classes[] = {"b",  "B", "a_b",    "a-b", "a", "Zebra", "z", "\xc3\xa4pfel",
+                                          "10", "9", ".hidden"};
     static const char *const files[] = {"x.jpg", "X.JPG", "a.Jpeg", "b.png", "c.txt", "d.bmp", "e.gif",
-                                        "f.tga", "g.ppm", "h.pgm", "noext", "jpg",    "i.webp"};
+                                        "f.tga", "g.ppm", "h.pgm",  "noext", "jpg",   "i.webp"};
     make_dir("train");
     make_file("train/README.txt"); /* a file beside the classes is not a class */
     char path[512];
@@ -70,7 +70,8 @@ static char *torchvision_listing(void) {
              "import sys\n"
              "from torchvision.datasets import DatasetFolder\n"
              "ext = (\".jpg\", \".jpeg\", \".png\", \".bmp\", \".ppm\", \".pgm\", \".tga\", \".gif\")\n"
-             "d = DatasetFolder(sys.argv[1], loader=lambda p: p, extensions=ext)  # ImageFolder with our extensions\n"
+             "d = DatasetFolder(sys.argv[1], loader=lambda p: p, extensions=ext)  # ImageFolder with our "
+             "extensions\n"
              "out = sys.stdout.buffer\n"
              "for name, index in sorted(d.class_to_idx.items(), key=lambda kv: kv[1]):\n"
              "    out.write(b\"class %%s %%d\\n\" %% (name.encode(\"utf-8\", \"surrogateescape\"), index))\n"
@@ -136,11 +137,13 @@ static void test_limit(void) {
     bool ordered_subset = true;
     for (int64_t i = 0; i < limited.count; i++) {
         seen[limited.labels[i]]++;
-        while (j < full.count && strcmp(full.paths[j], limited.paths[i]) != 0) j++;
+        while (j < full.count && strcmp(full.paths[j], limited.paths[i]) != 0)
+            j++;
         if (j == full.count || full.labels[j] != limited.labels[i]) ordered_subset = false;
     }
     CHECK(ordered_subset, "the limited index is not an ordered subset of the full one");
-    for (int c = 0; c < full.class_count; c++) CHECK(seen[c] >= 1, "class %s missing under a limit", full.class_names[c]);
+    for (int c = 0; c < full.class_count; c++)
+        CHECK(seen[c] >= 1, "class %s missing under a limit", full.class_names[c]);
     dataset_close(&limited);
     tf_dataset tiny;
     CHECK(dataset_open(&tiny, root, "train", 5) == TF_ERR_USAGE, "a limit below the class count must fail");
@@ -152,8 +155,8 @@ static void test_limit(void) {
 
 static void check_error_names(tf_status status, const char *needle, const char *what) {
     CHECK(status != TF_OK, "%s: dataset_open succeeded", what);
-    CHECK(strstr(tf_error_message(), needle) != NULL, "%s: message '%s' does not name %s", what, tf_error_message(),
-          needle);
+    CHECK(strstr(tf_error_message(), needle) != NULL, "%s: message '%s' does not name %s", what,
+          tf_error_message(), needle);
 }
 
 static void test_errors(void) {

@@ -45,7 +45,8 @@ static uint8_t *pattern(int width, int height, uint64_t seed) {
         for (int x = 0; x < width; x++)
             for (int c = 0; c < 3; c++)
                 pixels[((size_t)y * width + x) * 3 + c] =
-                    (uint8_t)((x * (3 + c) + y * (5 - c) + phase + c * 80 + (int)tf_rng_below(&rng, 24)) & 255);
+                    (uint8_t)((x * (3 + c) + y * (5 - c) + phase + c * 80 + (int)tf_rng_below(&rng, 24)) &
+                              255);
     return pixels;
 }
 
@@ -77,7 +78,8 @@ static void write_jpeg(const char *path, int width, int height, uint64_t seed, i
 
 static void write_png(const char *path, int width, int height, uint64_t seed) {
     uint8_t *pixels = pattern(width, height, seed);
-    if (!stbi_write_png(path, width, height, 3, pixels, width * 3)) fprintf(stderr, "cannot write %s\n", path);
+    if (!stbi_write_png(path, width, height, 3, pixels, width * 3))
+        fprintf(stderr, "cannot write %s\n", path);
     free(pixels);
 }
 
@@ -130,7 +132,10 @@ static tf_loader_options train_options(int workers) {
         .batch_size = 8,
         .image_size = 24,
         .crop_pct = 0.875f,
-        .augment = {.scale_min = 0.08f, .scale_max = 1.0f, .ratio_min = 0.75f, .ratio_max = 4.0f / 3.0f,
+        .augment = {.scale_min = 0.08f,
+                    .scale_max = 1.0f,
+                    .ratio_min = 0.75f,
+                    .ratio_max = 4.0f / 3.0f,
                     .hflip = 0.5f},
         .seed = 1234,
         .rank = 0,
@@ -167,8 +172,8 @@ static void epoch_record_free(epoch_record *record) {
     *record = (epoch_record){0};
 }
 
-static tf_status record_epoch(tf_loader *loader, const tf_loader_options *options, int epoch, int64_t first_batch,
-                              epoch_record *record) {
+static tf_status record_epoch(tf_loader *loader, const tf_loader_options *options, int epoch,
+                              int64_t first_batch, epoch_record *record) {
     *record = (epoch_record){0};
     size_t image_bytes = 3 * (size_t)options->image_size * options->image_size;
     int64_t capacity = loader_batches_per_epoch(loader) * options->batch_size;
@@ -182,11 +187,13 @@ static tf_status record_epoch(tf_loader *loader, const tf_loader_options *option
         TF_TRY(loader_next_batch(loader, &batch));
         if (!batch) break;
         if (batch->epoch != epoch || batch->number != first_batch + record->batches)
-            return tf_fail(TF_ERR_RUNTIME, "batch %lld of epoch %d arrived as number %lld", (long long)record->batches,
-                           batch->epoch, (long long)batch->number);
-        memcpy(record->pixels + (size_t)record->images * image_bytes, batch->images, (size_t)batch->count * image_bytes);
+            return tf_fail(TF_ERR_RUNTIME, "batch %lld of epoch %d arrived as number %lld",
+                           (long long)record->batches, batch->epoch, (long long)batch->number);
+        memcpy(record->pixels + (size_t)record->images * image_bytes, batch->images,
+               (size_t)batch->count * image_bytes);
         memcpy(record->labels + record->images, batch->labels, (size_t)batch->count * sizeof *batch->labels);
-        memcpy(record->indices + record->images, batch->indices, (size_t)batch->count * sizeof *batch->indices);
+        memcpy(record->indices + record->images, batch->indices,
+               (size_t)batch->count * sizeof *batch->indices);
         record->counts[record->batches++] = batch->count;
         record->images += batch->count;
         loader_release_batch(loader, batch);
@@ -220,8 +227,8 @@ static void test_same_batches_for_any_worker_count(const tf_dataset *dataset, bo
             epoch_record *record = workers == 1 ? &first[epoch] : &other[epoch];
             CHECK_OK(record_epoch(loader, &options, epoch, 0, record));
             if (workers > 1) {
-                CHECK(records_equal(&first[epoch], record, image_bytes), "%s epoch %d: %d workers differ from 1",
-                      train ? "train" : "eval", epoch, workers);
+                CHECK(records_equal(&first[epoch], record, image_bytes),
+                      "%s epoch %d: %d workers differ from 1", train ? "train" : "eval", epoch, workers);
                 epoch_record_free(record);
             }
         }
@@ -235,11 +242,13 @@ static void test_same_batches_for_any_worker_count(const tf_dataset *dataset, bo
               "two epochs with the same pixels");
     } else {
         bool in_order = true;
-        for (int64_t i = 0; i < first[0].images; i++) in_order = in_order && first[0].indices[i] == i;
+        for (int64_t i = 0; i < first[0].images; i++)
+            in_order = in_order && first[0].indices[i] == i;
         CHECK(in_order && first[0].images == dataset->count, "eval is not the dataset in order");
         CHECK(records_equal(&first[0], &first[1], image_bytes), "eval differs between epochs");
     }
-    for (int i = 0; i < 2; i++) epoch_record_free(&first[i]);
+    for (int i = 0; i < 2; i++)
+        epoch_record_free(&first[i]);
 }
 
 static void test_eval_pixels(void) {
@@ -260,7 +269,8 @@ static void test_eval_pixels(void) {
         uint8_t *expected = pattern(24, 24, 99);
         bool same = record.images == 1;
         for (int i = 0; same && i < 24 * 24; i++)
-            for (int c = 0; c < 3; c++) same = same && record.pixels[c * 24 * 24 + i] == expected[i * 3 + c];
+            for (int c = 0; c < 3; c++)
+                same = same && record.pixels[c * 24 * 24 + i] == expected[i * 3 + c];
         CHECK(same, "eval of an image of the output size is not its pixels in CHW");
         free(expected);
         loader_destroy(loader);
@@ -281,7 +291,8 @@ static void test_ranks(const tf_dataset *dataset, bool train) {
         CHECK_OK(record_epoch(loader, &options, 3, 0, &record));
         batches[rank] = record.batches;
         delivered += record.images;
-        for (int64_t i = 0; i < record.images; i++) seen[record.indices[i]]++;
+        for (int64_t i = 0; i < record.images; i++)
+            seen[record.indices[i]]++;
         for (int64_t b = 0; b < record.batches; b++)
             CHECK(record.counts[b] == options.batch_size || (!train && b == record.batches - 1),
                   "rank %d batch %lld has %d images", rank, (long long)b, record.counts[b]);
@@ -289,10 +300,11 @@ static void test_ranks(const tf_dataset *dataset, bool train) {
         loader_destroy(loader);
     }
     int64_t twice = 0, once = 0;
-    for (int64_t i = 0; i < dataset->count; i++) twice += seen[i] > 1, once += seen[i] == 1;
+    for (int64_t i = 0; i < dataset->count; i++)
+        twice += seen[i] > 1, once += seen[i] == 1;
     CHECK(twice == 0, "%s: %lld images on both ranks", train ? "train" : "eval", (long long)twice);
-    CHECK(batches[0] == batches[1] || !train, "train ranks deliver %lld and %lld batches", (long long)batches[0],
-          (long long)batches[1]);
+    CHECK(batches[0] == batches[1] || !train, "train ranks deliver %lld and %lld batches",
+          (long long)batches[0], (long long)batches[1]);
     int64_t expected = train ? dataset->count / 2 / 8 * 8 * 2 : dataset->count;
     CHECK(once == expected && delivered == expected, "%s: %lld distinct of %lld delivered, expected %lld",
           train ? "train" : "eval", (long long)once, (long long)delivered, (long long)expected);
@@ -308,9 +320,10 @@ static void test_resume(const tf_dataset *dataset) {
     CHECK_OK(record_epoch(loader, &options, 5, 0, &full));
     CHECK_OK(record_epoch(loader, &options, 5, 2, &tail));
     size_t skip = (size_t)2 * options.batch_size;
-    CHECK(tail.batches == full.batches - 2, "resumed epoch has %lld batches, expected %lld", (long long)tail.batches,
-          (long long)full.batches - 2);
-    CHECK(tail.images > 0 && memcmp(tail.pixels, full.pixels + skip * image_bytes, (size_t)tail.images * image_bytes) == 0 &&
+    CHECK(tail.batches == full.batches - 2, "resumed epoch has %lld batches, expected %lld",
+          (long long)tail.batches, (long long)full.batches - 2);
+    CHECK(tail.images > 0 &&
+              memcmp(tail.pixels, full.pixels + skip * image_bytes, (size_t)tail.images * image_bytes) == 0 &&
               memcmp(tail.indices, full.indices + skip, (size_t)tail.images * sizeof(int64_t)) == 0,
           "resumed epoch differs from the tail of the full one");
 
@@ -326,9 +339,11 @@ static void test_resume(const tf_dataset *dataset) {
     tf_batch *held[8] = {0};
     int ring_error = 0;
     CHECK_OK(loader_start_epoch(loader, 6, 0));
-    for (int i = 0; i < 8 && !ring_error; i++) ring_error = loader_next_batch(loader, &held[i]) != TF_OK;
+    for (int i = 0; i < 8 && !ring_error; i++)
+        ring_error = loader_next_batch(loader, &held[i]) != TF_OK;
     CHECK(ring_error && strstr(tf_error_message(), "held"), "holding the whole ring: %s", tf_error_message());
-    for (int i = 0; i < 8; i++) loader_release_batch(loader, held[i]);
+    for (int i = 0; i < 8; i++)
+        loader_release_batch(loader, held[i]);
     CHECK_OK(loader_next_batch(loader, &batch));
     loader_release_batch(loader, batch);
     epoch_record_free(&full);
@@ -342,7 +357,8 @@ static int count_lines_with(const char *path, const char *needle) {
     FILE *file = fopen(path, "r");
     char line[8192];
     int count = 0;
-    while (file && fgets(line, sizeof line, file)) count += strstr(line, needle) != NULL;
+    while (file && fgets(line, sizeof line, file))
+        count += strstr(line, needle) != NULL;
     if (file) fclose(file);
     return count;
 }
@@ -386,7 +402,8 @@ static void test_bad_files(void) {
     tf_loader *loader;
     epoch_record records[2] = {{0}};
     bool created = CHECK_OK(loader_create(&loader, &dataset, &options));
-    for (int epoch = 0; created && epoch < 2; epoch++) CHECK_OK(record_epoch(loader, &options, epoch, 0, &records[epoch]));
+    for (int epoch = 0; created && epoch < 2; epoch++)
+        CHECK_OK(record_epoch(loader, &options, epoch, 0, &records[epoch]));
     tf_loader_stats stats = created ? loader_stats(loader) : (tf_loader_stats){0};
     if (created) loader_destroy(loader);
 
@@ -401,17 +418,19 @@ static void test_bad_files(void) {
     for (int e = 0; e < 2; e++)
         for (int64_t i = 0; i < records[e].images; i++) {
             png_used = png_used || records[e].indices[i] == png_index;
-            for (int b = 0; b < 3; b++) bad_used = bad_used || records[e].indices[i] == bad_index[b];
+            for (int b = 0; b < 3; b++)
+                bad_used = bad_used || records[e].indices[i] == bad_index[b];
         }
     CHECK(png_used, "the PNG named .JPEG was not delivered");
     CHECK(!bad_used, "a bad file was delivered");
     for (int b = 0; b < 3; b++)
-        CHECK(count_lines_with(log_path, bad_paths[b]) == 1, "%s logged %d times, expected once", bad_paths[b],
-              count_lines_with(log_path, bad_paths[b]));
+        CHECK(count_lines_with(log_path, bad_paths[b]) == 1, "%s logged %d times, expected once",
+              bad_paths[b], count_lines_with(log_path, bad_paths[b]));
     CHECK(count_lines_with(log_path, "truncated") == 1 && count_lines_with(log_path, "0 bytes") == 1 &&
               count_lines_with(log_path, "over the limit") == 1,
           "the log does not give the reasons (truncated, 0 bytes, over the limit)");
-    for (int e = 0; e < 2; e++) epoch_record_free(&records[e]);
+    for (int e = 0; e < 2; e++)
+        epoch_record_free(&records[e]);
     dataset_close(&dataset);
 }
 
@@ -446,8 +465,8 @@ static void test_too_many_bad_files(void) {
     /* Some empty files sort next to each other, so a sample can try several: count >= 10. */
     long long failed = 0, read = 0;
     const char *counts = strstr(tf_error_message(), "/worse/train: ");
-    CHECK(counts && sscanf(counts, "/worse/train: %lld of the %lld files", &failed, &read) == 2 && failed >= 10 &&
-              failed * 100 > read && strstr(tf_error_message(), "more than 1%"),
+    CHECK(counts && sscanf(counts, "/worse/train: %lld of the %lld files", &failed, &read) == 2 &&
+              failed >= 10 && failed * 100 > read && strstr(tf_error_message(), "more than 1%"),
           "message does not give the count: %s", tf_error_message());
     loader_destroy(loader);
     dataset_close(&dataset);
