@@ -503,8 +503,10 @@ static imagenet_like_plan plan_image(const photo_set *set, uint64_t seed, int64_
     if (plan.crop.left + crop_width > source->width) plan.crop.left = source->width - crop_width;
     if (plan.crop.top + crop_height > source->height) plan.crop.top = source->height - crop_height;
     plan.quality = 75 + (int)tf_rng_below(&rng, 21);
-    plan.val = index % 10 == 9; /* 90/10 */
-    plan.label = (int)((index / 10) % IMAGENET_LIKE_CLASSES);
+    /* Of each hundred images, the first ten (one per class) go to val: 90/10, and every class is in
+     * both splits from 20 images on. */
+    plan.val = index % 100 < IMAGENET_LIKE_CLASSES;
+    plan.label = (int)(index % IMAGENET_LIKE_CLASSES);
     return plan;
 }
 
@@ -651,7 +653,7 @@ static tf_status parse_options(int argc, char **argv, bool imagenet_like, prepar
         } else if (strcmp(option, "--source") == 0) {
             options->source = value;
         } else if (imagenet_like && strcmp(option, "--count") == 0) {
-            TF_TRY(parse_integer(option, value, 1, &number));
+            TF_TRY(parse_integer(option, value, 2 * IMAGENET_LIKE_CLASSES, &number));
             options->count = number;
         } else if (imagenet_like && strcmp(option, "--seed") == 0) {
             TF_TRY(parse_integer(option, value, 0, &number));
