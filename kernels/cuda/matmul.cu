@@ -1,0 +1,175 @@
+/* GEMM through cuBLASLt: C = op(A) op(B) (+ bias) (+ C), bf16 A and B, fp32 accumulation,
+ * C in bf16 (compute buffers) or fp32 (master buffers: parameter gradients, accumulated with
+ * beta = 1).
+ *
+ * Our matrices are row-major, cuBLASLt's column-major. A row-major m x n matrix is the same
+ * memory as a column-major n x m one, its transpose, so C = op(A) op(B) is computed as
+ * C^T = op(B)^T op(A)^T: cuBLASLt's first operand is our B, its second our A, its output n x m
+ * with leading dimension n:
+ *   B stored k x n (no transpose_b) is column-major n x k, ld n: op N.
+ *   B stored n x k (transpose_b)    is column-major k x n, ld k: op T.
+ *   A stored m x k (no transpose_a) is column-major k x m, ld k: op N.
+ *   A stored k x m (transpose_a)    is column-major m x k, ld m: op T.
+ * The bias epilogue adds a vector along the rows of cuBLASLt's output (length n), which is our
+ * bias added to every row of C.
+ *
+ * Descriptors and the heuristic's algorithm are cached per (shape, transposes, output type,
+ * bias, pointer alignment) in a small table, so a shape is planned once (at warm-up). */
+#include "kernels/cuda/cuda_common.cuh"
+
+#include <string.h>
+
+enum { MATMUL_PLAN_CAPACITY = 1024 };
+
+typedef struct {
+    int m, n, k;
+    bool transpose_a, transpose_b, master_output, bias;
+    int align_a, align_b, align_c; /* bytes, at most 16 */
+} matmul_key;
+
+typedef struct {
+    matmul_key key;
+    bool usable; /* false when planning failed (the failure is recorded once) */
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t layout_a, layout_b, layout_c; /* cuBLASLt's A (our b), B (our a), C = D */
+    cublasLtMatmulAlgo_t algo;
+} matmul_plan;
+
+static matmul_plan plans[MATMUL_PLAN_CAPACITY];
+static int plan_count;
+
+static int pointer_alignment(const void *p) {
+    uintptr_t address = (uintptr_t)p;
+    int alignment = 16;
+    while (alignment > 1 && (address % (uintptr_t)alignment) != 0) alignment >>= 1;
+    return alignment;
+}
+
+#define MATMUL_SHAPE_FORMAT "matmul m=%d n=%d k=%d transpose_a=%d transpose_b=%d output=%s bias=%d"
+#define MATMUL_SHAPE_ARGS(key)                                                                                     \
+    (key).m, (key).n, (key).k, (int)(key).transpose_a, (int)(key).transpose_b,                                     \
+        (key).master_output ? "F32" : "BF16", (int)(key).bias
+
+static bool set_desc(cublasLtMatmulDesc_t op, cublasLtMatmulDescAttributes_t attribute, const void *value, size_t size,
+                     const matmul_key *key) {
+    return CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, attribute, value, size), "attribute %d of " MATMUL_SHAPE_FORMAT,
+                        (int)attribute, MATMUL_SHAPE_ARGS(*key));
+}
+
+/* Descriptors for one key and the heuristic's best algorithm. */
+static bool plan_matmul(matmul_plan *plan) {
+    const matmul_key *key = &plan->key;
+    cudaDataType_t c_type = key->master_output ? CUDA_R_32F : CUDA_R_16BF;
+    if (!CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), MATMUL_SHAPE_FORMAT,
+                      MATMUL_SHAPE_ARGS(*key)))
+        return false;
+    cublasOperation_t op_a = key->transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t op_b = key->transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasLtEpilogue_t epilogue = key->bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    if (!set_desc(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a, key) ||
+        !set_desc(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b, key) ||
+        !set_desc(plan->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue, key))
+        return false;
+    if (key->bias) {
+        int32_t bias_type = CUDA_R_16BF;
+        if (!set_desc(plan->op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type, key)) return false;
+    }
+    /* cuBLASLt's A = our b: stored (rows x cols, ld) column-major as derived above. */
+    uint64_t a_rows = key->transpose_b ? key->k : key->n, a_cols = key->transpose_b ? key->n : key->k;
+    uint64_t b_rows = key->transpose_a ? key->m : key->k, b_cols = key->transpose_a ? key->k : key->m;
+    if (!CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->layout_a, CUDA_R_16BF, a_rows, a_cols, (int64_t)a_rows),
+                      "layout of B in " MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key)) ||
+        !CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->layout_b, CUDA_R_16BF, b_rows, b_cols, (int64_t)b_rows),
+                      "layout of A in " MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key)) ||
+        !CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->layout_c, c_type, (uint64_t)key->n, (uint64_t)key->m,
+                                                 (int64_t)key->n),
+                      "layout of C in " MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key)))
+        return false;
+
+    cublasLtMatmulPreference_t preference;
+    if (!CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference), MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key)))
+        return false;
+    uint64_t workspace = cuda_ctx.lt_workspace_bytes;
+    uint32_t align_a = (uint32_t)key->align_b, align_b = (uint32_t)key->align_a, align_c = (uint32_t)key->align_c;
+    bool ok = CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                                &workspace, sizeof workspace),
+                           MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key)) &&
+              CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                                &align_a, sizeof align_a),
+                           MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key)) &&
+              CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                                &align_b, sizeof align_b),
+                           MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key)) &&
+              CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                                &align_c, sizeof align_c),
+                           MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key)) &&
+              CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                                &align_c, sizeof align_c),
+                           MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key));
+    cublasLtMatmulHeuristicResult_t result;
+    int returned = 0;
+    if (ok)
+        ok = CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(cuda_ctx.lt, plan->op, plan->layout_a, plan->layout_b,
+                                                         plan->layout_c, plan->layout_c, preference, 1, &result,
+                                                         &returned),
+                          MATMUL_SHAPE_FORMAT " alignments A %d B %d C %d", MATMUL_SHAPE_ARGS(*key), key->align_a,
+                          key->align_b, key->align_c);
+    cublasLtMatmulPreferenceDestroy(preference);
+    if (!ok) return false;
+    if (returned == 0) {
+        cuda_record_failure(__FILE__, __LINE__, "cublasLtMatmulAlgoGetHeuristic", "no algorithm",
+                            MATMUL_SHAPE_FORMAT " alignments A %d B %d C %d", MATMUL_SHAPE_ARGS(*key), key->align_a,
+                            key->align_b, key->align_c);
+        return false;
+    }
+    plan->algo = result.algo;
+    return true;
+}
+
+static matmul_plan *find_plan(const matmul_key *key) {
+    for (int i = 0; i < plan_count; i++)
+        if (memcmp(&plans[i].key, key, sizeof *key) == 0) return &plans[i];
+    if (plan_count == MATMUL_PLAN_CAPACITY) {
+        cuda_record_failure(__FILE__, __LINE__, "matmul plan cache", "full",
+                            "%d distinct GEMM shapes planned already; " MATMUL_SHAPE_FORMAT, MATMUL_PLAN_CAPACITY,
+                            MATMUL_SHAPE_ARGS(*key));
+        return NULL;
+    }
+    matmul_plan *plan = &plans[plan_count++];
+    memset(plan, 0, sizeof *plan);
+    plan->key = *key;
+    plan->usable = plan_matmul(plan);
+    return plan;
+}
+
+extern "C" void cuda_matmul(void *c, const void *a, const void *b, const tf_matmul_desc *desc) {
+    if (desc->m <= 0 || desc->n <= 0) return;
+    if (desc->k <= 0) { /* an empty sum: C = 0 (+ C) */
+        if (!desc->accumulate)
+            cuda_zero(c, (size_t)desc->m * desc->n * (desc->master_output ? sizeof(float) : sizeof(bf16)));
+        return;
+    }
+    matmul_key key;
+    memset(&key, 0, sizeof key); /* the key is compared with memcmp: no stray padding bytes */
+    key.m = desc->m;
+    key.n = desc->n;
+    key.k = desc->k;
+    key.transpose_a = desc->transpose_a;
+    key.transpose_b = desc->transpose_b;
+    key.master_output = desc->master_output;
+    key.bias = desc->bias != NULL;
+    key.align_a = pointer_alignment(a);
+    key.align_b = pointer_alignment(b);
+    key.align_c = pointer_alignment(c);
+    matmul_plan *plan = find_plan(&key);
+    if (!plan || !plan->usable) return;
+    if (key.bias && !set_desc(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &desc->bias, sizeof desc->bias, &key))
+        return;
+    float alpha = 1.0f, beta = desc->accumulate ? 1.0f : 0.0f;
+    CUBLAS_CHECK(cublasLtMatmul(cuda_ctx.lt, plan->op, &alpha, b, plan->layout_a, a, plan->layout_b, &beta, c,
+                                plan->layout_c, c, plan->layout_c, &plan->algo, cuda_ctx.lt_workspace,
+                                cuda_ctx.lt_workspace_bytes, cuda_ctx.stream),
+                 MATMUL_SHAPE_FORMAT " accumulate=%d a=%p b=%p c=%p", MATMUL_SHAPE_ARGS(key), (int)desc->accumulate, a,
+                 b, c);
+    if (cuda_ctx.debug_sync) LAUNCH_CHECK("cublasLtMatmul", MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(key));
+}

@@ -1,0 +1,188 @@
+/* The Pattention normalisation (DESIGN.md section 2), per row of A = X K^T:
+ *   r = sqrt(sum_j A_j^2 + eps),  Z = tau A / r,  S = GELU(Z)  (exact erf GELU)
+ * Forward keeps r (fp32, per row) for backward; S is bf16.
+ *
+ * Backward. Z_i = tau A_i / r with r^2 = sum_k A_k^2 + eps, so dr/dA_j = A_j / r and
+ *   dZ_i/dA_j = tau (delta_ij / r - A_i A_j / r^3).
+ * With dZ = dS GELU'(Z), GELU'(z) = Phi(z) + z phi(z):
+ *   dA_j = sum_i dZ_i dZ_i/dA_j = tau / r (dZ_j - A_j (A . dZ) / r^2).
+ * One pass reads the row (A and dS) into registers and reduces A . dZ across the warp; the
+ * second writes dA from the same registers, so dA may be the dS buffer itself.
+ *
+ * The row is held in registers as 16-byte chunks of 8 bf16, spread over one to eight warps
+ * (row kernels, cuda_common.cuh). Rows whose width is not a multiple of 8, or wider than 8192,
+ * or unaligned buffers, take a plain kernel (one warp per row) that reads the row twice. */
+#include "kernels/cuda/cuda_common.cuh"
+
+template <int CHUNKS, int WARPS>
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_kernel(bf16 *s, float *row_norm,
+                                                                                      const bf16 *a, int rows, int n,
+                                                                                      float tau, float eps) {
+    __shared__ float scratch[8];
+    int row = row_of_thread<WARPS>(), t = row_thread_index<WARPS>();
+    bool active = row < rows;
+    int chunks = n >> 3;
+    const uint4 *a_row = reinterpret_cast<const uint4 *>(a + (size_t)row * n);
+    uint4 raw[CHUNKS];
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+        int index = c * 32 * WARPS + t;
+        raw[c] = active && index < chunks ? a_row[index] : make_uint4(0, 0, 0, 0);
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+        float x[8];
+        bf16x8_unpack(raw[c], x);
+#pragma unroll
+        for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
+    }
+    sum = row_sum<WARPS>(sum, scratch);
+    if (!active) return;
+    float r = sqrtf(sum + eps), scale = tau / r;
+    if (t == 0) row_norm[row] = r;
+    uint4 *s_row = reinterpret_cast<uint4 *>(s + (size_t)row * n);
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+        int index = c * 32 * WARPS + t;
+        if (index < chunks) {
+            float x[8];
+            bf16x8_unpack(raw[c], x);
+#pragma unroll
+            for (int i = 0; i < 8; i++) x[i] = gelu_erf(x[i] * scale);
+            s_row[index] = bf16x8_pack(x);
+        }
+    }
+}
+
+template <int CHUNKS, int WARPS>
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_kernel(bf16 *da, const bf16 *ds,
+                                                                                       const bf16 *a,
+                                                                                       const float *row_norm,
+                                                                                       int rows, int n, float tau) {
+    __shared__ float scratch[8];
+    int row = row_of_thread<WARPS>(), t = row_thread_index<WARPS>();
+    bool active = row < rows;
+    int chunks = n >> 3;
+    const uint4 *a_row = reinterpret_cast<const uint4 *>(a + (size_t)row * n);
+    const uint4 *ds_row = reinterpret_cast<const uint4 *>(ds + (size_t)row * n);
+    uint4 raw_a[CHUNKS], raw_ds[CHUNKS];
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+        int index = c * 32 * WARPS + t;
+        bool load = active && index < chunks;
+        raw_a[c] = load ? a_row[index] : make_uint4(0, 0, 0, 0);
+        raw_ds[c] = load ? ds_row[index] : make_uint4(0, 0, 0, 0);
+    }
+    float r = active ? row_norm[row] : 1.0f, scale = tau / r;
+    float dz[CHUNKS * 8];
+    float dot = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+        float x[8], g[8];
+        bf16x8_unpack(raw_a[c], x);
+        bf16x8_unpack(raw_ds[c], g);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            dz[c * 8 + i] = g[i] * gelu_erf_derivative(x[i] * scale);
+            dot = fmaf(x[i], dz[c * 8 + i], dot);
+        }
+    }
+    /* Every read of the row happened above, before any write below: da may be ds. */
+    dot = row_sum<WARPS>(dot, scratch);
+    if (!active) return;
+    float coefficient = dot / (r * r);
+    uint4 *da_row = reinterpret_cast<uint4 *>(da + (size_t)row * n);
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+        int index = c * 32 * WARPS + t;
+        if (index < chunks) {
+            float x[8], out[8];
+            bf16x8_unpack(raw_a[c], x);
+#pragma unroll
+            for (int i = 0; i < 8; i++) out[i] = scale * (dz[c * 8 + i] - x[i] * coefficient);
+            da_row[index] = bf16x8_pack(out);
+        }
+    }
+}
+
+/* Any width and alignment: one warp per row, the row read from memory in each pass. */
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_plain_kernel(bf16 *s, float *row_norm,
+                                                                                            const bf16 *a, int rows,
+                                                                                            int n, float tau,
+                                                                                            float eps) {
+    int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const bf16 *a_row = a + (size_t)row * n;
+    float sum = 0.0f;
+    for (int j = lane; j < n; j += 32) {
+        float x = bf16_load(a_row + j);
+        sum = fmaf(x, x, sum);
+    }
+    sum = warp_sum(sum);
+    float r = sqrtf(sum + eps), scale = tau / r;
+    if (lane == 0) row_norm[row] = r;
+    for (int j = lane; j < n; j += 32) bf16_store(s + (size_t)row * n + j, gelu_erf(bf16_load(a_row + j) * scale));
+}
+
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_plain_kernel(
+    bf16 *da, const bf16 *ds, const bf16 *a, const float *row_norm, int rows, int n, float tau) {
+    int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const bf16 *a_row = a + (size_t)row * n, *ds_row = ds + (size_t)row * n;
+    float r = row_norm[row], scale = tau / r;
+    float dot = 0.0f;
+    for (int j = lane; j < n; j += 32) {
+        float x = bf16_load(a_row + j);
+        dot = fmaf(x, bf16_load(ds_row + j) * gelu_erf_derivative(x * scale), dot);
+    }
+    /* The shuffle also orders every lane's reads of this row before any lane's writes, which
+     * matters when da is ds. */
+    dot = warp_sum(dot);
+    float coefficient = dot / (r * r);
+    for (int j = lane; j < n; j += 32) {
+        float x = bf16_load(a_row + j);
+        float dz = bf16_load(ds_row + j) * gelu_erf_derivative(x * scale);
+        bf16_store(da + (size_t)row * n + j, scale * (dz - x * coefficient));
+    }
+}
+
+#define PATTENTION_SHAPE "rows %d n %d tau %g", rows, n, (double)tau
+
+extern "C" void cuda_pattention_norm_forward(void *s, void *row_norm, const void *a, int rows, int n, float tau,
+                                             float eps) {
+    if (rows <= 0 || n <= 0) return;
+    cudaStream_t stream = cuda_ctx.stream;
+    bf16 *s_ = (bf16 *)s;
+    float *r_ = (float *)row_norm;
+    const bf16 *a_ = (const bf16 *)a;
+    row_layout layout = plan_row(n, is_aligned16(s) && is_aligned16(a));
+    unsigned grid = row_grid(rows, layout);
+#define FORWARD_CASE(C, W)                                                                                         \
+    pattention_norm_forward_kernel<C, W><<<grid, ROW_BLOCK_THREADS, 0, stream>>>(s_, r_, a_, rows, n, tau, eps);
+#define FORWARD_PLAIN                                                                                              \
+    pattention_norm_forward_plain_kernel<<<grid, ROW_BLOCK_THREADS, 0, stream>>>(s_, r_, a_, rows, n, tau, eps);
+    ROW_LAYOUT_SWITCH(layout, FORWARD_CASE, FORWARD_PLAIN)
+#undef FORWARD_CASE
+#undef FORWARD_PLAIN
+    LAUNCH_CHECK("pattention_norm_forward_kernel", PATTENTION_SHAPE);
+}
+
+extern "C" void cuda_pattention_norm_backward(void *da, const void *ds, const void *a, const void *row_norm,
+                                              int rows, int n, float tau) {
+    if (rows <= 0 || n <= 0) return;
+    cudaStream_t stream = cuda_ctx.stream;
+    bf16 *da_ = (bf16 *)da;
+    const bf16 *ds_ = (const bf16 *)ds, *a_ = (const bf16 *)a;
+    const float *r_ = (const float *)row_norm;
+    row_layout layout = plan_row(n, is_aligned16(da) && is_aligned16(ds) && is_aligned16(a));
+    unsigned grid = row_grid(rows, layout);
+#define BACKWARD_CASE(C, W)                                                                                        \
+    pattention_norm_backward_kernel<C, W><<<grid, ROW_BLOCK_THREADS, 0, stream>>>(da_, ds_, a_, r_, rows, n, tau);
+#define BACKWARD_PLAIN                                                                                             \
+    pattention_norm_backward_plain_kernel<<<grid, ROW_BLOCK_THREADS, 0, stream>>>(da_, ds_, a_, r_, rows, n, tau);
+    ROW_LAYOUT_SWITCH(layout, BACKWARD_CASE, BACKWARD_PLAIN)
+#undef BACKWARD_CASE
+#undef BACKWARD_PLAIN
+    LAUNCH_CHECK("pattention_norm_backward_kernel", PATTENTION_SHAPE);
+}
