@@ -213,8 +213,19 @@ static void log_start(const tf_trainer *trainer) {
                trainer->progress.epoch, trainer->progress.epoch_batches);
 }
 
+/* A new run must not silently overwrite the checkpoints of an earlier one in the same directory. */
+static tf_status check_run_dir_is_new(const tf_train_options *options) {
+    char path[TF_PATH_MAX];
+    if (options->resume || run_dir_latest(options->run_dir, "model.safetensors", path, sizeof path) != TF_OK)
+        return TF_OK;
+    return tf_fail(TF_ERR_USAGE, "%s already holds a run with checkpoints: continue it with --resume %s, or give "
+                                 "another --out",
+                   options->run_dir, options->run_dir);
+}
+
 static tf_status trainer_open(tf_trainer *trainer) {
     const tf_config *config = &trainer->config;
+    TF_TRY(check_run_dir_is_new(&trainer->options));
     TF_TRY(tf_backend_open(config->run.device, config->run.threads, &trainer->backend));
     TF_TRY(open_datasets(trainer));
     TF_TRY(plan_batches(trainer));
