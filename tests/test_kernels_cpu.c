@@ -359,11 +359,15 @@ static double attention_objective(void *context) {
     return dot(c->w, c->out, (size_t)c->batch * c->tokens * c->heads * c->head_dim);
 }
 
-/* fd_stride: finite differences for every fd_stride-th input element (1: all of them). */
-static void test_attention_case(int batch, int tokens, int heads, int head_dim, size_t fd_stride) {
+/* fd_stride: finite differences for every fd_stride-th input element (1: all of them).
+ * qk_std: the spread of queries and keys; large values make sharp softmax rows, whose small
+ * probabilities underflow in fp32 (scores std qk_std^2), and whose fp32 results are only as good
+ * as scores of that size rounded to fp32 allow, hence f32_bound. */
+static void test_attention_case(int batch, int tokens, int heads, int head_dim, size_t fd_stride, double qk_std,
+                                double f32_bound) {
     char what[96];
     size_t count = (size_t)batch * tokens * heads * head_dim, lse_count = (size_t)batch * heads * tokens;
-    double *q = random_input(count, 1.0), *k = random_input(count, 1.0), *v = random_input(count, 1.0);
+    double *q = random_input(count, qk_std), *k = random_input(count, qk_std), *v = random_input(count, 1.0);
     double *out = new_f64(count), *lse = new_f64(lse_count);
     double *expected_out = new_f64(count), *expected_lse = new_f64(lse_count);
     f64->attention_forward(out, lse, q, k, v, batch, tokens, heads, head_dim);
@@ -372,6 +376,20 @@ static void test_attention_case(int batch, int tokens, int heads, int head_dim, 
     expect_close_f64(what, out, expected_out, count, F64_BOUND);
     snprintf(what, sizeof what, "attention forward b%d t%d h%d d%d: lse fp64", batch, tokens, heads, head_dim);
     expect_close_f64(what, lse, expected_lse, lse_count, F64_BOUND);
+    if (qk_std > 1.0) { /* make sure the sharp case does reach fp32 exp's underflow to 0 */
+        size_t underflowing = 0;
+        for (int b = 0; b < batch; b++)
+            for (int h = 0; h < heads; h++)
+                for (int i = 0; i < tokens; i++)
+                    for (int j = 0; j < tokens; j++) {
+                        size_t row_i = ((size_t)b * tokens + i) * heads * head_dim + (size_t)h * head_dim;
+                        size_t row_j = ((size_t)b * tokens + j) * heads * head_dim + (size_t)h * head_dim;
+                        double score = dot(q + row_i, k + row_j, head_dim) / sqrt((double)head_dim);
+                        underflowing += score - expected_lse[((size_t)b * heads + h) * tokens + i] < -88.0;
+                    }
+        printf("  %-58s %9zu\n", "attention sharp rows: probabilities below e^-88", underflowing);
+        CHECK(underflowing > 0, "the sharp attention case has no probability below e^-88");
+    }
 
     /* Backward against finite differences; the gradients start as garbage (they are overwritten). */
     double *w = random_input(count, 1.0);
@@ -393,9 +411,9 @@ static void test_attention_case(int batch, int tokens, int heads, int head_dim, 
     float *out32 = new_f32(count), *lse32 = new_f32(lse_count);
     f32->attention_forward(out32, lse32, q32, k32, v32, batch, tokens, heads, head_dim);
     snprintf(what, sizeof what, "attention b%d t%d h%d d%d fp32 vs fp64: out", batch, tokens, heads, head_dim);
-    expect_f32_close(what, out32, out, count, F32_BOUND);
+    expect_f32_close(what, out32, out, count, f32_bound);
     snprintf(what, sizeof what, "attention b%d t%d h%d d%d fp32 vs fp64: lse", batch, tokens, heads, head_dim);
-    expect_f32_close(what, lse32, lse, lse_count, F32_BOUND);
+    expect_f32_close(what, lse32, lse, lse_count, f32_bound);
     float *dq32 = new_f32(count), *dk32 = new_f32(count), *dv32 = new_f32(count);
     f32->attention_backward(dq32, dk32, dv32, to_f32(w, count), q32, k32, v32, out32, lse32, batch, tokens, heads,
                             head_dim);
@@ -403,15 +421,17 @@ static void test_attention_case(int batch, int tokens, int heads, int head_dim, 
     for (int t = 0; t < 3; t++) {
         snprintf(what, sizeof what, "attention b%d t%d h%d d%d fp32 vs fp64: %s", batch, tokens, heads, head_dim,
                  names[t]);
-        expect_f32_close(what, gradients32[t], gradients[t], count, F32_BOUND);
+        expect_f32_close(what, gradients32[t], gradients[t], count, f32_bound);
     }
 }
 
 static void test_attention(void) {
     printf("attention\n");
-    test_attention_case(2, 7, 3, 5, 1);
-    test_attention_case(1, 13, 2, 16, 1);
-    test_attention_case(3, 50, 3, 32, 13); /* the CPU demo's shape, fewer samples; 1/13 of the inputs */
+    test_attention_case(2, 7, 3, 5, 1, 1.0, F32_BOUND);
+    test_attention_case(1, 13, 2, 16, 1, 1.0, F32_BOUND);
+    test_attention_case(2, 19, 2, 20, 1, 1.0, F32_BOUND); /* head_dim not a whole vector, several query blocks */
+    test_attention_case(3, 50, 3, 32, 13, 1.0, F32_BOUND); /* the CPU demo's shape; finite diff on 1/13 */
+    test_attention_case(1, 21, 2, 16, 1, 5.0, 1e-4);       /* sharp rows: exp underflows in fp32 */
     free_all();
 }
 
