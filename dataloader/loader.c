@@ -169,13 +169,31 @@ typedef struct {
     int resize_width, resize_height, crop_left, crop_top;
 } sample_geometry;
 
+/* Works out the geometry from the full-size dimensions, and the smallest decode scale that keeps
+ * the resize a reduction: train, the crop box scaled must still cover image_size in both
+ * directions; eval, the decoded shorter side must stay >= the resize target. */
+static double plan_geometry(const tf_loader_options *options, const tf_image_info *info, tf_rng *rng,
+                            sample_geometry *geometry) {
+    int size = options->image_size;
+    if (options->transform == TF_TRANSFORM_TRAIN) {
+        geometry->box = image_random_resized_crop_box(info->width, info->height, &options->augment, rng);
+        double need_x = size / geometry->box.width, need_y = size / geometry->box.height;
+        return need_x > need_y ? need_x : need_y;
+    }
+    image_eval_geometry(info->width, info->height, size, options->crop_pct, &geometry->resize_width,
+                        &geometry->resize_height, &geometry->crop_left, &geometry->crop_top);
+    int target =
+        geometry->resize_width < geometry->resize_height ? geometry->resize_width : geometry->resize_height;
+    int shorter = info->width < info->height ? info->width : info->height;
+    return (double)target / shorter;
+}
+
 /* Reads and decodes dataset file `index` at the scale the transform allows, and works out the
  * geometry. Failures here are the file's fault. */
 static tf_status read_and_decode(loader_worker *worker, int64_t index, tf_rng *rng, sample_geometry *geometry,
                                  uint32_t *bytes) {
     tf_loader *loader = worker->loader;
     const char *path = loader->dataset->paths[index];
-    const tf_loader_options *options = &loader->options;
     double started = tf_seconds();
     size_t size;
     TF_TRY(decode_read_file(path, &worker->file, &worker->file_capacity, &size));
@@ -185,22 +203,7 @@ static tf_status read_and_decode(loader_worker *worker, int64_t index, tf_rng *r
 
     tf_image_info info;
     TF_TRY(decoder_read_header(worker->decoder, worker->file, size, path, &info));
-    double min_scale;
-    int size_out = options->image_size;
-    if (options->transform == TF_TRANSFORM_TRAIN) {
-        geometry->box = image_random_resized_crop_box(info.width, info.height, &options->augment, rng);
-        double need_x = size_out / geometry->box.width, need_y = size_out / geometry->box.height;
-        min_scale = need_x > need_y ? need_x : need_y;
-    } else {
-        /* Decode smaller only while the decoded shorter side stays >= the resize target. */
-        image_eval_geometry(info.width, info.height, size_out, options->crop_pct, &geometry->resize_width,
-                            &geometry->resize_height, &geometry->crop_left, &geometry->crop_top);
-        int target = geometry->resize_width < geometry->resize_height ? geometry->resize_width
-                                                                      : geometry->resize_height;
-        int shorter = info.width < info.height ? info.width : info.height;
-        min_scale = (double)target / shorter;
-    }
-    double scale = decoder_choose_scale(&info, min_scale);
+    double scale = decoder_choose_scale(&info, plan_geometry(&loader->options, &info, rng, geometry));
     const char *warning = NULL;
     TF_TRY(
         decoder_decode(worker->decoder, worker->file, size, path, &info, scale, &worker->decoded, &warning));
@@ -208,9 +211,7 @@ static tf_status read_and_decode(loader_worker *worker, int64_t index, tf_rng *r
         char message[TF_PATH_MAX + 300];
         snprintf(message, sizeof message, "%s: %s", path, warning);
         log_file_once(loader, index, LOADER_FILE_LOGGED_WARNING,
-                      "loader: using %s (a libjpeg warning; the image decoded "
-                      "completely)",
-                      message);
+                      "loader: using %s (a libjpeg warning; decoded whole)", message);
     }
     /* The decoded image maps to the full-size one by exactly `scale` (decoder_choose_scale). */
     tf_box *box = &geometry->box;
@@ -266,9 +267,7 @@ static void produce_sample(loader_worker *worker, loader_slot *slot, int64_t num
         if (read_and_decode(worker, candidate, &rng, &geometry, &bytes) != TF_OK) {
             failed++;
             log_file_once(loader, candidate, LOADER_FILE_LOGGED_BAD,
-                          "loader: skipping %s (replaced by the next "
-                          "image of the dataset)",
-                          tf_error_message());
+                          "loader: skipping %s (replaced by the next image)", tf_error_message());
             continue;
         }
         if (transform(worker, &rng, &geometry, chw) != TF_OK) {
