@@ -120,6 +120,13 @@ bool cuda_check_launch(const char *kernel, const char *file, int line, const cha
 }
 
 /* ---- extras of cuda_backend.cuh ---- */
+extern "C" void tf_cuda_reset_failure(void) {
+    pthread_mutex_lock(&failure_lock);
+    failure_count = 0;
+    first_failure[0] = '\0';
+    pthread_mutex_unlock(&failure_lock);
+}
+
 extern "C" void tf_cuda_set_debug_sync(bool on) {
     cuda_ctx.debug_sync = on;
 }

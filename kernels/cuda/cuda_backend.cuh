@@ -35,6 +35,10 @@ const char *tf_cuda_attention_last_fallback_reason(void);
 /* Wait after every kernel launch, so that a fault is blamed on the operation that caused it. */
 void tf_cuda_set_debug_sync(bool on);
 
+/* Forgets the recorded failure (tests, after reporting it), so that later operations are judged
+ * on their own. An error that breaks the CUDA context cannot be forgotten this way. */
+void tf_cuda_reset_failure(void);
+
 /* The stream every operation runs on (for events in benchmarks). */
 cudaStream_t tf_cuda_stream(void);
 

@@ -5,7 +5,8 @@
  *              (b, batch - 1 - b) reads both originals and writes both results;
  *   cutmix:    the box [y0, y1) x [x0, x1) of every channel is swapped between x[b] and
  *              x[batch - 1 - b], so each receives the other's original.
- * The middle sample of an odd batch is its own partner and stays as it is. */
+ * The middle sample of an odd batch is its own partner (mixup leaves it as it was, up to
+ * rounding; cutmix does not touch it). */
 #include "kernels/cuda/cuda_common.cuh"
 
 enum { MAX_CHANNELS = 8 };
@@ -60,9 +61,10 @@ extern "C" void cuda_images_normalize(void *images, const void *pixels, int batc
     LAUNCH_CHECK("images_normalize_kernel", "batch %d channels %d size %d", batch, channels, size);
 }
 
-/* One thread per (pair, element). */
+/* One thread per (pair, element); the middle sample of an odd batch is its own pair and gets
+ * the same formula, as on the CPU. */
 __global__ void mixup_kernel(bf16 *images, int batch, size_t sample_size, float lambda) {
-    size_t count = (size_t)(batch / 2) * sample_size;
+    size_t count = (size_t)((batch + 1) / 2) * sample_size;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
         size_t b = i / sample_size, e = i % sample_size;
         bf16 *first = images + b * sample_size + e, *second = images + (batch - 1 - b) * sample_size + e;
@@ -73,8 +75,8 @@ __global__ void mixup_kernel(bf16 *images, int batch, size_t sample_size, float 
 }
 
 extern "C" void cuda_mixup_images(void *images, int batch, size_t sample_size, float lambda) {
-    if (batch < 2 || sample_size == 0) return;
-    size_t count = (size_t)(batch / 2) * sample_size;
+    if (batch < 1 || sample_size == 0) return;
+    size_t count = (size_t)((batch + 1) / 2) * sample_size;
     mixup_kernel<<<grid_for(count, 256), 256, 0, cuda_ctx.stream>>>((bf16 *)images, batch, sample_size, lambda);
     LAUNCH_CHECK("mixup_kernel", "batch %d sample_size %zu lambda %g", batch, sample_size, (double)lambda);
 }
