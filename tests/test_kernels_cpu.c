@@ -35,7 +35,8 @@ static void *test_alloc(size_t bytes) {
 }
 
 static void free_all(void) {
-    while (allocation_count) free(allocations[--allocation_count]);
+    while (allocation_count)
+        free(allocations[--allocation_count]);
 }
 
 static double *new_f64(size_t n) {
@@ -49,7 +50,8 @@ static float *new_f32(size_t n) {
 /* N(0, std^2) values rounded to fp32, so that both backends see exactly the same inputs. */
 static double *random_input(size_t n, double std) {
     double *x = new_f64(n);
-    for (size_t i = 0; i < n; i++) x[i] = (float)(std * tf_rng_normal(&rng));
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)(std * tf_rng_normal(&rng));
     return x;
 }
 
@@ -61,19 +63,22 @@ static double *copy_f64(const double *x, size_t n) {
 
 static float *to_f32(const double *x, size_t n) {
     float *y = new_f32(n);
-    for (size_t i = 0; i < n; i++) y[i] = (float)x[i];
+    for (size_t i = 0; i < n; i++)
+        y[i] = (float)x[i];
     return y;
 }
 
 static double *to_f64(const float *x, size_t n) {
     double *y = new_f64(n);
-    for (size_t i = 0; i < n; i++) y[i] = x[i];
+    for (size_t i = 0; i < n; i++)
+        y[i] = x[i];
     return y;
 }
 
 static double dot(const double *a, const double *b, size_t n) {
     double sum = 0.0;
-    for (size_t i = 0; i < n; i++) sum += a[i] * b[i];
+    for (size_t i = 0; i < n; i++)
+        sum += a[i] * b[i];
     return sum;
 }
 
@@ -83,18 +88,21 @@ static void expect_below(const char *what, double error, double bound) {
     CHECK(error <= bound, "%s: error %.3e > %.1e", what, error, bound);
 }
 
-static void expect_close_f64(const char *what, const double *a, const double *reference, size_t n, double bound) {
+static void expect_close_f64(const char *what, const double *a, const double *reference, size_t n,
+                             double bound) {
     expect_below(what, relative_error_f64(a, reference, n), bound);
 }
 
 /* The fp32 result against the fp64 one. */
-static void expect_f32_close(const char *what, const float *a, const double *reference, size_t n, double bound) {
+static void expect_f32_close(const char *what, const float *a, const double *reference, size_t n,
+                             double bound) {
     expect_below(what, relative_error_f64(to_f64(a, n), reference, n), bound);
 }
 
 static void expect_equal_f64(const char *what, const double *a, const double *b, size_t n) {
     size_t differing = 0;
-    for (size_t i = 0; i < n; i++) differing += a[i] != b[i];
+    for (size_t i = 0; i < n; i++)
+        differing += a[i] != b[i];
     printf("  %-58s %9zu differ\n", what, differing);
     CHECK(differing == 0, "%s: %zu of %zu values differ", what, differing, n);
 }
@@ -125,11 +133,12 @@ static double *numerical_gradient(double *x, size_t n, objective_fn objective, v
 /* Every stride-th element of x, to compare with numerical_gradient_every(). */
 static double *every(const double *x, size_t n, size_t stride) {
     double *y = new_f64((n + stride - 1) / stride);
-    for (size_t i = 0; i < n; i += stride) y[i / stride] = x[i];
+    for (size_t i = 0; i < n; i += stride)
+        y[i / stride] = x[i];
     return y;
 }
 
-static const double FD_BOUND = 1e-6;  /* analytic vs finite-difference gradient, fp64 */
+static const double FD_BOUND = 1e-6;   /* analytic vs finite-difference gradient, fp64 */
 static const double F64_BOUND = 1e-12; /* fp64 backend vs the naive double reference */
 static const double F32_BOUND = 1e-5;  /* fp32 backend vs fp64 backend */
 
@@ -145,16 +154,40 @@ static void test_backend_tables(void) {
     for (int t = 0; t < 2; t++) {
         const tf_backend *be = tables[t];
 #define EXPECT_SET(field) CHECK(be->field != NULL, "%s: " #field " is NULL", be->name)
-        EXPECT_SET(alloc); EXPECT_SET(free); EXPECT_SET(zero); EXPECT_SET(copy); EXPECT_SET(upload);
-        EXPECT_SET(download); EXPECT_SET(host_alloc); EXPECT_SET(host_free); EXPECT_SET(upload_bytes);
-        EXPECT_SET(convert); EXPECT_SET(synchronize); EXPECT_SET(images_normalize); EXPECT_SET(mixup_images);
-        EXPECT_SET(cutmix_images); EXPECT_SET(matmul); EXPECT_SET(pattention_norm_forward);
-        EXPECT_SET(pattention_norm_backward); EXPECT_SET(attention_forward); EXPECT_SET(attention_backward);
-        EXPECT_SET(layernorm_forward); EXPECT_SET(residual_layernorm_forward); EXPECT_SET(layernorm_backward);
-        EXPECT_SET(residual_forward); EXPECT_SET(residual_backward); EXPECT_SET(patch_im2col);
-        EXPECT_SET(tokens_forward); EXPECT_SET(tokens_backward); EXPECT_SET(token_pool_forward);
-        EXPECT_SET(token_pool_backward); EXPECT_SET(bias_backward); EXPECT_SET(cross_entropy_forward_backward);
-        EXPECT_SET(adamw_update); EXPECT_SET(ema_update); EXPECT_SET(sum_squares);
+        EXPECT_SET(alloc);
+        EXPECT_SET(free);
+        EXPECT_SET(zero);
+        EXPECT_SET(copy);
+        EXPECT_SET(upload);
+        EXPECT_SET(download);
+        EXPECT_SET(host_alloc);
+        EXPECT_SET(host_free);
+        EXPECT_SET(upload_bytes);
+        EXPECT_SET(convert);
+        EXPECT_SET(synchronize);
+        EXPECT_SET(images_normalize);
+        EXPECT_SET(mixup_images);
+        EXPECT_SET(cutmix_images);
+        EXPECT_SET(matmul);
+        EXPECT_SET(pattention_norm_forward);
+        EXPECT_SET(pattention_norm_backward);
+        EXPECT_SET(attention_forward);
+        EXPECT_SET(attention_backward);
+        EXPECT_SET(layernorm_forward);
+        EXPECT_SET(residual_layernorm_forward);
+        EXPECT_SET(layernorm_backward);
+        EXPECT_SET(residual_forward);
+        EXPECT_SET(residual_backward);
+        EXPECT_SET(patch_im2col);
+        EXPECT_SET(tokens_forward);
+        EXPECT_SET(tokens_backward);
+        EXPECT_SET(token_pool_forward);
+        EXPECT_SET(token_pool_backward);
+        EXPECT_SET(bias_backward);
+        EXPECT_SET(cross_entropy_forward_backward);
+        EXPECT_SET(adamw_update);
+        EXPECT_SET(ema_update);
+        EXPECT_SET(sum_squares);
 #undef EXPECT_SET
     }
     CHECK(tf_cpu_backend(TF_DTYPE_F32) != tf_cpu_backend(TF_DTYPE_F64), "two distinct tables");
@@ -183,8 +216,13 @@ static void test_matmul_case(int m, int n, int k) {
     char what[96];
     double worst64 = 0.0, worst32 = 0.0;
     for (int variant = 0; variant < 16; variant++) {
-        tf_matmul_desc desc = {.m = m, .n = n, .k = k, .transpose_a = variant & 1, .transpose_b = (variant >> 1) & 1,
-                               .accumulate = (variant >> 2) & 1, .master_output = variant & 1};
+        tf_matmul_desc desc = {.m = m,
+                               .n = n,
+                               .k = k,
+                               .transpose_a = variant & 1,
+                               .transpose_b = (variant >> 1) & 1,
+                               .accumulate = (variant >> 2) & 1,
+                               .master_output = variant & 1};
         bool with_bias = (variant >> 3) & 1;
         double *a = random_input((size_t)m * k, 1.0), *b = random_input((size_t)k * n, 1.0);
         double *bias = with_bias ? random_input(n, 1.0) : NULL;
@@ -199,8 +237,8 @@ static void test_matmul_case(int m, int n, int k) {
         f32->matmul(c32, to_f32(a, (size_t)m * k), to_f32(b, (size_t)k * n), &desc);
         double error32 = relative_error_f64(to_f64(c32, (size_t)m * n), c, (size_t)m * n);
         CHECK(error64 <= F64_BOUND && error32 <= F32_BOUND,
-              "matmul %dx%dx%d ta=%d tb=%d accumulate=%d bias=%d: error fp64 %.3e, fp32 vs fp64 %.3e", m, n, k,
-              desc.transpose_a, desc.transpose_b, desc.accumulate, with_bias, error64, error32);
+              "matmul %dx%dx%d ta=%d tb=%d accumulate=%d bias=%d: error fp64 %.3e, fp32 vs fp64 %.3e", m, n,
+              k, desc.transpose_a, desc.transpose_b, desc.accumulate, with_bias, error64, error32);
         worst64 = fmax(worst64, error64);
         worst32 = fmax(worst32, error32);
     }
@@ -244,7 +282,8 @@ static void test_pattention_norm_case(int rows, int n, float tau, float eps) {
     double *expected_s = new_f64(count), *expected_norm = new_f64(rows);
     for (int i = 0; i < rows; i++) {
         double sum = eps;
-        for (int j = 0; j < n; j++) sum += a[(size_t)i * n + j] * a[(size_t)i * n + j];
+        for (int j = 0; j < n; j++)
+            sum += a[(size_t)i * n + j] * a[(size_t)i * n + j];
         expected_norm[i] = sqrt(sum);
         for (int j = 0; j < n; j++)
             expected_s[(size_t)i * n + j] = reference_gelu(tau * a[(size_t)i * n + j] / expected_norm[i]);
@@ -288,9 +327,11 @@ static void test_pattention_gelu_accuracy(void) {
     const int n = 4001;
     const double zmax = 9.0;
     double *a = new_f64(n);
-    for (int j = 0; j < n; j++) a[j] = (float)(-1.0 + 2.0 * j / (n - 1));
+    for (int j = 0; j < n; j++)
+        a[j] = (float)(-1.0 + 2.0 * j / (n - 1));
     double sum = 0.0;
-    for (int j = 0; j < n; j++) sum += a[j] * a[j];
+    for (int j = 0; j < n; j++)
+        sum += a[j] * a[j];
     float tau = (float)(zmax * sqrt(sum));
     float *a32 = to_f32(a, n), *s32 = new_f32(n), *norm32 = new_f32(1);
     f32->pattention_norm_forward(s32, norm32, a32, 1, n, tau, 0.0f);
@@ -336,13 +377,15 @@ static void reference_attention(double *out, double *lse, const double *q, const
                     max = fmax(max, scores[j]);
                 }
                 double sum = 0.0;
-                for (int j = 0; j < tokens; j++) sum += exp(scores[j] - max);
+                for (int j = 0; j < tokens; j++)
+                    sum += exp(scores[j] - max);
                 lse[((size_t)b * heads + h) * tokens + i] = max + log(sum);
                 double *out_i = out + ((size_t)b * tokens + i) * stride + h * head_dim;
                 for (int d = 0; d < head_dim; d++) {
                     double value = 0.0;
                     for (int j = 0; j < tokens; j++)
-                        value += exp(scores[j] - max) / sum * v[((size_t)b * tokens + j) * stride + h * head_dim + d];
+                        value += exp(scores[j] - max) / sum *
+                                 v[((size_t)b * tokens + j) * stride + h * head_dim + d];
                     out_i[d] = value;
                 }
             }
@@ -363,8 +406,8 @@ static double attention_objective(void *context) {
  * qk_std: the spread of queries and keys; large values make sharp softmax rows, whose small
  * probabilities underflow in fp32 (scores std qk_std^2), and whose fp32 results are only as good
  * as scores of that size rounded to fp32 allow, hence f32_bound. */
-static void test_attention_case(int batch, int tokens, int heads, int head_dim, size_t fd_stride, double qk_std,
-                                double f32_bound) {
+static void test_attention_case(int batch, int tokens, int heads, int head_dim, size_t fd_stride,
+                                double qk_std, double f32_bound) {
     char what[96];
     size_t count = (size_t)batch * tokens * heads * head_dim, lse_count = (size_t)batch * heads * tokens;
     double *q = random_input(count, qk_std), *k = random_input(count, qk_std), *v = random_input(count, 1.0);
@@ -372,9 +415,11 @@ static void test_attention_case(int batch, int tokens, int heads, int head_dim, 
     double *expected_out = new_f64(count), *expected_lse = new_f64(lse_count);
     f64->attention_forward(out, lse, q, k, v, batch, tokens, heads, head_dim);
     reference_attention(expected_out, expected_lse, q, k, v, batch, tokens, heads, head_dim);
-    snprintf(what, sizeof what, "attention forward b%d t%d h%d d%d: out fp64", batch, tokens, heads, head_dim);
+    snprintf(what, sizeof what, "attention forward b%d t%d h%d d%d: out fp64", batch, tokens, heads,
+             head_dim);
     expect_close_f64(what, out, expected_out, count, F64_BOUND);
-    snprintf(what, sizeof what, "attention forward b%d t%d h%d d%d: lse fp64", batch, tokens, heads, head_dim);
+    snprintf(what, sizeof what, "attention forward b%d t%d h%d d%d: lse fp64", batch, tokens, heads,
+             head_dim);
     expect_close_f64(what, lse, expected_lse, lse_count, F64_BOUND);
     if (qk_std > 1.0) { /* make sure the sharp case does reach fp32 exp's underflow to 0 */
         size_t underflowing = 0;
@@ -393,15 +438,18 @@ static void test_attention_case(int batch, int tokens, int heads, int head_dim, 
 
     /* Backward against finite differences; the gradients start as garbage (they are overwritten). */
     double *w = random_input(count, 1.0);
-    double *dq = random_input(count, 100.0), *dk = random_input(count, 100.0), *dv = random_input(count, 100.0);
+    double *dq = random_input(count, 100.0), *dk = random_input(count, 100.0),
+           *dv = random_input(count, 100.0);
     f64->attention_backward(dq, dk, dv, w, q, k, v, out, lse, batch, tokens, heads, head_dim);
-    attention_context context = {new_f64(count), new_f64(lse_count), q, k, v, w, batch, tokens, heads, head_dim};
+    attention_context context = {new_f64(count), new_f64(lse_count), q, k, v, w, batch, tokens, heads,
+                                 head_dim};
     double *inputs[3] = {q, k, v}, *gradients[3] = {dq, dk, dv};
     const char *names[3] = {"dq", "dk", "dv"};
     for (int t = 0; t < 3; t++) {
-        double *numeric = numerical_gradient_every(inputs[t], count, fd_stride, attention_objective, &context);
-        snprintf(what, sizeof what, "attention backward b%d t%d h%d d%d: %s vs finite diff", batch, tokens, heads,
-                 head_dim, names[t]);
+        double *numeric =
+            numerical_gradient_every(inputs[t], count, fd_stride, attention_objective, &context);
+        snprintf(what, sizeof what, "attention backward b%d t%d h%d d%d: %s vs finite diff", batch, tokens,
+                 heads, head_dim, names[t]);
         size_t checked = (count + fd_stride - 1) / fd_stride;
         expect_close_f64(what, every(gradients[t], count, fd_stride), numeric, checked, FD_BOUND);
     }
@@ -410,17 +458,19 @@ static void test_attention_case(int batch, int tokens, int heads, int head_dim, 
     float *q32 = to_f32(q, count), *k32 = to_f32(k, count), *v32 = to_f32(v, count);
     float *out32 = new_f32(count), *lse32 = new_f32(lse_count);
     f32->attention_forward(out32, lse32, q32, k32, v32, batch, tokens, heads, head_dim);
-    snprintf(what, sizeof what, "attention b%d t%d h%d d%d fp32 vs fp64: out", batch, tokens, heads, head_dim);
+    snprintf(what, sizeof what, "attention b%d t%d h%d d%d fp32 vs fp64: out", batch, tokens, heads,
+             head_dim);
     expect_f32_close(what, out32, out, count, f32_bound);
-    snprintf(what, sizeof what, "attention b%d t%d h%d d%d fp32 vs fp64: lse", batch, tokens, heads, head_dim);
+    snprintf(what, sizeof what, "attention b%d t%d h%d d%d fp32 vs fp64: lse", batch, tokens, heads,
+             head_dim);
     expect_f32_close(what, lse32, lse, lse_count, f32_bound);
     float *dq32 = new_f32(count), *dk32 = new_f32(count), *dv32 = new_f32(count);
-    f32->attention_backward(dq32, dk32, dv32, to_f32(w, count), q32, k32, v32, out32, lse32, batch, tokens, heads,
-                            head_dim);
+    f32->attention_backward(dq32, dk32, dv32, to_f32(w, count), q32, k32, v32, out32, lse32, batch, tokens,
+                            heads, head_dim);
     float *gradients32[3] = {dq32, dk32, dv32};
     for (int t = 0; t < 3; t++) {
-        snprintf(what, sizeof what, "attention b%d t%d h%d d%d fp32 vs fp64: %s", batch, tokens, heads, head_dim,
-                 names[t]);
+        snprintf(what, sizeof what, "attention b%d t%d h%d d%d fp32 vs fp64: %s", batch, tokens, heads,
+                 head_dim, names[t]);
         expect_f32_close(what, gradients32[t], gradients[t], count, f32_bound);
     }
 }
@@ -429,7 +479,8 @@ static void test_attention(void) {
     printf("attention\n");
     test_attention_case(2, 7, 3, 5, 1, 1.0, F32_BOUND);
     test_attention_case(1, 13, 2, 16, 1, 1.0, F32_BOUND);
-    test_attention_case(2, 19, 2, 20, 1, 1.0, F32_BOUND); /* head_dim not a whole vector, several query blocks */
+    test_attention_case(2, 19, 2, 20, 1, 1.0,
+                        F32_BOUND); /* head_dim not a whole vector, several query blocks */
     test_attention_case(3, 50, 3, 32, 13, 1.0, F32_BOUND); /* the CPU demo's shape; finite diff on 1/13 */
     test_attention_case(1, 21, 2, 16, 1, 5.0, 1e-4);       /* sharp rows: exp underflows in fp32 */
     free_all();
@@ -437,13 +488,15 @@ static void test_attention(void) {
 
 /* ---- LayerNorm ----------------------------------------------------------------------------- */
 
-static void reference_layernorm(double *out, double *mean, double *rstd, const double *x, const double *weight,
-                                const double *bias, int rows, int dim, double eps) {
+static void reference_layernorm(double *out, double *mean, double *rstd, const double *x,
+                                const double *weight, const double *bias, int rows, int dim, double eps) {
     for (int i = 0; i < rows; i++) {
         const double *x_i = x + (size_t)i * dim;
         double mu = 0.0, var = 0.0;
-        for (int j = 0; j < dim; j++) mu += x_i[j] / dim;
-        for (int j = 0; j < dim; j++) var += (x_i[j] - mu) * (x_i[j] - mu) / dim;
+        for (int j = 0; j < dim; j++)
+            mu += x_i[j] / dim;
+        for (int j = 0; j < dim; j++)
+            var += (x_i[j] - mu) * (x_i[j] - mu) / dim;
         mean[i] = mu;
         rstd[i] = 1.0 / sqrt(var + eps);
         for (int j = 0; j < dim; j++) {
@@ -471,8 +524,10 @@ static void test_layernorm_case(int rows, int dim, bool parametric) {
     size_t count = (size_t)rows * dim;
     const char *kind = parametric ? "parametric" : "plain";
     double *x = random_input(count, 2.0);
-    for (size_t i = 0; i < count; i++) x[i] += (float)(i % dim) * 0.25f; /* a mean far from 0 */
-    double *weight = parametric ? random_input(dim, 1.0) : NULL, *bias = parametric ? random_input(dim, 1.0) : NULL;
+    for (size_t i = 0; i < count; i++)
+        x[i] += (float)(i % dim) * 0.25f; /* a mean far from 0 */
+    double *weight = parametric ? random_input(dim, 1.0) : NULL,
+           *bias = parametric ? random_input(dim, 1.0) : NULL;
     double *out = new_f64(count), *mean = new_f64(rows), *rstd = new_f64(rows);
     double *expected = new_f64(count), *expected_mean = new_f64(rows), *expected_rstd = new_f64(rows);
     f64->layernorm_forward(out, mean, rstd, x, weight, bias, rows, dim, eps);
@@ -485,44 +540,54 @@ static void test_layernorm_case(int rows, int dim, bool parametric) {
 
     /* Backward: dx is accumulated into, so start from random values and subtract them. */
     double *w = random_input(count, 1.0), *dx0 = random_input(count, 1.0), *dx = copy_f64(dx0, count);
-    double *dweight0 = parametric ? random_input(dim, 1.0) : NULL, *dbias0 = parametric ? random_input(dim, 1.0) : NULL;
-    double *dweight = parametric ? copy_f64(dweight0, dim) : NULL, *dbias = parametric ? copy_f64(dbias0, dim) : NULL;
+    double *dweight0 = parametric ? random_input(dim, 1.0) : NULL,
+           *dbias0 = parametric ? random_input(dim, 1.0) : NULL;
+    double *dweight = parametric ? copy_f64(dweight0, dim) : NULL,
+           *dbias = parametric ? copy_f64(dbias0, dim) : NULL;
     f64->layernorm_backward(dx, dweight, dbias, w, x, mean, rstd, weight, rows, dim);
-    for (size_t i = 0; i < count; i++) dx[i] -= dx0[i];
-    layernorm_context context = {new_f64(count), new_f64(rows), new_f64(rows), x, weight, bias, w, rows, dim, eps};
+    for (size_t i = 0; i < count; i++)
+        dx[i] -= dx0[i];
+    layernorm_context context = {
+        new_f64(count), new_f64(rows), new_f64(rows), x, weight, bias, w, rows, dim, eps};
     snprintf(what, sizeof what, "layernorm backward %s %dx%d: dx vs finite diff", kind, rows, dim);
     expect_close_f64(what, dx, numerical_gradient(x, count, layernorm_objective, &context), count, FD_BOUND);
     if (parametric) {
-        for (int j = 0; j < dim; j++) dweight[j] -= dweight0[j], dbias[j] -= dbias0[j];
+        for (int j = 0; j < dim; j++)
+            dweight[j] -= dweight0[j], dbias[j] -= dbias0[j];
         snprintf(what, sizeof what, "layernorm backward %s %dx%d: dweight vs finite diff", kind, rows, dim);
-        expect_close_f64(what, dweight, numerical_gradient(weight, dim, layernorm_objective, &context), dim, FD_BOUND);
+        expect_close_f64(what, dweight, numerical_gradient(weight, dim, layernorm_objective, &context), dim,
+                         FD_BOUND);
         snprintf(what, sizeof what, "layernorm backward %s %dx%d: dbias vs finite diff", kind, rows, dim);
-        expect_close_f64(what, dbias, numerical_gradient(bias, dim, layernorm_objective, &context), dim, FD_BOUND);
+        expect_close_f64(what, dbias, numerical_gradient(bias, dim, layernorm_objective, &context), dim,
+                         FD_BOUND);
     }
 
     /* Accumulation: two calls from zero give twice one call. */
     double *once = new_f64(count), *twice = new_f64(count);
     double *dweight_once = new_f64(dim), *dweight_twice = new_f64(dim);
     double *dbias_once = new_f64(dim), *dbias_twice = new_f64(dim);
-    f64->layernorm_backward(once, parametric ? dweight_once : NULL, parametric ? dbias_once : NULL, w, x, mean, rstd,
-                            weight, rows, dim);
+    f64->layernorm_backward(once, parametric ? dweight_once : NULL, parametric ? dbias_once : NULL, w, x,
+                            mean, rstd, weight, rows, dim);
     for (int call = 0; call < 2; call++)
-        f64->layernorm_backward(twice, parametric ? dweight_twice : NULL, parametric ? dbias_twice : NULL, w, x, mean,
-                                rstd, weight, rows, dim);
-    for (size_t i = 0; i < count; i++) once[i] *= 2;
-    for (int j = 0; j < dim; j++) dweight_once[j] *= 2, dbias_once[j] *= 2;
+        f64->layernorm_backward(twice, parametric ? dweight_twice : NULL, parametric ? dbias_twice : NULL, w,
+                                x, mean, rstd, weight, rows, dim);
+    for (size_t i = 0; i < count; i++)
+        once[i] *= 2;
+    for (int j = 0; j < dim; j++)
+        dweight_once[j] *= 2, dbias_once[j] *= 2;
     snprintf(what, sizeof what, "layernorm backward %s %dx%d: two calls accumulate dx", kind, rows, dim);
     expect_close_f64(what, twice, once, count, 1e-15);
     if (parametric) {
-        snprintf(what, sizeof what, "layernorm backward %s %dx%d: two calls accumulate dweight, dbias", kind, rows,
-                 dim);
+        snprintf(what, sizeof what, "layernorm backward %s %dx%d: two calls accumulate dweight, dbias", kind,
+                 rows, dim);
         expect_close_f64(what, dweight_twice, dweight_once, dim, 1e-15);
         expect_close_f64(what, dbias_twice, dbias_once, dim, 1e-15);
     }
 
     /* fp32 against fp64 (forward, and backward from dx = 0). */
     float *x32 = to_f32(x, count), *out32 = new_f32(count), *mean32 = new_f32(rows), *rstd32 = new_f32(rows);
-    float *weight32 = parametric ? to_f32(weight, dim) : NULL, *bias32 = parametric ? to_f32(bias, dim) : NULL;
+    float *weight32 = parametric ? to_f32(weight, dim) : NULL,
+          *bias32 = parametric ? to_f32(bias, dim) : NULL;
     f32->layernorm_forward(out32, mean32, rstd32, x32, weight32, bias32, rows, dim, eps);
     snprintf(what, sizeof what, "layernorm %s %dx%d fp32 vs fp64: out", kind, rows, dim);
     expect_f32_close(what, out32, out, count, F32_BOUND);
@@ -530,14 +595,17 @@ static void test_layernorm_case(int rows, int dim, bool parametric) {
     expect_f32_close(what, mean32, mean, rows, F32_BOUND);
     expect_f32_close(what, rstd32, rstd, rows, F32_BOUND);
     float *dx32 = new_f32(count), *dweight32 = new_f32(dim), *dbias32 = new_f32(dim);
-    f32->layernorm_backward(dx32, parametric ? dweight32 : NULL, parametric ? dbias32 : NULL, to_f32(w, count), x32,
-                            mean32, rstd32, weight32, rows, dim);
-    for (size_t i = 0; i < count; i++) once[i] /= 2;
+    f32->layernorm_backward(dx32, parametric ? dweight32 : NULL, parametric ? dbias32 : NULL,
+                            to_f32(w, count), x32, mean32, rstd32, weight32, rows, dim);
+    for (size_t i = 0; i < count; i++)
+        once[i] /= 2;
     snprintf(what, sizeof what, "layernorm backward %s %dx%d fp32 vs fp64: dx", kind, rows, dim);
     expect_f32_close(what, dx32, once, count, F32_BOUND);
     if (parametric) {
-        for (int j = 0; j < dim; j++) dweight_once[j] /= 2, dbias_once[j] /= 2;
-        snprintf(what, sizeof what, "layernorm backward %s %dx%d fp32 vs fp64: dweight, dbias", kind, rows, dim);
+        for (int j = 0; j < dim; j++)
+            dweight_once[j] /= 2, dbias_once[j] /= 2;
+        snprintf(what, sizeof what, "layernorm backward %s %dx%d fp32 vs fp64: dweight, dbias", kind, rows,
+                 dim);
         expect_f32_close(what, dweight32, dweight_once, dim, F32_BOUND);
         expect_f32_close(what, dbias32, dbias_once, dim, F32_BOUND);
     }
@@ -551,8 +619,8 @@ typedef struct {
 
 static double residual_layernorm_objective(void *context) {
     residual_layernorm_context *c = context;
-    f64->residual_layernorm_forward(c->residual_out, c->ln_out, c->mean, c->rstd, c->residual_in, c->branch, c->scale,
-                                    c->rows, c->dim, c->rows_per_sample, c->eps);
+    f64->residual_layernorm_forward(c->residual_out, c->ln_out, c->mean, c->rstd, c->residual_in, c->branch,
+                                    c->scale, c->rows, c->dim, c->rows_per_sample, c->eps);
     return dot(c->w, c->ln_out, (size_t)c->rows * c->dim);
 }
 
@@ -565,7 +633,8 @@ static void test_residual_layernorm(bool with_scale) {
     double *residual_in = random_input(count, 1.0), *branch = random_input(count, 1.0);
     double scales[3] = {0.0, 1.25, 1.25};
     double *scale = with_scale ? scales : NULL;
-    double *residual_out = new_f64(count), *ln_out = new_f64(count), *mean = new_f64(rows), *rstd = new_f64(rows);
+    double *residual_out = new_f64(count), *ln_out = new_f64(count), *mean = new_f64(rows),
+           *rstd = new_f64(rows);
     f64->residual_layernorm_forward(residual_out, ln_out, mean, rstd, residual_in, branch, scale, rows, dim,
                                     rows_per_sample, eps);
     double *expected_sum = new_f64(count), *expected_ln = new_f64(count);
@@ -582,8 +651,8 @@ static void test_residual_layernorm(bool with_scale) {
 
     /* In place on the residual stream. */
     double *stream = copy_f64(residual_in, count), *ln_in_place = new_f64(count);
-    f64->residual_layernorm_forward(stream, ln_in_place, new_f64(rows), new_f64(rows), stream, branch, scale, rows, dim,
-                                    rows_per_sample, eps);
+    f64->residual_layernorm_forward(stream, ln_in_place, new_f64(rows), new_f64(rows), stream, branch, scale,
+                                    rows, dim, rows_per_sample, eps);
     snprintf(what, sizeof what, "residual_layernorm %s: in place (residual_out == residual_in)", kind);
     expect_equal_f64(what, stream, residual_out, count);
     expect_equal_f64(what, ln_in_place, ln_out, count);
@@ -593,17 +662,29 @@ static void test_residual_layernorm(bool with_scale) {
     double *w = random_input(count, 1.0), *dsum = new_f64(count), *dbranch = new_f64(count);
     f64->layernorm_backward(dsum, NULL, NULL, w, residual_out, mean, rstd, NULL, rows, dim);
     f64->residual_backward(dbranch, dsum, scale, rows, dim, rows_per_sample);
-    residual_layernorm_context context = {new_f64(count), new_f64(count), new_f64(rows), new_f64(rows), residual_in,
-                                          branch, scale, w, rows, dim, rows_per_sample, eps};
+    residual_layernorm_context context = {new_f64(count),
+                                          new_f64(count),
+                                          new_f64(rows),
+                                          new_f64(rows),
+                                          residual_in,
+                                          branch,
+                                          scale,
+                                          w,
+                                          rows,
+                                          dim,
+                                          rows_per_sample,
+                                          eps};
     snprintf(what, sizeof what, "residual_layernorm + backward chain %s: dbranch vs finite diff", kind);
-    expect_close_f64(what, dbranch, numerical_gradient(branch, count, residual_layernorm_objective, &context), count,
-                     FD_BOUND);
+    expect_close_f64(what, dbranch, numerical_gradient(branch, count, residual_layernorm_objective, &context),
+                     count, FD_BOUND);
 
     /* fp32 against fp64. */
     float scales32[3] = {0.0f, 1.25f, 1.25f};
-    float *residual_out32 = new_f32(count), *ln_out32 = new_f32(count), *mean32 = new_f32(rows), *rstd32 = new_f32(rows);
+    float *residual_out32 = new_f32(count), *ln_out32 = new_f32(count), *mean32 = new_f32(rows),
+          *rstd32 = new_f32(rows);
     f32->residual_layernorm_forward(residual_out32, ln_out32, mean32, rstd32, to_f32(residual_in, count),
-                                    to_f32(branch, count), with_scale ? scales32 : NULL, rows, dim, rows_per_sample, eps);
+                                    to_f32(branch, count), with_scale ? scales32 : NULL, rows, dim,
+                                    rows_per_sample, eps);
     snprintf(what, sizeof what, "residual_layernorm %s fp32 vs fp64: residual_out, ln_out", kind);
     expect_f32_close(what, residual_out32, residual_out, count, F32_BOUND);
     expect_f32_close(what, ln_out32, ln_out, count, F32_BOUND);
@@ -661,7 +742,8 @@ static void test_residual_case(bool with_scale) {
     f64->residual_backward(dbranch, w, scale, rows, dim, rows_per_sample);
     residual_context context = {new_f64(count), residual_in, branch, scale, w, rows, dim, rows_per_sample};
     snprintf(what, sizeof what, "residual backward %s: dbranch vs finite diff", kind);
-    expect_close_f64(what, dbranch, numerical_gradient(branch, count, residual_objective, &context), count, FD_BOUND);
+    expect_close_f64(what, dbranch, numerical_gradient(branch, count, residual_objective, &context), count,
+                     FD_BOUND);
     double *in_place = copy_f64(w, count);
     f64->residual_backward(in_place, in_place, scale, rows, dim, rows_per_sample);
     snprintf(what, sizeof what, "residual backward %s: in place", kind);
@@ -669,9 +751,10 @@ static void test_residual_case(bool with_scale) {
 
     float scales32[2] = {(float)(1.0 / 0.7), 0.0f};
     float *out32 = new_f32(count), *dbranch32 = new_f32(count);
-    f32->residual_forward(out32, to_f32(residual_in, count), to_f32(branch, count), with_scale ? scales32 : NULL, rows,
-                          dim, rows_per_sample);
-    f32->residual_backward(dbranch32, to_f32(w, count), with_scale ? scales32 : NULL, rows, dim, rows_per_sample);
+    f32->residual_forward(out32, to_f32(residual_in, count), to_f32(branch, count),
+                          with_scale ? scales32 : NULL, rows, dim, rows_per_sample);
+    f32->residual_backward(dbranch32, to_f32(w, count), with_scale ? scales32 : NULL, rows, dim,
+                           rows_per_sample);
     snprintf(what, sizeof what, "residual %s fp32 vs fp64: out, dbranch", kind);
     expect_f32_close(what, out32, out, count, F32_BOUND);
     expect_f32_close(what, dbranch32, dbranch, count, F32_BOUND);
@@ -689,13 +772,15 @@ static void test_residual(void) {
 static void test_patch_im2col(void) {
     const int batch = 2, channels = 3, size = 12, patch = 4, dim = 5, grid = size / patch;
     const int patch_size = channels * patch * patch, patches = grid * grid;
-    size_t image_count = (size_t)batch * channels * size * size, patch_count = (size_t)batch * patches * patch_size;
+    size_t image_count = (size_t)batch * channels * size * size,
+           patch_count = (size_t)batch * patches * patch_size;
     double *images = random_input(image_count, 1.0), *columns = new_f64(patch_count);
     f64->patch_im2col(columns, images, batch, channels, size, patch);
     /* The reason it exists: columns times the conv weight [dim, channels, patch, patch] seen as
      * [dim, patch_size] is the stride-patch convolution, computed here directly. */
     double *weight = random_input((size_t)dim * patch_size, 1.0);
-    double *via_columns = new_f64((size_t)batch * patches * dim), *direct = new_f64((size_t)batch * patches * dim);
+    double *via_columns = new_f64((size_t)batch * patches * dim),
+           *direct = new_f64((size_t)batch * patches * dim);
     tf_matmul_desc desc = {.m = batch * patches, .n = dim, .k = patch_size, .transpose_b = true};
     f64->matmul(via_columns, columns, weight, &desc);
     for (int b = 0; b < batch; b++)
@@ -707,14 +792,16 @@ static void test_patch_im2col(void) {
                         for (int y = 0; y < patch; y++)
                             for (int x = 0; x < patch; x++)
                                 sum += weight[(((size_t)o * channels + c) * patch + y) * patch + x] *
-                                       images[(((size_t)b * channels + c) * size + gy * patch + y) * size + gx * patch + x];
+                                       images[(((size_t)b * channels + c) * size + gy * patch + y) * size +
+                                              gx * patch + x];
                     direct[(((size_t)b * grid + gy) * grid + gx) * dim + o] = sum;
                 }
     expect_close_f64("patch_im2col + matmul vs direct convolution fp64", via_columns, direct,
                      (size_t)batch * patches * dim, F64_BOUND);
     float *columns32 = new_f32(patch_count);
     f32->patch_im2col(columns32, to_f32(images, image_count), batch, channels, size, patch);
-    expect_equal_f64("patch_im2col fp32 equals fp64 (a copy)", to_f64(columns32, patch_count), columns, patch_count);
+    expect_equal_f64("patch_im2col fp32 equals fp64 (a copy)", to_f64(columns32, patch_count), columns,
+                     patch_count);
 }
 
 typedef struct {
@@ -732,13 +819,15 @@ static void test_tokens(void) {
     const int batch = 3, patches = 7, dim = 11, tokens = patches + 1;
     size_t patch_count = (size_t)batch * patches * dim, x_count = (size_t)batch * tokens * dim;
     double *patch_tokens = random_input(patch_count, 1.0), *cls = random_input(dim, 1.0);
-    double *pos = random_input((size_t)tokens * dim, 1.0), *x = new_f64(x_count), *expected = new_f64(x_count);
+    double *pos = random_input((size_t)tokens * dim, 1.0), *x = new_f64(x_count),
+           *expected = new_f64(x_count);
     f64->tokens_forward(x, patch_tokens, cls, pos, batch, patches, dim);
     for (int b = 0; b < batch; b++)
         for (int t = 0; t < tokens; t++)
             for (int j = 0; j < dim; j++)
                 expected[((size_t)b * tokens + t) * dim + j] =
-                    pos[(size_t)t * dim + j] + (t == 0 ? cls[j] : patch_tokens[((size_t)b * patches + t - 1) * dim + j]);
+                    pos[(size_t)t * dim + j] +
+                    (t == 0 ? cls[j] : patch_tokens[((size_t)b * patches + t - 1) * dim + j]);
     expect_close_f64("tokens_forward fp64", x, expected, x_count, F64_BOUND);
 
     /* Backward: dpatch_tokens overwritten (starts as garbage), dcls and dpos accumulated. */
@@ -746,34 +835,45 @@ static void test_tokens(void) {
     double *dcls0 = random_input(dim, 1.0), *dpos0 = random_input((size_t)tokens * dim, 1.0);
     double *dcls = copy_f64(dcls0, dim), *dpos = copy_f64(dpos0, (size_t)tokens * dim);
     f64->tokens_backward(dpatch, dcls, dpos, w, batch, patches, dim);
-    for (int j = 0; j < dim; j++) dcls[j] -= dcls0[j];
-    for (int i = 0; i < tokens * dim; i++) dpos[i] -= dpos0[i];
+    for (int j = 0; j < dim; j++)
+        dcls[j] -= dcls0[j];
+    for (int i = 0; i < tokens * dim; i++)
+        dpos[i] -= dpos0[i];
     tokens_context context = {new_f64(x_count), patch_tokens, cls, pos, w, batch, patches, dim};
     expect_close_f64("tokens_backward: dpatch_tokens vs finite diff", dpatch,
-                     numerical_gradient(patch_tokens, patch_count, tokens_objective, &context), patch_count, FD_BOUND);
+                     numerical_gradient(patch_tokens, patch_count, tokens_objective, &context), patch_count,
+                     FD_BOUND);
     expect_close_f64("tokens_backward: dcls vs finite diff (accumulated)", dcls,
                      numerical_gradient(cls, dim, tokens_objective, &context), dim, FD_BOUND);
     expect_close_f64("tokens_backward: dpos vs finite diff (accumulated)", dpos,
-                     numerical_gradient(pos, (size_t)tokens * dim, tokens_objective, &context), (size_t)tokens * dim,
-                     FD_BOUND);
+                     numerical_gradient(pos, (size_t)tokens * dim, tokens_objective, &context),
+                     (size_t)tokens * dim, FD_BOUND);
     double *dcls_twice = new_f64(dim), *dpos_twice = new_f64((size_t)tokens * dim);
-    for (int call = 0; call < 2; call++) f64->tokens_backward(dpatch, dcls_twice, dpos_twice, w, batch, patches, dim);
-    for (int j = 0; j < dim; j++) dcls[j] *= 2;
-    for (int i = 0; i < tokens * dim; i++) dpos[i] *= 2;
+    for (int call = 0; call < 2; call++)
+        f64->tokens_backward(dpatch, dcls_twice, dpos_twice, w, batch, patches, dim);
+    for (int j = 0; j < dim; j++)
+        dcls[j] *= 2;
+    for (int i = 0; i < tokens * dim; i++)
+        dpos[i] *= 2;
     expect_close_f64("tokens_backward: two calls accumulate dcls", dcls_twice, dcls, dim, 1e-14);
-    expect_close_f64("tokens_backward: two calls accumulate dpos", dpos_twice, dpos, (size_t)tokens * dim, 1e-14);
+    expect_close_f64("tokens_backward: two calls accumulate dpos", dpos_twice, dpos, (size_t)tokens * dim,
+                     1e-14);
 
     float *x32 = new_f32(x_count), *dpatch32 = new_f32(patch_count), *dcls32 = new_f32(dim);
     float *dpos32 = new_f32((size_t)tokens * dim);
-    f32->tokens_forward(x32, to_f32(patch_tokens, patch_count), to_f32(cls, dim), to_f32(pos, (size_t)tokens * dim),
-                        batch, patches, dim);
+    f32->tokens_forward(x32, to_f32(patch_tokens, patch_count), to_f32(cls, dim),
+                        to_f32(pos, (size_t)tokens * dim), batch, patches, dim);
     f32->tokens_backward(dpatch32, dcls32, dpos32, to_f32(w, x_count), batch, patches, dim);
-    for (int j = 0; j < dim; j++) dcls[j] /= 2;
-    for (int i = 0; i < tokens * dim; i++) dpos[i] /= 2;
+    for (int j = 0; j < dim; j++)
+        dcls[j] /= 2;
+    for (int i = 0; i < tokens * dim; i++)
+        dpos[i] /= 2;
     expect_f32_close("tokens fp32 vs fp64: x", x32, x, x_count, F32_BOUND);
-    expect_f32_close("tokens fp32 vs fp64: dpatch_tokens, dcls, dpos", dpatch32, dpatch, patch_count, F32_BOUND);
+    expect_f32_close("tokens fp32 vs fp64: dpatch_tokens, dcls, dpos", dpatch32, dpatch, patch_count,
+                     F32_BOUND);
     expect_f32_close("tokens fp32 vs fp64: dpatch_tokens, dcls, dpos", dcls32, dcls, dim, F32_BOUND);
-    expect_f32_close("tokens fp32 vs fp64: dpatch_tokens, dcls, dpos", dpos32, dpos, (size_t)tokens * dim, F32_BOUND);
+    expect_f32_close("tokens fp32 vs fp64: dpatch_tokens, dcls, dpos", dpos32, dpos, (size_t)tokens * dim,
+                     F32_BOUND);
 }
 
 static void test_patch_embed(void) {
@@ -810,7 +910,8 @@ static void test_token_pool(tf_pool pool) {
             if (pool == TF_POOL_CLS)
                 value = x[(size_t)b * tokens * dim + j];
             else
-                for (int t = 1; t < tokens; t++) value += x[((size_t)b * tokens + t) * dim + j] / (tokens - 1);
+                for (int t = 1; t < tokens; t++)
+                    value += x[((size_t)b * tokens + t) * dim + j] / (tokens - 1);
             expected[(size_t)b * dim + j] = value;
         }
     snprintf(what, sizeof what, "token_pool forward %s fp64", kind);
@@ -836,18 +937,22 @@ static void test_bias_backward(int rows, int dim) {
     double *dout = random_input(count, 1.0), *dbias0 = random_input(dim, 1.0), *dbias = copy_f64(dbias0, dim);
     double *expected = copy_f64(dbias0, dim);
     for (int r = 0; r < rows; r++)
-        for (int j = 0; j < dim; j++) expected[j] += dout[(size_t)r * dim + j];
+        for (int j = 0; j < dim; j++)
+            expected[j] += dout[(size_t)r * dim + j];
     f64->bias_backward(dbias, dout, rows, dim);
     snprintf(what, sizeof what, "bias_backward %dx%d fp64 (accumulated onto random)", rows, dim);
     expect_close_f64(what, dbias, expected, dim, F64_BOUND);
-    for (int j = 0; j < dim; j++) expected[j] = 2 * (expected[j] - dbias0[j]);
+    for (int j = 0; j < dim; j++)
+        expected[j] = 2 * (expected[j] - dbias0[j]);
     double *twice = new_f64(dim);
-    for (int call = 0; call < 2; call++) f64->bias_backward(twice, dout, rows, dim);
+    for (int call = 0; call < 2; call++)
+        f64->bias_backward(twice, dout, rows, dim);
     snprintf(what, sizeof what, "bias_backward %dx%d: two calls accumulate", rows, dim);
     expect_close_f64(what, twice, expected, dim, F64_BOUND);
     float *dbias32 = new_f32(dim);
     f32->bias_backward(dbias32, to_f32(dout, count), rows, dim);
-    for (int j = 0; j < dim; j++) expected[j] /= 2;
+    for (int j = 0; j < dim; j++)
+        expected[j] /= 2;
     snprintf(what, sizeof what, "bias_backward %dx%d fp32 vs fp64", rows, dim);
     expect_f32_close(what, dbias32, expected, dim, F32_BOUND);
 }
@@ -871,9 +976,11 @@ typedef struct {
 
 static double cross_entropy_objective(void *context) {
     cross_entropy_context *c = context;
-    f64->cross_entropy_forward_backward(c->loss, NULL, c->logits, c->target, c->batch, c->classes, c->dloss_scale);
+    f64->cross_entropy_forward_backward(c->loss, NULL, c->logits, c->target, c->batch, c->classes,
+                                        c->dloss_scale);
     double sum = 0.0;
-    for (int b = 0; b < c->batch; b++) sum += c->loss[b];
+    for (int b = 0; b < c->batch; b++)
+        sum += c->loss[b];
     return c->dloss_scale * sum;
 }
 
@@ -882,8 +989,10 @@ static double *random_targets(int batch, int classes) {
     double *target = new_f64((size_t)batch * classes);
     for (int b = 0; b < batch; b++) {
         double sum = 0.0;
-        for (int c = 0; c < classes; c++) sum += target[(size_t)b * classes + c] = 0.05 + tf_rng_uniform(&rng);
-        for (int c = 0; c < classes; c++) target[(size_t)b * classes + c] = (float)(target[(size_t)b * classes + c] / sum);
+        for (int c = 0; c < classes; c++)
+            sum += target[(size_t)b * classes + c] = 0.05 + tf_rng_uniform(&rng);
+        for (int c = 0; c < classes; c++)
+            target[(size_t)b * classes + c] = (float)(target[(size_t)b * classes + c] / sum);
     }
     return target;
 }
@@ -899,20 +1008,24 @@ static void test_cross_entropy_case(double logit_std, const char *label) {
     for (int b = 0; b < batch; b++) {
         const double *l = logits + (size_t)b * classes;
         double max = l[0], sum = 0.0, value = 0.0;
-        for (int c = 1; c < classes; c++) max = fmax(max, l[c]);
-        for (int c = 0; c < classes; c++) sum += exp(l[c] - max);
-        for (int c = 0; c < classes; c++) value -= target[(size_t)b * classes + c] * (l[c] - max - log(sum));
+        for (int c = 1; c < classes; c++)
+            max = fmax(max, l[c]);
+        for (int c = 0; c < classes; c++)
+            sum += exp(l[c] - max);
+        for (int c = 0; c < classes; c++)
+            value -= target[(size_t)b * classes + c] * (l[c] - max - log(sum));
         expected[b] = value;
     }
     snprintf(what, sizeof what, "cross_entropy %s: loss fp64", label);
     expect_close_f64(what, loss, expected, batch, F64_BOUND);
     cross_entropy_context context = {new_f64(batch), logits, target, batch, classes, dloss_scale};
     snprintf(what, sizeof what, "cross_entropy %s: dlogits vs finite diff", label);
-    expect_close_f64(what, dlogits, numerical_gradient(logits, count, cross_entropy_objective, &context), count,
-                     FD_BOUND);
+    expect_close_f64(what, dlogits, numerical_gradient(logits, count, cross_entropy_objective, &context),
+                     count, FD_BOUND);
 
     double *in_place = copy_f64(logits, count), *loss_in_place = new_f64(batch);
-    f64->cross_entropy_forward_backward(loss_in_place, in_place, in_place, target, batch, classes, dloss_scale);
+    f64->cross_entropy_forward_backward(loss_in_place, in_place, in_place, target, batch, classes,
+                                        dloss_scale);
     snprintf(what, sizeof what, "cross_entropy %s: in place (dlogits == logits)", label);
     expect_equal_f64(what, in_place, dlogits, count);
     expect_equal_f64(what, loss_in_place, loss, batch);
@@ -922,7 +1035,8 @@ static void test_cross_entropy_case(double logit_std, const char *label) {
     expect_equal_f64(what, loss_only, loss, batch);
 
     float *loss32 = new_f32(batch), *logits32 = to_f32(logits, count);
-    f32->cross_entropy_forward_backward(loss32, logits32, logits32, to_f32(target, count), batch, classes, dloss_scale);
+    f32->cross_entropy_forward_backward(loss32, logits32, logits32, to_f32(target, count), batch, classes,
+                                        dloss_scale);
     snprintf(what, sizeof what, "cross_entropy %s fp32 vs fp64: loss, dlogits (in place)", label);
     expect_f32_close(what, loss32, loss, batch, F32_BOUND);
     expect_f32_close(what, logits32, dlogits, count, F32_BOUND);
@@ -943,7 +1057,8 @@ static void test_adamw(bool separate_compute) {
                                       {.offset = 20, .count = 17, .lr_scale = 0.5f, .weight_decay = 0.0f}};
     tf_adamw_hyper hyper = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .grad_scale = 0.5f};
     double *p0 = random_input(n, 1.0), *m0 = random_input(n, 0.1), *v0 = random_input(n, 0.1);
-    for (int i = 0; i < n; i++) v0[i] = (float)(v0[i] * v0[i]); /* second moments are >= 0 */
+    for (int i = 0; i < n; i++)
+        v0[i] = (float)(v0[i] * v0[i]); /* second moments are >= 0 */
     double *grads[2] = {random_input(n, 1.0), random_input(n, 1.0)};
 
     /* The reference, straight from the formulas of tf_adamw_hyper, in double. */
@@ -951,7 +1066,8 @@ static void test_adamw(bool separate_compute) {
     for (int step = 1; step <= steps; step++)
         for (int g = 0; g < 2; g++)
             for (size_t i = groups[g].offset; i < groups[g].offset + groups[g].count; i++) {
-                double lr = (double)hyper.lr * groups[g].lr_scale, grad = grads[step - 1][i] * hyper.grad_scale;
+                double lr = (double)hyper.lr * groups[g].lr_scale,
+                       grad = grads[step - 1][i] * hyper.grad_scale;
                 p[i] *= 1.0 - lr * groups[g].weight_decay;
                 m[i] = hyper.beta1 * m[i] + (1.0 - hyper.beta1) * grad;
                 v[i] = hyper.beta2 * v[i] + (1.0 - hyper.beta2) * grad * grad;
@@ -978,7 +1094,8 @@ static void test_adamw(bool separate_compute) {
         change32[i] = (double)p32[i] - p0[i];
     }
     snprintf(what, sizeof what, "adamw %s: two steps, parameter change fp64", kind);
-    expect_close_f64(what, change, expected_change, n, 1e-9); /* beta^step etc. differ in rounding order only */
+    expect_close_f64(what, change, expected_change, n,
+                     1e-9); /* beta^step etc. differ in rounding order only */
     snprintf(what, sizeof what, "adamw %s: two steps, m and v fp64", kind);
     expect_close_f64(what, m64, m, n, 1e-12);
     expect_close_f64(what, v64, v, n, 1e-12);
@@ -1009,7 +1126,8 @@ static void test_ema_and_sum_squares(void) {
     const float decay = 0.999f;
     double *ema0 = random_input(n, 1.0), *master = random_input(n, 1.0), *ema = copy_f64(ema0, n);
     double *expected = new_f64(n);
-    for (size_t i = 0; i < n; i++) expected[i] = (double)decay * ema0[i] + (1.0 - (double)decay) * master[i];
+    for (size_t i = 0; i < n; i++)
+        expected[i] = (double)decay * ema0[i] + (1.0 - (double)decay) * master[i];
     f64->ema_update(ema, master, n, decay);
     expect_close_f64("ema_update fp64", ema, expected, n, F64_BOUND);
     float *ema32 = to_f32(ema0, n);
@@ -1017,7 +1135,8 @@ static void test_ema_and_sum_squares(void) {
     expect_f32_close("ema_update fp32 vs fp64", ema32, ema, n, F32_BOUND);
 
     double sum = 0.0;
-    for (size_t i = 0; i < n; i++) sum += master[i] * master[i];
+    for (size_t i = 0; i < n; i++)
+        sum += master[i] * master[i];
     double sum64 = f64->sum_squares(master, n), sum32 = f32->sum_squares(to_f32(master, n), n);
     expect_below("sum_squares fp64 relative error", fabs(sum64 - sum) / sum, F64_BOUND);
     expect_below("sum_squares fp32 relative error (accumulated in double)", fabs(sum32 - sum) / sum, 1e-13);
@@ -1038,7 +1157,8 @@ static void test_images_normalize(void) {
     const size_t count = (size_t)batch * channels * size * size;
     const float mean[3] = {0.485f, 0.456f, 0.406f}, std[3] = {0.229f, 0.224f, 0.225f};
     uint8_t *pixels = test_alloc(count);
-    for (size_t i = 0; i < count; i++) pixels[i] = (uint8_t)tf_rng_below(&rng, 256);
+    for (size_t i = 0; i < count; i++)
+        pixels[i] = (uint8_t)tf_rng_below(&rng, 256);
     pixels[0] = 0, pixels[1] = 255;
     double *images = new_f64(count), *expected = new_f64(count);
     float *images32 = new_f32(count);
@@ -1064,8 +1184,8 @@ static void test_mixup_cutmix(int batch) {
     f64->mixup_images(mixed, batch, sample, lambda);
     for (int b = 0; b < batch; b++)
         for (size_t i = 0; i < sample; i++)
-            expected[b * sample + i] =
-                (double)lambda * images[b * sample + i] + (1.0 - (double)lambda) * images[(batch - 1 - b) * sample + i];
+            expected[b * sample + i] = (double)lambda * images[b * sample + i] +
+                                       (1.0 - (double)lambda) * images[(batch - 1 - b) * sample + i];
     snprintf(what, sizeof what, "mixup_images batch %d fp64", batch);
     expect_close_f64(what, mixed, expected, count, F64_BOUND);
     float *mixed32 = to_f32(images, count);

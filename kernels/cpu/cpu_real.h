@@ -26,22 +26,22 @@
 
 #if TF_CPU_REAL_BITS == 64
 typedef double real;
-#define CPU_FN(name)   cpu_f64_##name
-#define CPU_DTYPE      TF_DTYPE_F64
-#define cblas_gemm     cblas_dgemm
-#define real_sqrt      sqrt
-#define real_exp       exp
-#define real_log       log
-#define real_erf       erf
+#define CPU_FN(name) cpu_f64_##name
+#define CPU_DTYPE    TF_DTYPE_F64
+#define cblas_gemm   cblas_dgemm
+#define real_sqrt    sqrt
+#define real_exp     exp
+#define real_log     log
+#define real_erf     erf
 #elif TF_CPU_REAL_BITS == 32
 typedef float real;
-#define CPU_FN(name)   cpu_f32_##name
-#define CPU_DTYPE      TF_DTYPE_F32
-#define cblas_gemm     cblas_sgemm
-#define real_sqrt      sqrtf
-#define real_exp       expf
-#define real_log       logf
-#define real_erf       erff
+#define CPU_FN(name) cpu_f32_##name
+#define CPU_DTYPE    TF_DTYPE_F32
+#define cblas_gemm   cblas_sgemm
+#define real_sqrt    sqrtf
+#define real_exp     expf
+#define real_log     logf
+#define real_erf     erff
 #else
 #error "TF_CPU_REAL_BITS must be 32 or 64"
 #endif
@@ -158,8 +158,8 @@ void CPU_FN(residual_layernorm_forward)(void *residual_out, void *ln_out, void *
 void CPU_FN(layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *x,
                                 const void *mean, const void *rstd, const void *weight, int rows, int dim);
 
-void CPU_FN(residual_forward)(void *out, const void *residual_in, const void *branch, const void *sample_scale,
-                              int rows, int dim, int rows_per_sample);
+void CPU_FN(residual_forward)(void *out, const void *residual_in, const void *branch,
+                              const void *sample_scale, int rows, int dim, int rows_per_sample);
 void CPU_FN(residual_backward)(void *dbranch, const void *dout, const void *sample_scale, int rows, int dim,
                                int rows_per_sample);
 

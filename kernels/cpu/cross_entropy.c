@@ -7,20 +7,24 @@
  * logits buffer; it may also be NULL (evaluation). */
 #include "kernels/cpu/cpu_real.h"
 
-void CPU_FN(cross_entropy_forward_backward)(void *loss_buffer, void *dlogits_buffer, const void *logits_buffer,
-                                            const void *target_buffer, int batch, int classes, float dloss_scale) {
+void CPU_FN(cross_entropy_forward_backward)(void *loss_buffer, void *dlogits_buffer,
+                                            const void *logits_buffer, const void *target_buffer, int batch,
+                                            int classes, float dloss_scale) {
     real *loss = loss_buffer, *dlogits = dlogits_buffer;
     const real *logits = logits_buffer, *target = target_buffer;
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < batch; b++) {
         const real *logit_row = logits + (size_t)b * classes, *target_row = target + (size_t)b * classes;
         double max = logit_row[0];
-        for (int c = 1; c < classes; c++) max = logit_row[c] > max ? logit_row[c] : max;
+        for (int c = 1; c < classes; c++)
+            max = logit_row[c] > max ? logit_row[c] : max;
         double sum = 0.0;
-        for (int c = 0; c < classes; c++) sum += exp((double)logit_row[c] - max);
+        for (int c = 0; c < classes; c++)
+            sum += exp((double)logit_row[c] - max);
         double lse = max + log(sum);
         double row_loss = 0.0;
-        for (int c = 0; c < classes; c++) row_loss += (double)target_row[c] * (lse - (double)logit_row[c]);
+        for (int c = 0; c < classes; c++)
+            row_loss += (double)target_row[c] * (lse - (double)logit_row[c]);
         loss[b] = (real)row_loss;
         if (!dlogits) continue;
         real *dlogit_row = dlogits + (size_t)b * classes;

@@ -13,17 +13,21 @@ void CPU_FN(token_pool_forward)(void *out_buffer, const void *x_buffer, int batc
         const real *x_sample = x + (size_t)b * tokens * dim;
         real *out_row = out + (size_t)b * dim;
         if (pool == TF_POOL_CLS) {
-            for (int j = 0; j < dim; j++) out_row[j] = x_sample[j];
+            for (int j = 0; j < dim; j++)
+                out_row[j] = x_sample[j];
             continue;
         }
-        for (int j = 0; j < dim; j++) out_row[j] = 0;
+        for (int j = 0; j < dim; j++)
+            out_row[j] = 0;
         for (int t = 1; t < tokens; t++) {
             const real *x_row = x_sample + (size_t)t * dim;
 #pragma omp simd
-            for (int j = 0; j < dim; j++) out_row[j] += x_row[j];
+            for (int j = 0; j < dim; j++)
+                out_row[j] += x_row[j];
         }
         real inverse_count = (real)1 / (real)(tokens - 1);
-        for (int j = 0; j < dim; j++) out_row[j] *= inverse_count;
+        for (int j = 0; j < dim; j++)
+            out_row[j] *= inverse_count;
     }
 }
 
@@ -41,12 +45,14 @@ void CPU_FN(token_pool_backward)(void *dx_buffer, const void *dout_buffer, int b
         real *dx_row = dx + (size_t)row * dim;
         bool pooled = pool == TF_POOL_CLS ? t == 0 : t > 0;
         if (!pooled) {
-            for (int j = 0; j < dim; j++) dx_row[j] = 0;
+            for (int j = 0; j < dim; j++)
+                dx_row[j] = 0;
             continue;
         }
         real factor = pool == TF_POOL_CLS ? 1 : inverse_count;
 #pragma omp simd
-        for (int j = 0; j < dim; j++) dx_row[j] = factor * dout_row[j];
+        for (int j = 0; j < dim; j++)
+            dx_row[j] = factor * dout_row[j];
     }
 }
 
@@ -63,8 +69,10 @@ void CPU_FN(bias_backward)(void *dbias_buffer, const void *dout_buffer, int rows
         for (int row = 0; row < rows; row++) {
             const real *dout_row = dout + (size_t)row * dim + column0;
 #pragma omp simd
-            for (int j = 0; j < width; j++) sums[j] += dout_row[j];
+            for (int j = 0; j < width; j++)
+                sums[j] += dout_row[j];
         }
-        for (int j = 0; j < width; j++) dbias[column0 + j] += (real)sums[j];
+        for (int j = 0; j < width; j++)
+            dbias[column0 + j] += (real)sums[j];
     }
 }

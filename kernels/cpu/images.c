@@ -6,8 +6,8 @@
 #include <stdint.h>
 
 /* images = (pixels / 255 - mean[c]) / std[c], computed in that order. */
-void CPU_FN(images_normalize)(void *images_buffer, const void *pixels_buffer, int batch, int channels, int size,
-                              const float *mean, const float *std) {
+void CPU_FN(images_normalize)(void *images_buffer, const void *pixels_buffer, int batch, int channels,
+                              int size, const float *mean, const float *std) {
     real *images = images_buffer;
     const uint8_t *pixels = pixels_buffer;
     const size_t plane = (size_t)size * size;
@@ -18,7 +18,8 @@ void CPU_FN(images_normalize)(void *images_buffer, const void *pixels_buffer, in
         const uint8_t *in = pixels + image_channel * plane;
         real *out = images + image_channel * plane;
 #pragma omp simd
-        for (size_t i = 0; i < plane; i++) out[i] = ((real)in[i] / (real)255 - channel_mean) / channel_std;
+        for (size_t i = 0; i < plane; i++)
+            out[i] = ((real)in[i] / (real)255 - channel_mean) / channel_std;
     }
 }
 

@@ -11,21 +11,25 @@ static void normalize_row(real *out, real *mean_out, real *rstd_out, const real 
                           const real *bias, int dim, float eps) {
     double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < dim; j++) sum += x[j];
+    for (int j = 0; j < dim; j++)
+        sum += x[j];
     double mean = sum / dim;
     double squares = 0.0;
 #pragma omp simd reduction(+ : squares)
-    for (int j = 0; j < dim; j++) squares += ((double)x[j] - mean) * ((double)x[j] - mean);
+    for (int j = 0; j < dim; j++)
+        squares += ((double)x[j] - mean) * ((double)x[j] - mean);
     real rstd = (real)(1.0 / sqrt(squares / dim + (double)eps));
     real mean_real = (real)mean;
     *mean_out = mean_real;
     *rstd_out = rstd;
     if (weight) {
 #pragma omp simd
-        for (int j = 0; j < dim; j++) out[j] = (x[j] - mean_real) * rstd * weight[j] + bias[j];
+        for (int j = 0; j < dim; j++)
+            out[j] = (x[j] - mean_real) * rstd * weight[j] + bias[j];
     } else {
 #pragma omp simd
-        for (int j = 0; j < dim; j++) out[j] = (x[j] - mean_real) * rstd;
+        for (int j = 0; j < dim; j++)
+            out[j] = (x[j] - mean_real) * rstd;
     }
 }
 
@@ -35,8 +39,8 @@ void CPU_FN(layernorm_forward)(void *out_buffer, void *mean_buffer, void *rstd_b
     const real *x = x_buffer;
 #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++)
-        normalize_row(out + (size_t)row * dim, mean + row, rstd + row, x + (size_t)row * dim, weight, bias, dim,
-                      eps);
+        normalize_row(out + (size_t)row * dim, mean + row, rstd + row, x + (size_t)row * dim, weight, bias,
+                      dim, eps);
 }
 
 /* residual_out = residual_in + scale[sample] branch, then its non-parametric LayerNorm.
@@ -47,7 +51,8 @@ void CPU_FN(residual_layernorm_forward)(void *residual_out_buffer, void *ln_out_
                                         int dim, int rows_per_sample, float eps) {
     real *residual_out = residual_out_buffer, *ln_out = ln_out_buffer;
     real *mean = mean_buffer, *rstd = rstd_buffer;
-    const real *residual_in = residual_in_buffer, *branch = branch_buffer, *sample_scale = sample_scale_buffer;
+    const real *residual_in = residual_in_buffer, *branch = branch_buffer,
+               *sample_scale = sample_scale_buffer;
 #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++) {
         size_t offset = (size_t)row * dim;
@@ -55,7 +60,8 @@ void CPU_FN(residual_layernorm_forward)(void *residual_out_buffer, void *ln_out_
         real *sum_row = residual_out + offset;
         const real *in_row = residual_in + offset, *branch_row = branch + offset;
 #pragma omp simd
-        for (int j = 0; j < dim; j++) sum_row[j] = in_row[j] + scale * branch_row[j];
+        for (int j = 0; j < dim; j++)
+            sum_row[j] = in_row[j] + scale * branch_row[j];
         normalize_row(ln_out + offset, mean + row, rstd + row, sum_row, NULL, NULL, dim, eps);
     }
 }
@@ -66,9 +72,9 @@ void CPU_FN(residual_layernorm_forward)(void *residual_out_buffer, void *ln_out_
  * dx is accumulated (+=), as the residual stream's gradient arrives there too. The parameter
  * gradients are column sums, done in a second pass split by columns so that threads do not
  * write the same elements. */
-void CPU_FN(layernorm_backward)(void *dx_buffer, void *dweight_buffer, void *dbias_buffer, const void *dout_buffer,
-                                const void *x_buffer, const void *mean_buffer, const void *rstd_buffer,
-                                const void *weight_buffer, int rows, int dim) {
+void CPU_FN(layernorm_backward)(void *dx_buffer, void *dweight_buffer, void *dbias_buffer,
+                                const void *dout_buffer, const void *x_buffer, const void *mean_buffer,
+                                const void *rstd_buffer, const void *weight_buffer, int rows, int dim) {
     real *dx = dx_buffer, *dweight = dweight_buffer, *dbias = dbias_buffer;
     const real *dout = dout_buffer, *x = x_buffer, *mean = mean_buffer, *rstd = rstd_buffer;
     const real *weight = weight_buffer;
@@ -101,7 +107,8 @@ void CPU_FN(layernorm_backward)(void *dx_buffer, void *dweight_buffer, void *dbi
         int width = dim - column0 < COLUMN_BLOCK ? dim - column0 : COLUMN_BLOCK;
         double sum_dout_xhat[COLUMN_BLOCK] = {0}, sum_dout[COLUMN_BLOCK] = {0};
         for (int row = 0; row < rows; row++) {
-            const real *dout_row = dout + (size_t)row * dim + column0, *x_row = x + (size_t)row * dim + column0;
+            const real *dout_row = dout + (size_t)row * dim + column0,
+                       *x_row = x + (size_t)row * dim + column0;
             real row_mean = mean[row], row_rstd = rstd[row];
 #pragma omp simd
             for (int j = 0; j < width; j++) {

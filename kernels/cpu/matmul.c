@@ -15,7 +15,8 @@ static void add_bias_rows(real *c, const real *bias, int m, int n, bool overwrit
         if (overwrite)
             memcpy(c_row, bias, (size_t)n * sizeof(real));
         else
-            for (int j = 0; j < n; j++) c_row[j] += bias[j];
+            for (int j = 0; j < n; j++)
+                c_row[j] += bias[j];
     }
 }
 

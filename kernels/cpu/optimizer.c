@@ -51,13 +51,15 @@ void CPU_FN(ema_update)(void *ema_buffer, const void *master_buffer, size_t n, f
     const real *master = master_buffer;
     const real keep = decay, mix = (real)(1.0 - (double)decay);
 #pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; i++) ema[i] = keep * ema[i] + mix * master[i];
+    for (size_t i = 0; i < n; i++)
+        ema[i] = keep * ema[i] + mix * master[i];
 }
 
 double CPU_FN(sum_squares)(const void *x_buffer, size_t n) {
     const real *x = x_buffer;
     double sum = 0.0;
 #pragma omp parallel for simd schedule(static) reduction(+ : sum)
-    for (size_t i = 0; i < n; i++) sum += (double)x[i] * (double)x[i];
+    for (size_t i = 0; i < n; i++)
+        sum += (double)x[i] * (double)x[i];
     return sum;
 }

@@ -19,7 +19,8 @@ void CPU_FN(patch_im2col)(void *patches_buffer, const void *images_buffer, int b
             real *out = patches + ((size_t)patch_row * grid + gx) * patch_size;
             for (int c = 0; c < channels; c++)
                 for (int y = 0; y < patch; y++) {
-                    const real *in = images + (((size_t)b * channels + c) * size + gy * patch + y) * size + gx * patch;
+                    const real *in =
+                        images + (((size_t)b * channels + c) * size + gy * patch + y) * size + gx * patch;
                     memcpy(out + ((size_t)c * patch + y) * patch, in, (size_t)patch * sizeof(real));
                 }
         }
@@ -39,7 +40,8 @@ void CPU_FN(tokens_forward)(void *x_buffer, const void *patch_tokens_buffer, con
         const real *pos_row = pos + (size_t)t * dim;
         real *x_row = x + (size_t)row * dim;
 #pragma omp simd
-        for (int j = 0; j < dim; j++) x_row[j] = source[j] + pos_row[j];
+        for (int j = 0; j < dim; j++)
+            x_row[j] = source[j] + pos_row[j];
     }
 }
 
@@ -56,11 +58,15 @@ void CPU_FN(tokens_backward)(void *dpatch_tokens_buffer, void *dcls_buffer, void
         for (int b = 0; b < batch; b++) {
             const real *dx_row = dx + ((size_t)b * tokens + t) * dim;
 #pragma omp simd
-            for (int j = 0; j < dim; j++) dpos_row[j] += dx_row[j];
-            if (t > 0) memcpy(dpatch_tokens + ((size_t)b * patches + t - 1) * dim, dx_row, (size_t)dim * sizeof(real));
+            for (int j = 0; j < dim; j++)
+                dpos_row[j] += dx_row[j];
+            if (t > 0)
+                memcpy(dpatch_tokens + ((size_t)b * patches + t - 1) * dim, dx_row,
+                       (size_t)dim * sizeof(real));
             if (t == 0) {
 #pragma omp simd
-                for (int j = 0; j < dim; j++) dcls[j] += dx_row[j];
+                for (int j = 0; j < dim; j++)
+                    dcls[j] += dx_row[j];
             }
         }
     }

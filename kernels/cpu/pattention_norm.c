@@ -15,13 +15,15 @@ void CPU_FN(pattention_norm_forward)(void *s_buffer, void *row_norm_buffer, cons
         real *s_row = s + (size_t)row * n;
         double sum_squares = 0.0;
 #pragma omp simd reduction(+ : sum_squares)
-        for (int j = 0; j < n; j++) sum_squares += (double)a_row[j] * (double)a_row[j];
+        for (int j = 0; j < n; j++)
+            sum_squares += (double)a_row[j] * (double)a_row[j];
         /* Z is computed from the stored (rounded) r so that backward recomputes the same Z. */
         real r = (real)sqrt(sum_squares + (double)eps);
         real scale = (real)tau / r;
         row_norm[row] = r;
 #pragma omp simd
-        for (int j = 0; j < n; j++) s_row[j] = cpu_gelu(scale * a_row[j]);
+        for (int j = 0; j < n; j++)
+            s_row[j] = cpu_gelu(scale * a_row[j]);
     }
 }
 
@@ -54,6 +56,7 @@ void CPU_FN(pattention_norm_backward)(void *da_buffer, const void *ds_buffer, co
         }
         real projection = (real)(a_dot_dz / ((double)r * (double)r));
 #pragma omp simd
-        for (int j = 0; j < n; j++) da_row[j] = scale * (da_row[j] - a_row[j] * projection);
+        for (int j = 0; j < n; j++)
+            da_row[j] = scale * (da_row[j] - a_row[j] * projection);
     }
 }
