@@ -11,7 +11,7 @@ packages=(build-essential cmake pkg-config zlib1g-dev libturbojpeg0-dev libstb-d
 if [[ "${1:-demo}" == test ]]; then
     # The independent references of the tests: PyTorch, torchvision and PIL from Debian, djpeg/cjpeg,
     # and real photographs for the loader's benchmark set.
-    packages+=(python3-torch python3-torchvision python3-pil python3-numpy libjpeg-turbo-progs)
+    packages+=(python3-torch python3-torchvision python3-pil python3-numpy libjpeg-turbo-progs mate-backgrounds)
 fi
 
 missing=()
