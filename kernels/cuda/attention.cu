@@ -1,10 +1,10 @@
 /* Multi-head softmax attention (not causal, scale c = 1 / sqrt(head_dim)) on q, k, v, out of
  * layout [batch * tokens, heads * head_dim]: element (b, s, h, d) at ((b S + s) H + h) D + d.
  *
- * Two implementations: cuDNN's fused flash attention (attention_cudnn.cu), preferred when it
- * can be built for the shape, and our own flash-style kernels below, used otherwise (and as
- * the reference of the benchmark). Ours are plain fp32 FMA kernels on shared-memory tiles of
- * 64 queries x 64 keys, simple rather than fast: no tensor cores.
+ * Three implementations, chosen per call: cuDNN's fused flash attention (attention_cudnn.cu),
+ * preferred when its graph can be built for the shape; our tensor-core kernels
+ * (attention_mma.cu) for head_dim 32 and 64; and the plain fp32 FMA kernels below for any
+ * head_dim up to 128 (simple rather than fast: shared-memory tiles, no tensor cores).
  *
  * Forward, per (b, h, tile of 64 queries), online softmax over tiles of 64 keys in base 2:
  *   s = c log2(e) q.k,  m = running max,  l = running sum of 2^(s - m),  o = running sum of
@@ -16,11 +16,12 @@
  * tile of 64 queries accumulates dQ over all key tiles. That recomputes P and dP once more
  * than FlashAttention-2 does, in exchange for no atomics and a deterministic result.
  *
- * Thread layout: a 64 x 64 tile is shared by 16 x TX threads (TX = THREADS / 16); thread
- * (ty, tx) owns rows 4 ty .. 4 ty + 3 and columns tx, tx + TX, ... . The TX threads of a row
- * group are consecutive lanes of one warp, so row reductions are shuffles. Shared-memory rows
- * are padded to an odd number of floats so that reads along a column hit distinct banks. */
-#include "kernels/cuda/cuda_common.cuh"
+ * Thread layout of the FMA kernels: a 64 x 64 tile is shared by 16 x TX threads
+ * (TX = THREADS / 16); thread (ty, tx) owns rows 4 ty .. 4 ty + 3 and columns tx, tx + TX, ...
+ * The TX threads of a row group are consecutive lanes of one warp, so row reductions are
+ * shuffles. Shared-memory rows are padded to an odd number of floats so that reads along a
+ * column hit distinct banks. */
+#include "kernels/cuda/attention.cuh"
 
 extern "C" {
 #include "common/log.h"
@@ -30,15 +31,8 @@ extern "C" {
 #include <stdio.h>
 #include <string.h>
 
-enum { TILE = 64, TILE_PAD = TILE + 1 };
-
-#define LOG2E 1.4426950408889634f
-#define LN2 0.6931471805599453f
-
-/* Where (b, s, h, 0) lives. */
-__device__ __forceinline__ size_t token_head_offset(int b, int s, int h, int tokens, int heads, int head_dim) {
-    return (((size_t)b * tokens + s) * heads + h) * head_dim;
-}
+enum { TILE_PAD = ATTENTION_TILE + 1 };
+#define TILE ATTENTION_TILE
 
 /* A tile of 64 token rows of one head, as floats times `multiplier`; rows past the sequence and
  * columns past head_dim are zero. dst: [TILE][DMAX + 1]. */
@@ -107,14 +101,6 @@ __device__ __forceinline__ void tile_times_values(float acc[4][DMAX / TX], const
     }
 }
 
-typedef struct {
-    bf16 *out;
-    float *lse;
-    const bf16 *q, *k, *v;
-    int batch, tokens, heads, head_dim;
-    float scale;
-} attention_forward_args;
-
 template <int DMAX, int THREADS>
 __global__ __launch_bounds__(THREADS) void attention_forward_kernel(attention_forward_args args) {
     constexpr int TX = THREADS / 16, STRIDE = DMAX + 1;
@@ -182,15 +168,6 @@ __global__ __launch_bounds__(THREADS) void attention_forward_kernel(attention_fo
         if (tx == 0) args.lse[((size_t)b * args.heads + h) * tokens + s_index] = (m[i] + log2f(l[i])) * LN2;
     }
 }
-
-typedef struct {
-    bf16 *dq, *dk, *dv;
-    const bf16 *dout, *q, *k, *v;
-    const float *lse;
-    const float *delta; /* D_i = dO_i . O_i, [batch, heads, tokens] */
-    int batch, tokens, heads, head_dim;
-    float scale;
-} attention_backward_args;
 
 /* D_i = dO_i . O_i, one thread per (b, s, h). */
 __global__ void attention_delta_kernel(float *delta, const bf16 *dout, const bf16 *out, int batch, int tokens,
@@ -409,6 +386,9 @@ static float *delta_workspace(size_t count) {
     return delta_buffer;
 }
 
+/* Which of our kernels the last call ran: "own-mma" (tensor cores) or "own-fma". */
+static const char *last_own = "own";
+
 #define ATTENTION_FORMAT "batch %d tokens %d heads %d head_dim %d"
 #define ATTENTION_SHAPE ATTENTION_FORMAT, batch, tokens, heads, head_dim
 
@@ -425,12 +405,19 @@ static void own_attention_forward(void *out, void *lse, const void *q, const voi
     args.heads = heads;
     args.head_dim = head_dim;
     args.scale = 1.0f / sqrtf((float)head_dim);
-    if (head_dim <= 32)
-        own_forward<32, 128>(args);
-    else if (head_dim <= 64)
-        own_forward<64, 128>(args);
-    else
-        own_forward<128, 256>(args);
+    const void *pointers[5] = {out, lse, q, k, v};
+    if (attention_mma_supports(head_dim, pointers, 5)) {
+        attention_mma_forward(args);
+        last_own = "own-mma";
+    } else {
+        if (head_dim <= 32)
+            own_forward<32, 128>(args);
+        else if (head_dim <= 64)
+            own_forward<64, 128>(args);
+        else
+            own_forward<128, 256>(args);
+        last_own = "own-fma";
+    }
     LAUNCH_CHECK("attention_forward_kernel", ATTENTION_SHAPE);
 }
 
@@ -459,12 +446,19 @@ static void own_attention_backward(void *dq, void *dk, void *dv, const void *dou
     args.heads = heads;
     args.head_dim = head_dim;
     args.scale = 1.0f / sqrtf((float)head_dim);
-    if (head_dim <= 32)
-        own_backward<32, 128>(args);
-    else if (head_dim <= 64)
-        own_backward<64, 128>(args);
-    else
-        own_backward<128, 256>(args);
+    const void *pointers[8] = {dq, dk, dv, dout, q, k, v, out};
+    if (attention_mma_supports(head_dim, pointers, 8)) {
+        attention_mma_backward(args);
+        last_own = "own-mma";
+    } else {
+        if (head_dim <= 32)
+            own_backward<32, 128>(args);
+        else if (head_dim <= 64)
+            own_backward<64, 128>(args);
+        else
+            own_backward<128, 256>(args);
+        last_own = "own-fma";
+    }
     LAUNCH_CHECK("attention_backward_query_kernel", ATTENTION_SHAPE);
 }
 
@@ -503,9 +497,21 @@ static bool shape_supported(int batch, int tokens, int heads, int head_dim) {
     return false;
 }
 
+/* cuDNN's tensors are declared 16-byte aligned; a view at another offset takes our kernels. */
+static bool cudnn_alignment_ok(const void *const *pointers, int count) {
+    for (int i = 0; i < count; i++)
+        if (!is_aligned16(pointers[i])) {
+            snprintf(last_fallback_reason, sizeof last_fallback_reason,
+                     "a buffer is not 16-byte aligned (%p), which cuDNN's tensors are declared to be", pointers[i]);
+            return false;
+        }
+    return true;
+}
+
 extern "C" void cuda_attention_forward(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                                        int tokens, int heads, int head_dim) {
-    if (cuda_ctx.attention_prefer_cudnn) {
+    const void *pointers[5] = {out, lse, q, k, v};
+    if (cuda_ctx.attention_prefer_cudnn && cudnn_alignment_ok(pointers, 5)) {
         if (cudnn_attention_forward(out, lse, q, k, v, batch, tokens, heads, head_dim, last_fallback_reason,
                                     sizeof last_fallback_reason)) {
             last_forward = "cudnn";
@@ -514,13 +520,14 @@ extern "C" void cuda_attention_forward(void *out, void *lse, const void *q, cons
     }
     if (!shape_supported(batch, tokens, heads, head_dim)) return;
     own_attention_forward(out, lse, q, k, v, batch, tokens, heads, head_dim);
-    last_forward = "own";
+    last_forward = last_own;
 }
 
 extern "C" void cuda_attention_backward(void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
                                         const void *v, const void *out, const void *lse, int batch, int tokens,
                                         int heads, int head_dim) {
-    if (cuda_ctx.attention_prefer_cudnn) {
+    const void *pointers[9] = {dq, dk, dv, dout, q, k, v, out, lse};
+    if (cuda_ctx.attention_prefer_cudnn && cudnn_alignment_ok(pointers, 9)) {
         if (cudnn_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, batch, tokens, heads, head_dim,
                                      last_fallback_reason, sizeof last_fallback_reason)) {
             last_backward = "cudnn";
@@ -529,5 +536,5 @@ extern "C" void cuda_attention_backward(void *dq, void *dk, void *dv, const void
     }
     if (!shape_supported(batch, tokens, heads, head_dim)) return;
     own_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, batch, tokens, heads, head_dim);
-    last_backward = "own";
+    last_backward = last_own;
 }

@@ -3,9 +3,9 @@
  * backend's own CUDA C++ files).
  *
  * Attention has two implementations: cuDNN's fused flash attention (built through cuDNN's
- * backend graph API, once per shape) and our own flash-style kernels (attention.cu). cuDNN is
- * preferred when it can be opened; a shape whose cuDNN graph cannot be built falls back to our
- * kernels, with one log line saying why. */
+ * backend graph API, once per shape) and our own flash-style kernels (attention.cu,
+ * attention_mma.cu). cuDNN is preferred when it can be opened; a shape whose cuDNN graph cannot
+ * be built falls back to our kernels, with one log line saying why. */
 #ifndef TF_KERNELS_CUDA_BACKEND_CUH
 #define TF_KERNELS_CUDA_BACKEND_CUH
 
@@ -25,7 +25,8 @@ bool tf_cuda_attention_use_cudnn(bool use);
 /* "" when cuDNN attention is available, otherwise why not. */
 const char *tf_cuda_attention_cudnn_status(void);
 
-/* Which implementation the last attention_forward / attention_backward used: "cudnn" or "own". */
+/* Which implementation the last attention_forward / attention_backward used: "cudnn",
+ * "own-mma" (our tensor-core kernels, head_dim 32 and 64) or "own-fma" (our plain kernels). */
 const char *tf_cuda_attention_last_forward(void);
 const char *tf_cuda_attention_last_backward(void);
 

@@ -1,0 +1,429 @@
+/* Our attention on tensor cores, for head_dim 32 and 64 (the model's head sizes): the same
+ * algorithm as the plain kernels of attention.cu (FlashAttention-2 forward with the online
+ * softmax in base 2; backward as one kernel per key tile for dK, dV and one per query tile
+ * for dQ, no atomics), with every product done by mma.sync m16n8k16 (bf16 inputs, fp32
+ * accumulation). P and dS enter their products rounded to bf16, as in cuDNN and
+ * FlashAttention; the softmax statistics stay fp32.
+ *
+ * A CTA has 4 warps and a tile of 64 rows; each warp owns 16 rows. Fragment layouts of
+ * m16n8k16 (lane = 4 g + t):
+ *   A (16 x 16, row-major): {a0,a1} = A[g][2t, 2t+1], {a2,a3} = A[g+8][2t, 2t+1],
+ *                           {a4,a5} = A[g][2t+8, 2t+9], {a6,a7} = A[g+8][2t+8, 2t+9]
+ *   B (16 x 8):             {b0,b1} = B[2t, 2t+1][g],  {b2,b3} = B[2t+8, 2t+9][g]
+ *   C (16 x 8, fp32):       {c0,c1} = C[g][2t, 2t+1], {c2,c3} = C[g+8][2t, 2t+1]
+ * so two neighbouring 16 x 8 accumulator blocks of scores are exactly the A fragment of the
+ * next product (scores x values), and a B operand whose k index runs along a row of shared
+ * memory is one 32-bit load per pair. Operands needed the other way round are stored
+ * transposed in shared memory when their tile is loaded. Shared-memory rows are padded by 8
+ * bf16 (16 bytes), which spreads the 8 g-rows of a fragment load over distinct banks. */
+#include "kernels/cuda/attention.cuh"
+
+enum { MMA_THREADS = 128, ROW_PAD = 8 };
+#define TILE ATTENTION_TILE
+
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two bf16 at p (p even): the lower address in the low half. */
+__device__ __forceinline__ uint32_t load_pair(const bf16 *p) {
+    return *reinterpret_cast<const uint32_t *>(p);
+}
+
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+/* The A fragment of rows [row0, row0 + 16) and columns [col0, col0 + 16) of a row-major tile
+ * with row stride `stride` (bf16). */
+__device__ __forceinline__ void load_a_fragment(uint32_t a[4], const bf16 *tile, int stride, int row0, int col0,
+                                                int g, int t) {
+    const bf16 *top = tile + (row0 + g) * stride + col0 + 2 * t, *bottom = top + 8 * stride;
+    a[0] = load_pair(top);
+    a[1] = load_pair(bottom);
+    a[2] = load_pair(top + 8);
+    a[3] = load_pair(bottom + 8);
+}
+
+/* The A fragment (16 rows x 16 columns 16 kc .. 16 kc + 15) made from the accumulator blocks
+ * 2 kc and 2 kc + 1 (columns 8 apart). */
+__device__ __forceinline__ void accumulators_to_a(uint32_t a[4], const float low[4], const float high[4]) {
+    a[0] = pack_pair(low[0], low[1]);
+    a[1] = pack_pair(low[2], low[3]);
+    a[2] = pack_pair(high[0], high[1]);
+    a[3] = pack_pair(high[2], high[3]);
+}
+
+/* 64 token rows of one head into shared memory, row-major [64][D + ROW_PAD], rows past the
+ * sequence zero. 16-byte loads (head_dim == D, buffers 16-byte aligned). */
+template <int D>
+__device__ __forceinline__ void load_rows(bf16 *dst, const bf16 *src, int b, int h, int s0, int tokens, int heads) {
+    constexpr int CHUNKS = D / 8, STRIDE = D + ROW_PAD;
+    for (int c = threadIdx.x; c < TILE * CHUNKS; c += MMA_THREADS) {
+        int r = c / CHUNKS, part = c % CHUNKS, s = s0 + r;
+        uint4 value = make_uint4(0, 0, 0, 0);
+        if (s < tokens) value = *reinterpret_cast<const uint4 *>(src + token_head_offset(b, s, h, tokens, heads, D) + part * 8);
+        *reinterpret_cast<uint4 *>(dst + r * STRIDE + part * 8) = value;
+    }
+}
+
+/* The same rows transposed: [D][64 + ROW_PAD], element (d, r). */
+template <int D>
+__device__ __forceinline__ void load_rows_transposed(bf16 *dst, const bf16 *src, int b, int h, int s0, int tokens,
+                                                     int heads) {
+    constexpr int CHUNKS = D / 8, STRIDE = TILE + ROW_PAD;
+    for (int c = threadIdx.x; c < TILE * CHUNKS; c += MMA_THREADS) {
+        int r = c / CHUNKS, part = c % CHUNKS, s = s0 + r;
+        uint4 value = make_uint4(0, 0, 0, 0);
+        if (s < tokens) value = *reinterpret_cast<const uint4 *>(src + token_head_offset(b, s, h, tokens, heads, D) + part * 8);
+        const bf16 *e = reinterpret_cast<const bf16 *>(&value);
+#pragma unroll
+        for (int i = 0; i < 8; i++) dst[(part * 8 + i) * STRIDE + r] = e[i];
+    }
+}
+
+/* ---- forward ---- */
+template <int D>
+__global__ __launch_bounds__(MMA_THREADS) void attention_forward_mma_kernel(attention_forward_args args) {
+    constexpr int RS = D + ROW_PAD, TS = TILE + ROW_PAD;
+    __shared__ __align__(16) bf16 qs[TILE * RS], ks[TILE * RS], vt[D * TS];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z, tokens = args.tokens, heads = args.heads;
+    float scale2 = args.scale * LOG2E;
+
+    load_rows<D>(qs, args.q, b, h, q0, tokens, heads);
+    __syncthreads();
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < D / 16; kc++) load_a_fragment(qa[kc], qs, RS, warp * 16, kc * 16, g, t);
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[D / 8][4];
+#pragma unroll
+    for (int nb = 0; nb < D / 8; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
+
+    for (int k0 = 0; k0 < tokens; k0 += TILE) {
+        __syncthreads(); /* every warp is done with the previous ks, vt */
+        load_rows<D>(ks, args.k, b, h, k0, tokens, heads);
+        load_rows_transposed<D>(vt, args.v, b, h, k0, tokens, heads);
+        __syncthreads();
+        /* s = q k^T for 16 queries x 64 keys */
+        float s[TILE / 8][4];
+#pragma unroll
+        for (int nb = 0; nb < TILE / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++)
+#pragma unroll
+            for (int nb = 0; nb < TILE / 8; nb++) {
+                const bf16 *k_row = ks + (nb * 8 + g) * RS + kc * 16 + 2 * t;
+                mma_16816(s[nb], qa[kc], load_pair(k_row), load_pair(k_row + 8));
+            }
+        /* online softmax in base 2; rows g (elements 0, 1) and g + 8 (elements 2, 3) */
+        float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nb = 0; nb < TILE / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                bool valid = k0 + nb * 8 + 2 * t + (e & 1) < tokens;
+                s[nb][e] = valid ? s[nb][e] * scale2 : -INFINITY;
+                row_max[e >> 1] = fmaxf(row_max[e >> 1], s[nb][e]);
+            }
+        float correction[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
+            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
+            float m_new = fmaxf(m[r], row_max[r]); /* finite: every tile has a key */
+            correction[r] = exp2f(m[r] - m_new);
+            m[r] = m_new;
+            l[r] *= correction[r]; /* this thread's share of the row sum */
+        }
+#pragma unroll
+        for (int nb = 0; nb < TILE / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[nb][e] = exp2f(s[nb][e] - m[e >> 1]);
+                l[e >> 1] += s[nb][e];
+            }
+#pragma unroll
+        for (int nb = 0; nb < D / 8; nb++) {
+            o[nb][0] *= correction[0];
+            o[nb][1] *= correction[0];
+            o[nb][2] *= correction[1];
+            o[nb][3] *= correction[1];
+        }
+        /* o += p v: the probabilities are the A operand, v^T rows give the B pairs */
+#pragma unroll
+        for (int kc = 0; kc < TILE / 16; kc++) {
+            uint32_t pa[4];
+            accumulators_to_a(pa, s[2 * kc], s[2 * kc + 1]);
+#pragma unroll
+            for (int nb = 0; nb < D / 8; nb++) {
+                const bf16 *v_row = vt + (nb * 8 + g) * TS + kc * 16 + 2 * t;
+                mma_16816(o[nb], pa, load_pair(v_row), load_pair(v_row + 8));
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int s_index = q0 + warp * 16 + g + 8 * r;
+        if (s_index >= tokens) continue;
+        float inverse = 1.0f / l[r];
+        bf16 *out_row = args.out + token_head_offset(b, s_index, h, tokens, heads, D);
+#pragma unroll
+        for (int nb = 0; nb < D / 8; nb++)
+            *reinterpret_cast<__nv_bfloat162 *>(out_row + nb * 8 + 2 * t) =
+                __floats2bfloat162_rn(o[nb][2 * r] * inverse, o[nb][2 * r + 1] * inverse);
+        if (t == 0) args.lse[((size_t)b * heads + h) * tokens + s_index] = (m[r] + log2f(l[r])) * LN2;
+    }
+}
+
+/* ---- backward: dK and dV, per tile of 64 keys (warp w: keys 16 w .. 16 w + 15) ----
+ * Key-major: S^T = K Q^T and dP^T = V dO^T (16 keys x 64 queries per warp), then
+ * P^T = 2^(S^T c log2 e - lse2), dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q. */
+template <int D>
+__global__ __launch_bounds__(MMA_THREADS) void attention_backward_key_mma_kernel(attention_backward_args args) {
+    constexpr int RS = D + ROW_PAD, TS = TILE + ROW_PAD;
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    bf16 *ks = reinterpret_cast<bf16 *>(shared_bytes), *vs = ks + TILE * RS, *qs = vs + TILE * RS;
+    bf16 *dos = qs + TILE * RS, *qt = dos + TILE * RS, *dot = qt + D * TS;
+    float *lse2 = reinterpret_cast<float *>(dot + D * TS), *delta = lse2 + TILE;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int k0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z, tokens = args.tokens, heads = args.heads;
+    float scale2 = args.scale * LOG2E;
+    const float *lse_bh = args.lse + ((size_t)b * heads + h) * tokens;
+    const float *delta_bh = args.delta + ((size_t)b * heads + h) * tokens;
+
+    load_rows<D>(ks, args.k, b, h, k0, tokens, heads);
+    load_rows<D>(vs, args.v, b, h, k0, tokens, heads);
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int nb = 0; nb < D / 8; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[nb][e] = dv[nb][e] = 0.0f;
+    bool key_valid[2] = {k0 + warp * 16 + g < tokens, k0 + warp * 16 + g + 8 < tokens};
+
+    for (int q0 = 0; q0 < tokens; q0 += TILE) {
+        __syncthreads(); /* every warp is done with the previous query tile */
+        load_rows<D>(qs, args.q, b, h, q0, tokens, heads);
+        load_rows_transposed<D>(qt, args.q, b, h, q0, tokens, heads);
+        load_rows<D>(dos, args.dout, b, h, q0, tokens, heads);
+        load_rows_transposed<D>(dot, args.dout, b, h, q0, tokens, heads);
+        for (int r = threadIdx.x; r < TILE; r += MMA_THREADS) {
+            bool valid = q0 + r < tokens;
+            lse2[r] = valid ? lse_bh[q0 + r] * LOG2E : INFINITY;
+            delta[r] = valid ? delta_bh[q0 + r] : 0.0f;
+        }
+        __syncthreads();
+        float st[TILE / 8][4], dpt[TILE / 8][4];
+#pragma unroll
+        for (int nb = 0; nb < TILE / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[nb][e] = dpt[nb][e] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++) {
+            uint32_t ka[4], va[4];
+            load_a_fragment(ka, ks, RS, warp * 16, kc * 16, g, t);
+            load_a_fragment(va, vs, RS, warp * 16, kc * 16, g, t);
+#pragma unroll
+            for (int nb = 0; nb < TILE / 8; nb++) {
+                const bf16 *q_row = qs + (nb * 8 + g) * RS + kc * 16 + 2 * t;
+                const bf16 *do_row = dos + (nb * 8 + g) * RS + kc * 16 + 2 * t;
+                mma_16816(st[nb], ka, load_pair(q_row), load_pair(q_row + 8));
+                mma_16816(dpt[nb], va, load_pair(do_row), load_pair(do_row + 8));
+            }
+        }
+#pragma unroll
+        for (int nb = 0; nb < TILE / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int q = nb * 8 + 2 * t + (e & 1);
+                float p = key_valid[e >> 1] ? exp2f(st[nb][e] * scale2 - lse2[q]) : 0.0f; /* lse2 = inf past the end */
+                st[nb][e] = p;
+                dpt[nb][e] = p * (dpt[nb][e] - delta[q]);
+            }
+#pragma unroll
+        for (int kc = 0; kc < TILE / 16; kc++) {
+            uint32_t pa[4], dsa[4];
+            accumulators_to_a(pa, st[2 * kc], st[2 * kc + 1]);
+            accumulators_to_a(dsa, dpt[2 * kc], dpt[2 * kc + 1]);
+#pragma unroll
+            for (int nb = 0; nb < D / 8; nb++) {
+                const bf16 *do_t = dot + (nb * 8 + g) * TS + kc * 16 + 2 * t;
+                const bf16 *q_t = qt + (nb * 8 + g) * TS + kc * 16 + 2 * t;
+                mma_16816(dv[nb], pa, load_pair(do_t), load_pair(do_t + 8));
+                mma_16816(dk[nb], dsa, load_pair(q_t), load_pair(q_t + 8));
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int s_index = k0 + warp * 16 + g + 8 * r;
+        if (s_index >= tokens) continue;
+        size_t offset = token_head_offset(b, s_index, h, tokens, heads, D);
+#pragma unroll
+        for (int nb = 0; nb < D / 8; nb++) {
+            *reinterpret_cast<__nv_bfloat162 *>(args.dk + offset + nb * 8 + 2 * t) =
+                __floats2bfloat162_rn(dk[nb][2 * r] * args.scale, dk[nb][2 * r + 1] * args.scale);
+            *reinterpret_cast<__nv_bfloat162 *>(args.dv + offset + nb * 8 + 2 * t) =
+                __floats2bfloat162_rn(dv[nb][2 * r], dv[nb][2 * r + 1]);
+        }
+    }
+}
+
+/* ---- backward: dQ, per tile of 64 queries (warp w: queries 16 w .. 16 w + 15) ----
+ * S = Q K^T, dP = dO V^T, P = 2^(S c log2 e - lse2), dS = P (dP - D), dQ += dS K. */
+template <int D>
+__global__ __launch_bounds__(MMA_THREADS) void attention_backward_query_mma_kernel(attention_backward_args args) {
+    constexpr int RS = D + ROW_PAD, TS = TILE + ROW_PAD;
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    bf16 *qs = reinterpret_cast<bf16 *>(shared_bytes), *dos = qs + TILE * RS, *ks = dos + TILE * RS;
+    bf16 *vs = ks + TILE * RS, *kt = vs + TILE * RS;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z, tokens = args.tokens, heads = args.heads;
+    float scale2 = args.scale * LOG2E;
+    const float *lse_bh = args.lse + ((size_t)b * heads + h) * tokens;
+    const float *delta_bh = args.delta + ((size_t)b * heads + h) * tokens;
+
+    load_rows<D>(qs, args.q, b, h, q0, tokens, heads);
+    load_rows<D>(dos, args.dout, b, h, q0, tokens, heads);
+    __syncthreads();
+    uint32_t qa[D / 16][4], oa[D / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < D / 16; kc++) {
+        load_a_fragment(qa[kc], qs, RS, warp * 16, kc * 16, g, t);
+        load_a_fragment(oa[kc], dos, RS, warp * 16, kc * 16, g, t);
+    }
+    float lse2[2], delta[2], dq[D / 8][4];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int s_index = q0 + warp * 16 + g + 8 * r;
+        bool valid = s_index < tokens;
+        lse2[r] = valid ? lse_bh[s_index] * LOG2E : INFINITY;
+        delta[r] = valid ? delta_bh[s_index] : 0.0f;
+    }
+#pragma unroll
+    for (int nb = 0; nb < D / 8; nb++) dq[nb][0] = dq[nb][1] = dq[nb][2] = dq[nb][3] = 0.0f;
+
+    for (int k0 = 0; k0 < tokens; k0 += TILE) {
+        __syncthreads(); /* every warp is done with the previous key tile */
+        load_rows<D>(ks, args.k, b, h, k0, tokens, heads);
+        load_rows<D>(vs, args.v, b, h, k0, tokens, heads);
+        load_rows_transposed<D>(kt, args.k, b, h, k0, tokens, heads);
+        __syncthreads();
+        float s[TILE / 8][4], dp[TILE / 8][4];
+#pragma unroll
+        for (int nb = 0; nb < TILE / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nb][e] = dp[nb][e] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++)
+#pragma unroll
+            for (int nb = 0; nb < TILE / 8; nb++) {
+                const bf16 *k_row = ks + (nb * 8 + g) * RS + kc * 16 + 2 * t;
+                const bf16 *v_row = vs + (nb * 8 + g) * RS + kc * 16 + 2 * t;
+                mma_16816(s[nb], qa[kc], load_pair(k_row), load_pair(k_row + 8));
+                mma_16816(dp[nb], oa[kc], load_pair(v_row), load_pair(v_row + 8));
+            }
+#pragma unroll
+        for (int nb = 0; nb < TILE / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                bool valid = k0 + nb * 8 + 2 * t + (e & 1) < tokens;
+                float p = valid ? exp2f(s[nb][e] * scale2 - lse2[e >> 1]) : 0.0f;
+                dp[nb][e] = p * (dp[nb][e] - delta[e >> 1]);
+            }
+#pragma unroll
+        for (int kc = 0; kc < TILE / 16; kc++) {
+            uint32_t dsa[4];
+            accumulators_to_a(dsa, dp[2 * kc], dp[2 * kc + 1]);
+#pragma unroll
+            for (int nb = 0; nb < D / 8; nb++) {
+                const bf16 *k_t = kt + (nb * 8 + g) * TS + kc * 16 + 2 * t;
+                mma_16816(dq[nb], dsa, load_pair(k_t), load_pair(k_t + 8));
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int s_index = q0 + warp * 16 + g + 8 * r;
+        if (s_index >= tokens) continue;
+        bf16 *dq_row = args.dq + token_head_offset(b, s_index, h, tokens, heads, D);
+#pragma unroll
+        for (int nb = 0; nb < D / 8; nb++)
+            *reinterpret_cast<__nv_bfloat162 *>(dq_row + nb * 8 + 2 * t) =
+                __floats2bfloat162_rn(dq[nb][2 * r] * args.scale, dq[nb][2 * r + 1] * args.scale);
+    }
+}
+
+/* ---- launching ---- */
+template <int D>
+static size_t key_shared_bytes(void) {
+    return (size_t)(4 * TILE * (D + ROW_PAD) + 2 * D * (TILE + ROW_PAD)) * sizeof(bf16) + 2 * TILE * sizeof(float);
+}
+template <int D>
+static size_t query_shared_bytes(void) {
+    return (size_t)(4 * TILE * (D + ROW_PAD) + D * (TILE + ROW_PAD)) * sizeof(bf16);
+}
+
+bool attention_mma_supports(int head_dim, const void *const *pointers, int count) {
+    if (head_dim != 32 && head_dim != 64) return false;
+    for (int i = 0; i < count; i++)
+        if (!is_aligned16(pointers[i])) return false;
+    return true;
+}
+
+template <int D>
+static bool raise_shared_limit(const void *kernel, size_t bytes, bool *done, const char *name) {
+    if (*done || bytes <= 48 * 1024) return true;
+    if (!CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
+                    "%s<%d> with %zu bytes of shared memory", name, D, bytes))
+        return false;
+    *done = true;
+    return true;
+}
+
+template <int D>
+static void forward_launch(const attention_forward_args &args) {
+    dim3 grid(ceil_div_u((size_t)args.tokens, TILE), args.heads, args.batch);
+    attention_forward_mma_kernel<D><<<grid, MMA_THREADS, 0, cuda_ctx.stream>>>(args);
+}
+
+template <int D>
+static void backward_launch(const attention_backward_args &args) {
+    static bool key_ready, query_ready;
+    size_t key_bytes = key_shared_bytes<D>(), query_bytes = query_shared_bytes<D>();
+    if (!raise_shared_limit<D>((const void *)attention_backward_key_mma_kernel<D>, key_bytes, &key_ready,
+                               "attention_backward_key_mma_kernel") ||
+        !raise_shared_limit<D>((const void *)attention_backward_query_mma_kernel<D>, query_bytes, &query_ready,
+                               "attention_backward_query_mma_kernel"))
+        return;
+    dim3 grid(ceil_div_u((size_t)args.tokens, TILE), args.heads, args.batch);
+    attention_backward_key_mma_kernel<D><<<grid, MMA_THREADS, key_bytes, cuda_ctx.stream>>>(args);
+    if (!LAUNCH_CHECK("attention_backward_key_mma_kernel", "batch %d tokens %d heads %d head_dim %d", args.batch,
+                      args.tokens, args.heads, args.head_dim))
+        return;
+    attention_backward_query_mma_kernel<D><<<grid, MMA_THREADS, query_bytes, cuda_ctx.stream>>>(args);
+}
+
+void attention_mma_forward(const attention_forward_args &args) {
+    if (args.head_dim == 32)
+        forward_launch<32>(args);
+    else
+        forward_launch<64>(args);
+}
+
+void attention_mma_backward(const attention_backward_args &args) {
+    if (args.head_dim == 32)
+        backward_launch<32>(args);
+    else
+        backward_launch<64>(args);
+}
