@@ -13,6 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 /* ---- buffers --------------------------------------------------------------------------------- */
 
@@ -223,27 +226,124 @@ static inline uint8_t clip_fixed(int32_t sum) {
     return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
 }
 
-/* Horizontal pass over rows of interleaved RGB: ImagingResampleHorizontal_8bpc. */
-static void resample_rows(const uint8_t *src, size_t src_stride, int rows, const resample_axis *axis,
-                          int out_count, uint8_t *dst, size_t dst_stride) {
-    for (int y = 0; y < rows; y++) {
-        const uint8_t *in = src + (size_t)y * src_stride;
-        uint8_t *out = dst + (size_t)y * dst_stride;
-        for (int xx = 0; xx < out_count; xx++) {
-            const int32_t *k = axis->weights + (size_t)xx * (size_t)axis->taps;
-            const uint8_t *p = in + (size_t)axis->first[xx] * 3;
-            int32_t s0 = 1 << (RESAMPLE_PRECISION_BITS - 1), s1 = s0, s2 = s0;
-            for (int x = 0, n = axis->count[xx]; x < n; x++) {
-                s0 += p[3 * x + 0] * k[x];
-                s1 += p[3 * x + 1] * k[x];
-                s2 += p[3 * x + 2] * k[x];
+/* Horizontal pass over rows of interleaved RGB: ImagingResampleHorizontal_8bpc. in_end is the end
+ * of the readable source memory (the vector path reads up to 15 bytes past a group's first pixel). */
+static void resample_row_pixel(const uint8_t *p, const int32_t *k, int n, uint8_t *out) {
+    int32_t s0 = 1 << (RESAMPLE_PRECISION_BITS - 1), s1 = s0, s2 = s0;
+    for (int x = 0; x < n; x++) {
+        s0 += p[3 * x + 0] * k[x];
+        s1 += p[3 * x + 1] * k[x];
+        s2 += p[3 * x + 2] * k[x];
+    }
+    out[0] = clip_fixed(s0);
+    out[1] = clip_fixed(s1);
+    out[2] = clip_fixed(s2);
+}
+
+#if defined(__AVX2__)
+/* The sums are exact integers, so any order gives Pillow's result. vpmaddwd multiplies int16 pairs:
+ * each 22-bit coefficient k is split as k = 2048 kh + kl (kl the low 11 bits, both fit int16), and
+ * sum(p k) = 2048 sum(p kh) + sum(p kl) exactly. Four taps make a group of 16 int16 lanes: taps 0, 1
+ * as (R0 R1 G0 G1 B0 B1 0 0) in the low half, taps 2, 3 likewise in the high half; the coefficients
+ * are stored in that layout (two vectors per group: kh, kl), zero past the output's last tap. */
+enum { RESAMPLE_GROUP_TAPS = 4 };
+
+static int resample_groups(int taps) {
+    return (taps + RESAMPLE_GROUP_TAPS - 1) / RESAMPLE_GROUP_TAPS;
+}
+
+static void resample_pack(const resample_axis *axis, int out_count, __m256i *packed) {
+    int groups = resample_groups(axis->taps);
+    for (int i = 0; i < out_count; i++) {
+        const int32_t *k = axis->weights + (size_t)i * (size_t)axis->taps;
+        for (int g = 0; g < groups; g++) {
+            int16_t high[16] = {0}, low[16] = {0};
+            for (int t = 0; t < RESAMPLE_GROUP_TAPS; t++) {
+                int tap = g * RESAMPLE_GROUP_TAPS + t;
+                int32_t weight = tap < axis->count[i] ? k[tap] : 0;
+                int32_t weight_low = weight & 2047;
+                for (int c = 0; c < 3; c++) {
+                    int lane = (t / 2) * 8 + c * 2 + t % 2;
+                    high[lane] = (int16_t)((weight - weight_low) / 2048);
+                    low[lane] = (int16_t)weight_low;
+                }
             }
-            out[3 * xx + 0] = clip_fixed(s0);
-            out[3 * xx + 1] = clip_fixed(s1);
-            out[3 * xx + 2] = clip_fixed(s2);
+            __m256i *slot = packed + ((size_t)i * (size_t)groups + (size_t)g) * 2;
+            _mm256_storeu_si256(slot, _mm256_loadu_si256((const __m256i *)high));
+            _mm256_storeu_si256(slot + 1, _mm256_loadu_si256((const __m256i *)low));
         }
     }
 }
+
+/* R, G, B, 0 sums of one output pixel (with Pillow's rounding half in the low lanes' start). */
+static inline __m128i resample_pixel_sums(const uint8_t *p, const __m256i *k, int used, __m256i order) {
+    __m256i high = _mm256_setzero_si256();
+    __m256i low = _mm256_setr_epi32(1 << (RESAMPLE_PRECISION_BITS - 1), 1 << (RESAMPLE_PRECISION_BITS - 1),
+                                    1 << (RESAMPLE_PRECISION_BITS - 1), 0, 0, 0, 0, 0);
+    for (int g = 0; g < used; g++, p += 12, k += 2) {
+        __m256i pixels =
+            _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)), order);
+        high = _mm256_add_epi32(high, _mm256_madd_epi16(pixels, _mm256_loadu_si256(k)));
+        low = _mm256_add_epi32(low, _mm256_madd_epi16(pixels, _mm256_loadu_si256(k + 1)));
+    }
+    __m256i sum = _mm256_add_epi32(_mm256_slli_epi32(high, 11), low);
+    __m128i total = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    return _mm_srai_epi32(total, RESAMPLE_PRECISION_BITS); /* clip8's shift; the packs saturate */
+}
+
+static void resample_rows(const uint8_t *src, size_t src_stride, int rows, const uint8_t *in_end,
+                          const resample_axis *axis, const __m256i *packed, int out_count, uint8_t *dst,
+                          size_t dst_stride) {
+    int groups = resample_groups(axis->taps);
+    /* bytes of pixels t, t + 1 as int16 lanes: R G B of the two taps interleaved, two zero lanes */
+    const __m256i order = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1, 6, -1, 9,
+                                           -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1);
+    /* four pixels' R G B 0 bytes to 12 contiguous bytes */
+    const __m128i squeeze = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+    /* the last output whose vector reads stay inside the source memory on the last row */
+    for (int y = 0; y < rows; y++) {
+        const uint8_t *in = src + (size_t)y * src_stride;
+        uint8_t *out = dst + (size_t)y * dst_stride;
+        int xx = 0;
+        for (; xx + 4 <= out_count; xx += 4) {
+            __m128i sums[4];
+            int safe = 1;
+            for (int j = 0; j < 4 && safe; j++) {
+                const uint8_t *p = in + (size_t)axis->first[xx + j] * 3;
+                int used = resample_groups(axis->count[xx + j]);
+                safe = p + (size_t)(used - 1) * 12 + 16 <= in_end;
+                if (safe)
+                    sums[j] =
+                        resample_pixel_sums(p, packed + (size_t)(xx + j) * (size_t)groups * 2, used, order);
+            }
+            if (!safe) break;
+            __m128i bytes =
+                _mm_packus_epi16(_mm_packs_epi32(sums[0], sums[1]), _mm_packs_epi32(sums[2], sums[3]));
+            bytes = _mm_shuffle_epi8(bytes, squeeze);
+            _mm_storel_epi64((__m128i *)(out + 3 * xx), bytes);
+            int32_t tail = _mm_extract_epi32(bytes, 2);
+            memcpy(out + 3 * xx + 8, &tail, 4);
+        }
+        for (; xx < out_count; xx++)
+            resample_row_pixel(in + (size_t)axis->first[xx] * 3,
+                               axis->weights + (size_t)xx * (size_t)axis->taps, axis->count[xx],
+                               out + 3 * xx);
+    }
+}
+#else
+static void resample_rows(const uint8_t *src, size_t src_stride, int rows, const uint8_t *in_end,
+                          const resample_axis *axis, const void *packed, int out_count, uint8_t *dst,
+                          size_t dst_stride) {
+    (void)in_end, (void)packed;
+    for (int y = 0; y < rows; y++) {
+        const uint8_t *in = src + (size_t)y * src_stride;
+        for (int xx = 0; xx < out_count; xx++)
+            resample_row_pixel(in + (size_t)axis->first[xx] * 3,
+                               axis->weights + (size_t)xx * (size_t)axis->taps, axis->count[xx],
+                               dst + (size_t)y * dst_stride + 3 * xx);
+    }
+}
+#endif
 
 /* Vertical pass: ImagingResampleVertical_8bpc, accumulated a chunk of a row at a time so the inner
  * loop runs over contiguous bytes (the sums and their order per value are Pillow's). */
@@ -279,43 +379,59 @@ static size_t align_up(size_t bytes) {
  * writing the wanted window of the output into dst (its own stride). The vertical taps decide which
  * source rows the horizontal pass needs (Pillow's ybox_first / ybox_last). Coefficients, the 8-bit
  * intermediate and the work array live in scratch. */
-static tf_status resample_view(const uint8_t *pixels, size_t stride, const resample_span *xspan,
-                               const resample_span *yspan, uint8_t *dst, size_t dst_stride,
-                               tf_image *scratch) {
+static tf_status resample_view(const uint8_t *pixels, size_t stride, const uint8_t *in_end,
+                               const resample_span *xspan, const resample_span *yspan, uint8_t *dst,
+                               size_t dst_stride, tf_image *scratch) {
     int xtaps = span_taps(xspan), ytaps = span_taps(yspan);
     size_t xcount = (size_t)xspan->out_count, ycount = (size_t)yspan->out_count;
-    size_t axis_bytes =
-        align_up(2 * xcount * sizeof(int)) + align_up(xcount * (size_t)xtaps * sizeof(int32_t)) +
-        align_up(2 * ycount * sizeof(int)) + align_up(ycount * (size_t)ytaps * sizeof(int32_t)) +
-        align_up((size_t)(xtaps > ytaps ? xtaps : ytaps) * sizeof(double));
+    size_t first_bytes = align_up(2 * xcount * sizeof(int)),
+           weight_bytes = align_up(xcount * xtaps * sizeof(int32_t));
+    size_t yfirst_bytes = align_up(2 * ycount * sizeof(int)),
+           yweight_bytes = align_up(ycount * ytaps * sizeof(int32_t));
+    size_t work_bytes = align_up((size_t)(xtaps > ytaps ? xtaps : ytaps) * sizeof(double));
+#if defined(__AVX2__)
+    size_t packed_bytes = align_up(xcount * (size_t)resample_groups(xtaps) * 2 * sizeof(__m256i));
+#else
+    size_t packed_bytes = 0;
+#endif
     /* The intermediate holds at most every source row of the view, each out_count pixels wide. */
     size_t temp_bytes = align_up(xcount * 3 * (size_t)yspan->in_size);
-    TF_TRY(reserve_bytes(scratch, axis_bytes + temp_bytes, "image resize scratch"));
+    TF_TRY(reserve_bytes(scratch,
+                         first_bytes + weight_bytes + yfirst_bytes + yweight_bytes + work_bytes +
+                             packed_bytes + temp_bytes,
+                         "image resize scratch"));
 
     uint8_t *cursor = scratch->pixels;
     resample_axis xaxis = {.taps = xtaps}, yaxis = {.taps = ytaps};
-    xaxis.first = (int *)cursor, xaxis.count = xaxis.first + xcount,
-    cursor += align_up(2 * xcount * sizeof(int));
-    xaxis.weights = (int32_t *)cursor, cursor += align_up(xcount * (size_t)xtaps * sizeof(int32_t));
-    yaxis.first = (int *)cursor, yaxis.count = yaxis.first + ycount,
-    cursor += align_up(2 * ycount * sizeof(int));
-    yaxis.weights = (int32_t *)cursor, cursor += align_up(ycount * (size_t)ytaps * sizeof(int32_t));
+    xaxis.first = (int *)cursor, xaxis.count = xaxis.first + xcount, cursor += first_bytes;
+    xaxis.weights = (int32_t *)cursor, cursor += weight_bytes;
+    yaxis.first = (int *)cursor, yaxis.count = yaxis.first + ycount, cursor += yfirst_bytes;
+    yaxis.weights = (int32_t *)cursor, cursor += yweight_bytes;
     double *work = (double *)cursor;
-    cursor += align_up((size_t)(xtaps > ytaps ? xtaps : ytaps) * sizeof(double));
+    cursor += work_bytes;
+    void *packed = cursor;
+    cursor += packed_bytes;
     uint8_t *temp = cursor;
 
     resample_axis_fill(&xaxis, xspan, work);
     resample_axis_fill(&yaxis, yspan, work);
+#if defined(__AVX2__)
+    resample_pack(&xaxis, (int)xcount, packed);
+#endif
     int row_first = yaxis.first[0];
     int row_last = yaxis.first[ycount - 1] + yaxis.count[ycount - 1];
     for (size_t i = 0; i < ycount; i++)
         yaxis.first[i] -= row_first;
 
     size_t temp_stride = xcount * 3;
-    resample_rows(pixels + (size_t)row_first * stride, stride, row_last - row_first, &xaxis, (int)xcount,
-                  temp, temp_stride);
+    resample_rows(pixels + (size_t)row_first * stride, stride, row_last - row_first, in_end, &xaxis, packed,
+                  (int)xcount, temp, temp_stride);
     resample_columns(temp, temp_stride, &yaxis, (int)ycount, (int)temp_stride, dst, dst_stride);
     return TF_OK;
+}
+
+static const uint8_t *image_end(const tf_image *image) {
+    return image->pixels + (size_t)image->width * (size_t)image->height * 3;
 }
 
 static bool box_is_whole(tf_box box) {
@@ -366,7 +482,7 @@ tf_status image_resize_bicubic(const tf_image *src, tf_box box, int out_width, i
                            .out_size = out_height,
                            .out_first = 0,
                            .out_count = out_height};
-    return resample_view(src->pixels, (size_t)src->width * 3, &xspan, &yspan, dst->pixels,
+    return resample_view(src->pixels, (size_t)src->width * 3, image_end(src), &xspan, &yspan, dst->pixels,
                          (size_t)out_width * 3, scratch);
 }
 
@@ -395,8 +511,8 @@ tf_status image_resized_crop_bicubic(const tf_image *src, tf_box box, int out_wi
                            .out_first = 0,
                            .out_count = out_height};
     const uint8_t *corner = src->pixels + ((size_t)top * (size_t)src->width + (size_t)left) * 3;
-    return resample_view(corner, (size_t)src->width * 3, &xspan, &yspan, dst->pixels, (size_t)out_width * 3,
-                         scratch);
+    return resample_view(corner, (size_t)src->width * 3, image_end(src), &xspan, &yspan, dst->pixels,
+                         (size_t)out_width * 3, scratch);
 }
 
 /* The part of [first, first + count) inside [0, size): *inside_first and the count (0 if none). */
@@ -446,7 +562,8 @@ tf_status image_resize_then_crop_bicubic(const tf_image *src, int resize_width, 
                            .out_size = resize_height,
                            .out_first = y_first,
                            .out_count = y_count};
-    return resample_view(src->pixels, (size_t)src->width * 3, &xspan, &yspan, out, dst_stride, scratch);
+    return resample_view(src->pixels, (size_t)src->width * 3, image_end(src), &xspan, &yspan, out, dst_stride,
+                         scratch);
 }
 
 /* ---- flip and layout --------------------------------------------------------------------------------- */

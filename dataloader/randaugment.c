@@ -10,6 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 static const char *const op_names[TF_RA_OP_COUNT] = {
     "AutoContrast", "Equalize",    "Invert", "Rotate",        "Posterize",
@@ -401,35 +404,107 @@ static inline int clamp_index(int i, int size) {
 }
 
 /* Pillow's bicubic_filter32RGB at source point (xin, yin): 4x4 neighbours with edge clamping,
- * rows first, then the column; <= 0 gives 0, >= 255 gives 255, otherwise truncation. */
+ * rows first, then the column; <= 0 gives 0, >= 255 gives 255, otherwise truncation. At d = 0 a
+ * cubic returns its second value exactly (p1 + 0 * finite), so a sample on a pixel row (dy = 0:
+ * translations and shears along x) needs only that row, and one on a pixel column (dx = 0) needs no
+ * horizontal cubics: the same numbers as Pillow's, a fraction of the work. With AVX2 the three
+ * channels are the lanes of one vector (the fourth lane is ignored), in the same operation order,
+ * so the results are identical; pixel reads of 4 bytes need one byte of slack after the image. */
+#if defined(__AVX2__)
+static inline __m256d lanes_of(__m128i v) {
+    return _mm256_cvtepi32_pd(v);
+}
+
+static inline __m128i pixel_lanes(const uint8_t *p) {
+    int32_t bytes;
+    memcpy(&bytes, p, sizeof bytes);
+    return _mm_cvtepu8_epi32(_mm_cvtsi32_si128(bytes));
+}
+
+/* The row cubic on 8-bit values: p1..p4 are exact integers, as in Pillow's macro on UINT8. */
+static inline __m256d cubic_row(const uint8_t *in, int x0, int x1, int x2, int x3, __m256d d) {
+    __m128i v1 = pixel_lanes(in + x0), v2 = pixel_lanes(in + x1), v3 = pixel_lanes(in + x2),
+            v4 = pixel_lanes(in + x3);
+    __m256d p1 = lanes_of(v2);
+    __m256d p2 = lanes_of(_mm_sub_epi32(v3, v1));
+    __m256d p3 = lanes_of(_mm_sub_epi32(_mm_add_epi32(_mm_slli_epi32(_mm_sub_epi32(v1, v2), 1), v3), v4));
+    __m256d p4 = lanes_of(_mm_add_epi32(_mm_sub_epi32(_mm_sub_epi32(v2, v1), v3), v4));
+    return _mm256_add_pd(
+        p1, _mm256_mul_pd(d, _mm256_add_pd(p2, _mm256_mul_pd(d, _mm256_add_pd(p3, _mm256_mul_pd(d, p4))))));
+}
+
+/* The column cubic on doubles, in Pillow's order: -v1 + v3, 2 * (v1 - v2) + v3 - v4, -v1 + v2 - v3 + v4. */
+static inline __m256d cubic_column(__m256d v1, __m256d v2, __m256d v3, __m256d v4, __m256d d) {
+    __m256d p2 = _mm256_sub_pd(v3, v1);
+    __m256d p3 =
+        _mm256_sub_pd(_mm256_add_pd(_mm256_add_pd(_mm256_sub_pd(v1, v2), _mm256_sub_pd(v1, v2)), v3), v4);
+    __m256d p4 = _mm256_add_pd(_mm256_sub_pd(_mm256_sub_pd(v2, v1), v3), v4);
+    return _mm256_add_pd(
+        v2, _mm256_mul_pd(d, _mm256_add_pd(p2, _mm256_mul_pd(d, _mm256_add_pd(p3, _mm256_mul_pd(d, p4))))));
+}
+
 static inline void bicubic_sample(const tf_image *src, double xin, double yin, uint8_t *out) {
     xin -= 0.5;
     yin -= 0.5;
     int x = xin < 0.0 ? (int)floor(xin) : (int)xin;
     int y = yin < 0.0 ? (int)floor(yin) : (int)yin;
     double dx = xin - x, dy = yin - y;
-    int xs[4], w = src->width, h = src->height;
-    for (int i = 0; i < 4; i++)
-        xs[i] = clamp_index(x - 1 + i, w) * 3;
-    double rows[4][3];
-    for (int j = 0; j < 4; j++) {
-        const uint8_t *in = src->pixels + (size_t)clamp_index(y - 1 + j, h) * (size_t)w * 3;
+    int w = src->width, h = src->height;
+    size_t stride = (size_t)w * 3;
+    int x0 = clamp_index(x - 1, w) * 3, x1 = clamp_index(x, w) * 3, x2 = clamp_index(x + 1, w) * 3,
+        x3 = clamp_index(x + 2, w) * 3;
+    __m256d vdx = _mm256_set1_pd(dx), value;
+    if (dy == 0.0) {
+        const uint8_t *in = src->pixels + (size_t)clamp_index(y, h) * stride;
+        value = dx == 0.0 ? lanes_of(pixel_lanes(in + x1)) : cubic_row(in, x0, x1, x2, x3, vdx);
+    } else {
+        __m256d rows[4];
+        for (int j = 0; j < 4; j++) {
+            const uint8_t *in = src->pixels + (size_t)clamp_index(y - 1 + j, h) * stride;
+            rows[j] = dx == 0.0 ? lanes_of(pixel_lanes(in + x1)) : cubic_row(in, x0, x1, x2, x3, vdx);
+        }
+        value = cubic_column(rows[0], rows[1], rows[2], rows[3], _mm256_set1_pd(dy));
+    }
+    /* clamp to [0, 255] then truncate: Pillow's <= 0, >= 255 and (UINT8) cases */
+    value = _mm256_min_pd(_mm256_max_pd(value, _mm256_setzero_pd()), _mm256_set1_pd(255.0));
+    __m128i ints = _mm256_cvttpd_epi32(value);
+    int32_t packed = _mm_cvtsi128_si32(_mm_packus_epi16(_mm_packs_epi32(ints, ints), ints));
+    memcpy(out, &packed, 3);
+}
+#else
+static inline void bicubic_sample(const tf_image *src, double xin, double yin, uint8_t *out) {
+    xin -= 0.5;
+    yin -= 0.5;
+    int x = xin < 0.0 ? (int)floor(xin) : (int)xin;
+    int y = yin < 0.0 ? (int)floor(yin) : (int)yin;
+    double dx = xin - x, dy = yin - y;
+    int w = src->width, h = src->height;
+    size_t stride = (size_t)w * 3;
+    int x0 = clamp_index(x - 1, w) * 3, x1 = clamp_index(x, w) * 3, x2 = clamp_index(x + 1, w) * 3,
+        x3 = clamp_index(x + 2, w) * 3;
+    double values[4][3];
+    int first_row = dy == 0.0 ? 1 : 0, last_row = dy == 0.0 ? 1 : 3;
+    for (int j = first_row; j <= last_row; j++) {
+        const uint8_t *in = src->pixels + (size_t)clamp_index(y - 1 + j, h) * stride;
         for (int c = 0; c < 3; c++)
-            rows[j][c] = cubic(in[xs[0] + c], in[xs[1] + c], in[xs[2] + c], in[xs[3] + c], dx);
+            values[j][c] = dx == 0.0 ? in[x1 + c] : cubic(in[x0 + c], in[x1 + c], in[x2 + c], in[x3 + c], dx);
     }
     for (int c = 0; c < 3; c++) {
-        double v = cubic(rows[0][c], rows[1][c], rows[2][c], rows[3][c], dy);
+        double v =
+            dy == 0.0 ? values[1][c] : cubic(values[0][c], values[1][c], values[2][c], values[3][c], dy);
         out[c] = v <= 0.0 ? 0 : v >= 255.0 ? 255 : (uint8_t)v;
     }
 }
+#endif
 
 /* ImagingGenericTransform with affine_transform: output pixel (x, y) samples the source at
  * (a0 (x + .5) + a1 (y + .5) + a2, a3 (x + .5) + a4 (y + .5) + a5); points outside [0, w) x [0, h)
  * keep the fill colour of the new image. The result replaces image; scratch holds the source. */
 static tf_status affine(tf_image *image, const double a[6], const uint8_t fill[3], tf_image *scratch) {
     int width = image->width, height = image->height;
-    TF_TRY(image_reserve(scratch, width, height));
+    TF_TRY(image_reserve(scratch, width, height + 1)); /* a spare row: 4-byte reads of the last pixel */
     memcpy(scratch->pixels, image->pixels, pixel_count(image) * 3);
+    const tf_image source = {.width = width, .height = height, .pixels = scratch->pixels};
     uint8_t *out = image->pixels;
     for (int y = 0; y < height; y++) {
         double yc = y + 0.5;
@@ -440,7 +515,7 @@ static tf_status affine(tf_image *image, const double a[6], const uint8_t fill[3
             if (xin < 0.0 || xin >= width || yin < 0.0 || yin >= height) {
                 out[0] = fill[0], out[1] = fill[1], out[2] = fill[2];
             } else {
-                bicubic_sample(scratch, xin, yin, out);
+                bicubic_sample(&source, xin, yin, out);
             }
         }
     }

@@ -101,6 +101,31 @@ def test_resize(images):
         run_tool("resize", path, out, *box, *size)
         compare_images(f"resize {source} box={box} -> {size}", out, reference)
 
+    # A random sweep: boxes whole and fractional, scale factors from 1/60 to 40, either image.
+    rng = random.Random(17)
+    worst, differing = 0, 0
+    for case in range(60):
+        source = rng.choice(["photo", "odd"])
+        image, path = images[source]
+        width, height = image.size
+        box_w, box_h = rng.uniform(1, width), rng.uniform(1, height)
+        left, top = rng.uniform(0, width - box_w), rng.uniform(0, height - box_h)
+        if case % 2:
+            box_w, box_h, left, top = max(1, round(box_w)), max(1, round(box_h)), int(left), int(top)
+        size = (rng.randint(1, 400), rng.randint(1, 400))
+        crop_first = case % 3 == 0 and case % 2 == 1
+        out = os.path.join(SCRATCH, "sweep.ppm")
+        if crop_first:
+            reference = image.crop((left, top, left + box_w, top + box_h)).resize(size, BICUBIC)
+            run_tool("resized_crop", path, out, left, top, box_w, box_h, *size)
+        else:
+            reference = image.resize(size, BICUBIC, box=(left, top, left + box_w, top + box_h))
+            run_tool("resize", path, out, repr(left), repr(top), repr(box_w), repr(box_h), *size)
+        diff = np.abs(load(out) - np.asarray(reference, dtype=np.int16))
+        worst, differing = max(worst, int(diff.max())), differing + int(diff.max() > 0)
+    report("resize / resized_crop random sweep (60 boxes and sizes)", worst == 0,
+           f"max |diff| {worst} (allowed 0), {differing} of 60 cases differ")
+
     for source, box, size in [("photo", (0, 0, 320, 240), (224, 224)), ("photo", (17, 9, 150, 201), (224, 224)),
                               ("photo", (200, 100, 9, 13), (224, 224)), ("odd", (5, 3, 311, 100), (64, 200)),
                               ("odd", (0, 0, 317, 229), (317, 229))]:
@@ -392,6 +417,20 @@ def test_ops(images):
                     arg * image.size[1] if name == "TranslateYRel" else arg
                 run_tool("op", paths[source], out, name, repr(value))
                 compare_images(f"{name}({value:.6g}) {source}", out, timm_op(name, image, value))
+
+    # A random sweep of the arguments the policy produces: m ~ N(9, 0.5) clipped, random signs.
+    rng = random.Random(23)
+    worst, differing = 0, 0
+    for case in range(60):
+        name = OPS[case % len(OPS)]
+        source = rng.choice(["photo", "odd"])
+        image = inputs[source]
+        value = timm_argument(name, min(10.0, max(0.0, rng.gauss(9, 0.5))), rng.random() > 0.5, *image.size)
+        run_tool("op", paths[source], out, name, repr(value))
+        diff = np.abs(load(out) - np.asarray(timm_op(name, image, value), dtype=np.int16))
+        worst, differing = max(worst, int(diff.max())), differing + int(diff.max() > 0)
+    report("RandAugment operations random sweep (60 draws of m9-mstd0.5)", worst == 0,
+           f"max |diff| {worst} (allowed 0), {differing} of 60 cases differ")
 
     # Level to argument: magnitudes across [0, 10], including those where int() steps.
     rng = random.Random(3)

@@ -219,65 +219,87 @@ static tf_status run_parse(int argc, char **argv) {
     return TF_OK;
 }
 
-/* Single-thread timings on IN (any size): the train transform's pieces and the eval resize. */
+/* What one benchmark step does: "case_index" selects the operation (see bench_step). */
+typedef struct {
+    tool_images *im;
+    tf_image base; /* 224x224 input of the RandAugment steps */
+    tf_rng rng;
+    tf_randaugment randaugment;
+    int eval_width, eval_height, eval_left, eval_top;
+    int sample;
+} bench_state;
+
+enum { BENCH_RESIZE, BENCH_RRC, BENCH_EVAL, BENCH_RANDAUGMENT, BENCH_OP0 };
+
+static tf_status bench_step(bench_state *state, int which) {
+    tool_images *im = state->im;
+    const tf_image *src = &im->input;
+    static const double arguments[TF_RA_OP_COUNT] = {0,    0,    0,    27,   1,     26,   99,   1.81,
+                                                     0.19, 1.81, 1.81, 0.27, -0.27, 90.7, -90.7};
+    static const uint8_t fill[3] = {124, 116, 104};
+    if (which == BENCH_RESIZE)
+        return image_resize_bicubic(src, (tf_box){0, 0, src->width, src->height}, 224, 224, &im->output,
+                                    &im->scratch);
+    if (which == BENCH_RRC) {
+        tf_augment_config augment = {
+            .scale_min = 0.08f, .scale_max = 1.0f, .ratio_min = 0.75f, .ratio_max = 4.0f / 3.0f};
+        tf_box box = image_random_resized_crop_box(src->width, src->height, &augment, &state->rng);
+        return image_resized_crop_bicubic(src, box, 224, 224, &im->output, &im->scratch);
+    }
+    if (which == BENCH_EVAL)
+        return image_resize_then_crop_bicubic(src, state->eval_width, state->eval_height, state->eval_left,
+                                              state->eval_top, 224, 224, &im->output, &im->scratch);
+    TF_TRY(image_reserve(&im->output, 224, 224));
+    memcpy(im->output.pixels, state->base.pixels, (size_t)224 * 224 * 3);
+    if (which == BENCH_RANDAUGMENT) {
+        tf_rng sample = tf_rng_make(1, TF_RNG_AUGMENT, 0, (uint64_t)state->sample++);
+        return randaugment_apply(&im->output, &state->randaugment, &sample, &im->scratch);
+    }
+    tf_randaugment_op op = (tf_randaugment_op)(which - BENCH_OP0);
+    return randaugment_apply_op(&im->output, op, arguments[op], fill, &im->scratch);
+}
+
+/* The fastest of 15 rounds of reps steps, in ms per step: the least disturbed by other work on a
+ * shared machine. */
+static tf_status bench_time(bench_state *state, int which, int reps, double *ms) {
+    *ms = 1e30;
+    for (int round = 0; round < 15; round++) {
+        double start = tf_seconds();
+        for (int i = 0; i < reps; i++)
+            TF_TRY(bench_step(state, which));
+        double elapsed = (tf_seconds() - start) / reps * 1e3;
+        if (elapsed < *ms) *ms = elapsed;
+    }
+    return TF_OK;
+}
+
+/* Single-thread timings on IN (any size): the train transform's pieces and the eval resize. The
+ * RandAugment operations and the policy run on IN resized to 224x224. */
 static tf_status run_bench(int argc, char **argv, tool_images *im) {
     if (argc != 3) return tf_fail(TF_ERR_USAGE, "usage: bench IN");
     TF_TRY(load_image(argv[2], &im->input));
-    const tf_image *src = &im->input;
-    tf_box whole = {0, 0, src->width, src->height};
-    int reps = 300;
-    double start = tf_seconds();
-    for (int i = 0; i < reps; i++)
-        TF_TRY(image_resize_bicubic(src, whole, 224, 224, &im->output, &im->scratch));
-    printf("resize %dx%d -> 224x224: %.3f ms\n", src->width, src->height,
-           (tf_seconds() - start) / reps * 1e3);
-
-    tf_augment_config augment = {
-        .scale_min = 0.08f, .scale_max = 1.0f, .ratio_min = 0.75f, .ratio_max = 4.0f / 3.0f};
-    tf_rng rng = tf_rng_make(1, TF_RNG_TEST, 0, 0);
-    start = tf_seconds();
-    for (int i = 0; i < reps; i++) {
-        tf_box box = image_random_resized_crop_box(src->width, src->height, &augment, &rng);
-        TF_TRY(image_resized_crop_bicubic(src, box, 224, 224, &im->output, &im->scratch));
+    bench_state state = {.im = im, .rng = tf_rng_make(1, TF_RNG_TEST, 0, 0)};
+    TF_TRY(randaugment_parse("rand-m9-mstd0.5-inc1", &state.randaugment));
+    image_eval_geometry(im->input.width, im->input.height, 224, 0.875f, &state.eval_width, &state.eval_height,
+                        &state.eval_left, &state.eval_top);
+    TF_TRY(image_resize_bicubic(&im->input, (tf_box){0, 0, im->input.width, im->input.height}, 224, 224,
+                                &state.base, &im->scratch));
+    double ms;
+    tf_status status = TF_OK;
+    const char *labels[] = {"resize to 224x224", "random resized crop to 224x224",
+                            "eval resize + centre crop 224",
+                            "RandAugment rand-m9-mstd0.5-inc1 (mean over samples)"};
+    for (int which = 0; which < BENCH_OP0 + TF_RA_OP_COUNT && status == TF_OK; which++) {
+        status = bench_time(&state, which, which == BENCH_RANDAUGMENT ? 400 : 40, &ms);
+        if (which < BENCH_OP0)
+            printf("%-52s %.3f ms\n", labels[which], ms);
+        else
+            printf("  %-50s %.3f ms\n", randaugment_op_name((tf_randaugment_op)(which - BENCH_OP0), 1), ms);
     }
-    printf("random resized crop -> 224x224: %.3f ms\n", (tf_seconds() - start) / reps * 1e3);
-
-    int rw, rh, left, top;
-    image_eval_geometry(src->width, src->height, 224, 0.875f, &rw, &rh, &left, &top);
-    start = tf_seconds();
-    for (int i = 0; i < reps; i++)
-        TF_TRY(image_resize_then_crop_bicubic(src, rw, rh, left, top, 224, 224, &im->output, &im->scratch));
-    printf("eval resize %dx%d + crop 224: %.3f ms\n", rw, rh, (tf_seconds() - start) / reps * 1e3);
-
-    tf_image base = {0};
-    TF_TRY(image_resize_bicubic(src, whole, 224, 224, &base, &im->scratch));
-    size_t bytes = (size_t)224 * 224 * 3;
-    const uint8_t fill[3] = {124, 116, 104};
-    const double arguments[TF_RA_OP_COUNT] = {0,    0,    0,    27,   1,     26,   99,   1.81,
-                                              0.19, 1.81, 1.81, 0.27, -0.27, 90.7, -90.7};
-    for (int op = 0; op < TF_RA_OP_COUNT; op++) {
-        start = tf_seconds();
-        for (int i = 0; i < reps; i++) {
-            memcpy(im->output.pixels, base.pixels, bytes);
-            TF_TRY(
-                randaugment_apply_op(&im->output, (tf_randaugment_op)op, arguments[op], fill, &im->scratch));
-        }
-        printf("  %-20s %.3f ms\n", randaugment_op_name((tf_randaugment_op)op, 1),
-               (tf_seconds() - start) / reps * 1e3);
-    }
-    tf_randaugment ra;
-    TF_TRY(randaugment_parse("rand-m9-mstd0.5-inc1", &ra));
-    reps = 3000;
-    start = tf_seconds();
-    for (int i = 0; i < reps; i++) {
-        tf_rng sample = tf_rng_make(1, TF_RNG_AUGMENT, 0, (uint64_t)i);
-        memcpy(im->output.pixels, base.pixels, bytes);
-        TF_TRY(randaugment_apply(&im->output, &ra, &sample, &im->scratch));
-    }
-    printf("randaugment rand-m9-mstd0.5-inc1 on 224x224 (mean over draws): %.3f ms\n",
-           (tf_seconds() - start) / reps * 1e3);
-    image_free(&base);
-    return TF_OK;
+    printf("(input %dx%d, eval resize %dx%d)\n", im->input.width, im->input.height, state.eval_width,
+           state.eval_height);
+    image_free(&state.base);
+    return status;
 }
 
 static tf_status run(int argc, char **argv, tool_images *im) {
