@@ -42,14 +42,18 @@ tf_box image_random_resized_crop_box_from_draws(int width, int height, const tf_
 
 /* Eval geometry: resize the shorter side to int(size / crop_pct) (aspect kept, torchvision's
  * rounding of the longer side), then centre crop size x size (torchvision's rounding). Returned as
- * the box of the source image that becomes the output, with the intermediate resize size. */
+ * the intermediate resize size and the crop's corner in it, for image_resize_then_crop_bicubic; the
+ * corner is negative when crop_pct > 1 makes the resized image smaller than the crop (torchvision
+ * pads). crop_pct is read as the decimal it was written as (0.8, not the float 0.800000012). */
 void image_eval_geometry(int width, int height, int size, float crop_pct, int *resize_width,
                          int *resize_height, int *crop_left, int *crop_top);
 
 /* PIL Image.resize(size, BICUBIC, box): the box of src resampled to out_width x out_height with
  * PIL's separable antialiased bicubic (a = -0.5, support scaled by the downscale factor), 8-bit
- * rounding and clipping as PIL does between the two passes. dst is resized (image_reserve).
- * scratch holds the intermediate pass and is reused between calls. */
+ * rounding and clipping as PIL does between the two passes; bit-identical to PIL 9.4. dst is
+ * resized (image_reserve). scratch holds the coefficients and the intermediate pass and is reused
+ * between calls (its size fields mean nothing). src, dst and scratch are three different images.
+ * The train transform's RandomResizedCrop is image_resized_crop_bicubic, not this. */
 tf_status image_resize_bicubic(const tf_image *src, tf_box box, int out_width, int out_height, tf_image *dst,
                                tf_image *scratch);
 
@@ -89,7 +93,8 @@ typedef enum {
 } tf_randaugment_op;
 
 /* One operation with its argument already derived from the magnitude (degrees, shear factor,
- * pixels, bits, threshold, amount added, enhance factor), as PIL computes it. */
+ * pixels, bits, threshold, amount added, enhance factor), as PIL computes it: bit-identical to the
+ * PIL 9.4 call timm makes. In place; scratch (a different image) is reused between calls. */
 tf_status randaugment_apply_op(tf_image *image, tf_randaugment_op op, double argument, const uint8_t fill[3],
                                tf_image *scratch);
 
