@@ -29,7 +29,6 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
