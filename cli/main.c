@@ -6,7 +6,9 @@
 #include "common/timer.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct {
     const char *name;
@@ -85,7 +87,21 @@ int cli_report(const char *command, int status) {
     return status;
 }
 
+/* The CPU backend's kernels and OpenBLAS share libgomp's thread team, and libgomp by default spins
+ * at every barrier before it sleeps. With more busy threads than cores (the loader's workers beside
+ * the compute threads, or any other process) a spinning thread holds a core that the thread it
+ * waits for needs: measured on 2 cores, CPU training ran at 95 img/s spinning and 320 img/s with
+ * passive waits, and the GPU path does not use OpenMP at all. libgomp reads OMP_WAIT_POLICY only
+ * when it is loaded, so the process restarts itself once with the variable set, unless the user
+ * chose a policy. If the restart fails, it carries on with the default. */
+static void prefer_passive_openmp_waits(char **argv) {
+    if (getenv("OMP_WAIT_POLICY")) return;
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    execv("/proc/self/exe", argv);
+}
+
 int main(int argc, char **argv) {
+    prefer_passive_openmp_waits(argv);
     tf_seconds_since_start(); /* the log's clock starts here */
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         cli_print_help(NULL);
