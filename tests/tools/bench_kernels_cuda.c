@@ -28,25 +28,21 @@ static int runs = 20;
 static float *random_values; /* 1 Mi normal values, tiled into device buffers */
 enum { RANDOM_COUNT = 1 << 20 };
 
+/* A device buffer of n elements: N(0, std^2) values (a 1 Mi pattern repeated), or zeros. */
 static void *device_buffer(size_t n, tf_dtype dtype, float std) {
     void *buffer = NULL;
     if (gpu->alloc(&buffer, n * tf_dtype_size(dtype), "benchmark buffer") != TF_OK) {
         fprintf(stderr, "bench_kernels_cuda: %s\n", tf_error_message());
         exit(1);
     }
-    float scaled[4096];
+    if (std == 0.0f) return buffer; /* alloc zero-fills */
+    float *scaled = malloc(RANDOM_COUNT * sizeof(float));
+    for (size_t i = 0; i < RANDOM_COUNT; i++) scaled[i] = random_values[i] * std;
     for (size_t start = 0; start < n; start += RANDOM_COUNT) {
         size_t count = n - start < RANDOM_COUNT ? n - start : RANDOM_COUNT;
-        if (std == 1.0f) {
-            gpu->upload((char *)buffer + start * tf_dtype_size(dtype), dtype, random_values, count);
-            continue;
-        }
-        for (size_t i = 0; i < count; i += 4096) {
-            size_t part = count - i < 4096 ? count - i : 4096;
-            for (size_t j = 0; j < part; j++) scaled[j] = random_values[i + j] * std;
-            gpu->upload((char *)buffer + (start + i) * tf_dtype_size(dtype), dtype, scaled, part);
-        }
+        gpu->upload((char *)buffer + start * tf_dtype_size(dtype), dtype, scaled, count);
     }
+    free(scaled);
     return buffer;
 }
 
