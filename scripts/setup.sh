@@ -26,11 +26,14 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# The CUDA backend is built whenever the CUDA toolkit is there (it compiles without a GPU).
+# The CUDA backend: the tests build it whenever the CUDA toolkit is there (it compiles without a
+# GPU, and its tests then skip); the demo only when there is a GPU to run it on.
 cuda=OFF
 if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
-    cuda=ON
     export PATH="/usr/local/cuda/bin:$PATH"
+    if [[ "${1:-demo}" == test ]] || (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1); then
+        cuda=ON
+    fi
 fi
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DTOKENFORMER_CUDA="$cuda" >/dev/null
 if ! cmake --build build -j"$(nproc)" >build/build.log 2>&1; then
