@@ -26,6 +26,10 @@ import tokenformer_torch as ref  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4
+# On CUDA the activations and the compute copy of the weights are bf16 (8 bits of mantissa): the
+# logits, loss and gradients are checked at DESIGN.md's bf16 bound. The AdamW step works on the fp32
+# master weights with the dump's own gradients and keeps the fp32 bound.
+BF16_TOLERANCE = 1e-2
 
 # Two configurations. The first is the CPU demo model made shallower; the second exercises the
 # other paths: cls pooling, two heads, token counts that differ from each other and from dim, a
@@ -295,9 +299,10 @@ def compare_case(case: dict, scratch: str, dump: str, device: str):
     logits = ref.forward(params, config, as_torch("input.images"), as_torch("input.drop_scales"))
     loss = ref.soft_target_cross_entropy(logits, as_torch("input.targets"))
     loss.backward()
-    rows = [("logits", "output.logits", relative_error(bundle["output.logits"], logits.detach()), TOLERANCE),
-            ("loss", "output.loss", relative_error(bundle["output.loss"], loss.detach().reshape(1)), TOLERANCE)]
-    rows += [("grad", name, relative_error(bundle["grad." + name], t.grad), TOLERANCE)
+    bound = TOLERANCE if device == "cpu" else BF16_TOLERANCE
+    rows = [("logits", "output.logits", relative_error(bundle["output.logits"], logits.detach()), bound),
+            ("loss", "output.loss", relative_error(bundle["output.loss"], loss.detach().reshape(1)), bound)]
+    rows += [("grad", name, relative_error(bundle["grad." + name], t.grad), bound)
              for name, t in params.items()]
     adamw_rows, adamw_problems = compare_adamw(params, bundle, bundle_meta)
     return rows + adamw_rows, problems + adamw_problems
