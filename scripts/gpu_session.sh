@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# One batched session on a lent GPU machine (the workplace's device tool: Ubuntu, CUDA, cuDNN,
+# PyTorch, no internet, and none of TurboJPEG, stb, libyaml, cJSON or OpenBLAS-OpenMP). Their
+# Debian packages and Fashion-MNIST's source files travel in .deps/ (fill it with
+# `scripts/gpu_session.sh fetch` on a Debian machine) and are unpacked into a private prefix.
+#
+#   scripts/gpu_session.sh fetch                    # here: download what the GPU machine lacks
+#   scripts/gpu_session.sh build test parity bench demo   # there: any of these, in order
+#
+# Logs of each stage go to $OUT (the device tool brings them back); the summary lines go to stdout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/tokenformer-gpu}
+mkdir -p "$OUT"
+deps=/tmp/tokenformer-deps
+build=build-gpu
+python=${PYTHON:-python3}
+
+stage_fetch() {
+    mkdir -p .deps
+    (cd .deps && apt-get download libturbojpeg0 libturbojpeg0-dev libstb0 libstb-dev libyaml-0-2 libyaml-dev \
+        libcjson1 libcjson-dev libopenblas0-openmp libopenblas-openmp-dev)
+    cp /usr/share/datasets/fashion-mnist/*.gz .deps/
+}
+
+environment() {
+    if [[ ! -d $deps ]]; then
+        mkdir -p $deps
+        for package in .deps/*.deb; do dpkg -x "$package" $deps; done
+    fi
+    export PKG_CONFIG_PATH=$deps/usr/lib/x86_64-linux-gnu/pkgconfig:$deps/usr/share/pkgconfig
+    export PKG_CONFIG_SYSROOT_DIR=$deps
+    export LD_LIBRARY_PATH=$deps/usr/lib/x86_64-linux-gnu/openblas-openmp:$deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+    export NCCL_NVLS_ENABLE=0
+}
+
+stage_build() {
+    local start=$SECONDS
+    cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DTOKENFORMER_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DCMAKE_PREFIX_PATH=$deps/usr \
+        -DCBLAS_INCLUDE_DIR=$deps/usr/include/x86_64-linux-gnu/openblas-openmp \
+        -DCBLAS_LIBRARY=$deps/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so >"$OUT/cmake.log" 2>&1 ||
+        { tail -30 "$OUT/cmake.log"; return 1; }
+    cmake --build $build -j"$(nproc)" >"$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -40; return 1; }
+    echo "build: $((SECONDS - start)) s, $(grep -c warning "$OUT/build.log") warning lines"
+}
+
+stage_test() {
+    (cd $build && ctest -R "test_kernels_cuda|test_model|test_kernels_cpu" --output-on-failure) >"$OUT/test.log" 2>&1
+    local status=$?
+    grep -E "^(  |\S).*(FAIL|fail|SKIP|checks)" "$OUT/test.log" | tail -25
+    grep -E "tests passed|tests failed" "$OUT/test.log"
+    return $status
+}
+
+stage_parity() {
+    $python tests/test_torch_parity.py $build/tokenformer /tmp/tokenformer-parity cuda >"$OUT/parity.log" 2>&1
+    local status=$?
+    grep -E "FAIL|failure|logits|loss  " "$OUT/parity.log" | head -20
+    return $status
+}
+
+stage_bench() {
+    {
+        $build/bench_kernels_cuda
+        $build/tokenformer bench train --config configs/tokenformer_b16.yaml --batch 256 --steps 20 --warmup 3
+        $build/tokenformer bench infer --config configs/tokenformer_b16.yaml --batch 512 --steps 20 --warmup 3
+        $build/tokenformer bench train --config configs/tokenformer_l16.yaml --batch 128 --steps 10 --warmup 3
+    } >"$OUT/bench.log" 2>&1
+    local status=$?
+    grep -E "bench|img/s|TFLOP|memory|ms" "$OUT/bench.log" | tail -40
+    return $status
+}
+
+stage_demo() {
+    local data=/tmp/tokenformer-fmnist run=/tmp/tokenformer-runs/fmnist_tiny
+    rm -rf $run
+    {
+        $build/tokenformer prepare fashion-mnist --source .deps --out $data &&
+            $build/tokenformer train --config configs/fmnist_tiny.yaml --data $data --out $run &&
+            $build/tokenformer eval --ckpt $run/model.safetensors --data $data
+    } >"$OUT/demo.log" 2>&1
+    local status=$?
+    grep -E "img/s|top-1|error" "$OUT/demo.log" | tail -15
+    cp $run/metrics.jsonl "$OUT/fmnist_tiny_metrics.jsonl" 2>/dev/null
+    return $status
+}
+
+status=0
+for stage in "$@"; do
+    [[ $stage == fetch ]] || environment
+    echo "== $stage"
+    "stage_$stage" || { status=1; echo "stage $stage failed (logs in $OUT)"; }
+done
+exit $status
