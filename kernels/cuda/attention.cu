@@ -464,7 +464,7 @@ static void own_attention_backward(void *dq, void *dk, void *dv, const void *dou
 
 /* ---- choosing the implementation ---- */
 static const char *last_forward = "none", *last_backward = "none";
-static char last_fallback_reason[512];
+static char last_fallback_reason[1024];
 
 extern "C" bool tf_cuda_attention_use_cudnn(bool use) {
     cuda_ctx.attention_prefer_cudnn = use && cuda_ctx.cudnn && cuda_ctx.cudnn_unavailable[0] == '\0';

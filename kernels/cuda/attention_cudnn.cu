@@ -350,10 +350,11 @@ typedef struct {
     int batch, tokens, heads, head_dim;
     bool backward;
     bool usable;
-    char why[512];
+    char why[1024];
     cudnnBackendDescriptor_t plan;
     int64_t workspace_bytes;
     bool second_mask; /* the 9.0-9.9 backward workaround is in the graph */
+    bool dq_direct;   /* backward writes dQ from the matmul (no fp32 accumulator tensor) */
     graph_builder *builder; /* the descriptors the plan was made from, kept alive with it */
     /* Scalars passed by value: their addresses go into the variant pack, so they live here. */
     float scale, negative_infinity, one;
@@ -539,9 +540,14 @@ static void build_backward(graph_builder *g, cudnn_plan *p) {
     graph_reshape(g, &ds, &ds_t);
     graph_matmul(g, &ds_t, &q, &dk, &seq_kv, NULL, &seq_q);
 
-    /* dQ = dS K through an fp32 accumulator */
+    /* dQ = dS K, through an fp32 accumulator (the frontend's default) or, in the variant that
+     * the frontend uses for deterministic backward, straight into dQ */
     graph_tensor k = graph_virtual(g, CUDNN_DATA_FLOAT, dims, strides);
     graph_reshape(g, &kt, &k);
+    if (p->dq_direct) {
+        graph_matmul(g, &ds, &k, &dq, &seq_q, NULL, &seq_kv);
+        return;
+    }
     graph_tensor dq_accum = graph_tensor_make(g, UID_DQ_ACCUM, CUDNN_DATA_FLOAT, dims, accum_strides, false);
     graph_matmul(g, &ds, &k, &dq_accum, &seq_q, NULL, &seq_kv);
     graph_pointwise(g, CUDNN_POINTWISE_IDENTITY, CUDNN_DATA_FLOAT, &dq_accum, NULL, NULL, &dq, -1);
@@ -573,11 +579,16 @@ static cudnn_plan *find_plan(int batch, int tokens, int heads, int head_dim, boo
         snprintf(p->why, sizeof p->why, "cuDNN fused attention needs head_dim a multiple of 8 and <= 256 (got %d)",
                  head_dim);
     } else {
-        graph_builder *g = (graph_builder *)calloc(1, sizeof *g);
-        if (!g) {
-            snprintf(p->why, sizeof p->why, "out of host memory");
-        } else {
+        /* Backward tries the frontend's default graph, then its deterministic variant. */
+        int variants = backward ? 2 : 1;
+        for (int variant = 0; variant < variants && !p->usable; variant++) {
+            graph_builder *g = (graph_builder *)calloc(1, sizeof *g);
+            if (!g) {
+                snprintf(p->why, sizeof p->why, "out of host memory");
+                break;
+            }
             g->next_virtual_uid = UID_FIRST_VIRTUAL;
+            p->dq_direct = variant == 1;
             if (backward)
                 build_backward(g, p);
             else
@@ -587,7 +598,9 @@ static cudnn_plan *find_plan(int batch, int tokens, int heads, int head_dim, boo
                 p->usable = true;
                 p->builder = g;
             } else {
-                snprintf(p->why, sizeof p->why, "%s", g->why);
+                size_t used = strlen(p->why);
+                snprintf(p->why + used, sizeof p->why - used, "%s%s%s", used ? "; " : "",
+                         backward ? (variant == 0 ? "with dQ accumulator: " : "dQ direct: ") : "", g->why);
                 graph_destroy_all(g);
                 free(g);
             }
@@ -692,13 +705,14 @@ extern "C" bool cudnn_attention_backward(void *dq, void *dk, void *dv, const voi
     int *seq = sequence_lengths(batch, tokens);
     size_t rows = (size_t)batch * heads * tokens;
     size_t sum_bytes = shared.softmax_sum_count * sizeof(float), accum_bytes = shared.dq_accum_count * sizeof(float);
+    size_t accum_needed = p->dq_direct ? 0 : rows * head_dim * sizeof(float);
     if (!seq || !grow((void **)&shared.softmax_sum, &sum_bytes, rows * sizeof(float), "softmax_sum") ||
-        !grow((void **)&shared.dq_accum, &accum_bytes, rows * head_dim * sizeof(float), "dQ accumulator"))
+        !grow((void **)&shared.dq_accum, &accum_bytes, accum_needed, "dQ accumulator"))
         return refuse(p, why, why_size);
     shared.softmax_sum_count = sum_bytes / sizeof(float);
     shared.dq_accum_count = accum_bytes / sizeof(float);
     /* cuDNN before 9.6 expects the dQ accumulator zeroed by the caller. */
-    if (cuda_ctx.cudnn_version < 90600)
+    if (!p->dq_direct && cuda_ctx.cudnn_version < 90600)
         CUDA_CHECK(cudaMemsetAsync(shared.dq_accum, 0, rows * head_dim * sizeof(float), cuda_ctx.stream),
                    "cuDNN attention dQ accumulator");
     variant_entries entries = {};
@@ -717,7 +731,7 @@ extern "C" bool cudnn_attention_backward(void *dq, void *dk, void *dv, const voi
     add_entry(&entries, UID_NEG_INF, &p->negative_infinity);
     add_entry(&entries, UID_ONE, &p->one);
     add_entry(&entries, UID_SOFTMAX_SUM, shared.softmax_sum);
-    add_entry(&entries, UID_DQ_ACCUM, shared.dq_accum);
+    if (!p->dq_direct) add_entry(&entries, UID_DQ_ACCUM, shared.dq_accum);
     if (p->second_mask) add_entry(&entries, UID_NEG_INF_SECOND, &p->negative_infinity);
     if (!execute_plan(p, &entries)) return refuse(p, why, why_size);
     return true;
