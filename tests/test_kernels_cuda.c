@@ -171,7 +171,7 @@ static void op_compare_arrays(op_check *c, const char *name, const float *got, c
     }
     if (!(error <= limit) || nonfinite) {
         c->failed = true;
-        op_note(c, "    %s: rel err %.3e > %.0e; %zu non-finite of %zu; largest difference at element %zu: "
+        op_note(c, "    FAIL %s: rel err %.3e > %.0e; %zu non-finite of %zu; largest difference at element %zu: "
                    "cuda %.6g cpu %.6g\n",
                 name, error, limit, nonfinite, n, worst_index, (double)got[worst_index], (double)want[worst_index]);
     }
@@ -195,7 +195,7 @@ static void op_fail(op_check *c, const char *fmt, ...) {
     va_start(args, fmt);
     vsnprintf(line, sizeof line, fmt, args);
     va_end(args);
-    op_note(c, "    %s\n", line);
+    op_note(c, "    FAIL %s\n", line);
 }
 
 static void op_end(op_check *c) {
