@@ -46,15 +46,14 @@ stage_build() {
 }
 
 stage_test() {
-    (cd $build && ctest -R "test_kernels_cuda|test_model|test_kernels_cpu" --output-on-failure) >"$OUT/test.log" 2>&1
+    timeout 300 $build/test_kernels_cuda >"$OUT/test.log" 2>&1
     local status=$?
-    grep -E "^(  |\S).*(FAIL|fail|SKIP|checks)" "$OUT/test.log" | tail -25
-    grep -E "tests passed|tests failed" "$OUT/test.log"
+    grep -E "FAIL|SKIP|checks|attention" "$OUT/test.log" | head -40
     return $status
 }
 
 stage_parity() {
-    $python tests/test_torch_parity.py $build/tokenformer /tmp/tokenformer-parity cuda >"$OUT/parity.log" 2>&1
+    timeout 120 $python tests/test_torch_parity.py $build/tokenformer /tmp/tokenformer-parity cuda >"$OUT/parity.log" 2>&1
     local status=$?
     grep -E "FAIL|failure|logits|loss  " "$OUT/parity.log" | head -20
     return $status
@@ -62,7 +61,7 @@ stage_parity() {
 
 stage_bench() {
     {
-        $build/bench_kernels_cuda
+        timeout 120 $build/bench_kernels_cuda
         $build/tokenformer bench train --config configs/tokenformer_b16.yaml --batch 256 --steps 20 --warmup 3
         $build/tokenformer bench infer --config configs/tokenformer_b16.yaml --batch 512 --steps 20 --warmup 3
         $build/tokenformer bench train --config configs/tokenformer_l16.yaml --batch 128 --steps 10 --warmup 3
