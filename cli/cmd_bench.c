@@ -119,7 +119,7 @@ static tf_status bench_model(const bench_arguments *arguments, bool training) {
     TF_TRY(tf_backend_open(config.run.device, config.run.threads, &backend));
     tf_model model;
     tf_optimizer optimizer = {0};
-    TF_TRY(model_create(&model, &config.model, backend, batch));
+    TF_TRY(model_create(&model, &config.model, backend, batch, training));
     TF_TRY(model_init_params(&model, config.run.seed));
     if (training) TF_TRY(optimizer_create(&optimizer, &model, &config.optimizer));
 
@@ -149,8 +149,12 @@ static tf_status bench_model(const bench_arguments *arguments, bool training) {
         printf("  %.1f ms/step, %.1f img/s\n", step_ms, images_per_second);
         printf("  %.1f GFLOP/image, %.1f TFLOP/s = %.1f%% of %.0f TFLOP/s (H100 bf16 GEMM)\n", flops / 1e9, tflops,
                100.0 * tflops / H100_BF16_TFLOPS, H100_BF16_TFLOPS);
-        printf("  model memory (parameters, gradients%s, activations): %.2f GiB\n", training ? ", optimizer" : "",
+        printf("  model memory (parameters, %sactivations): %.2f GiB\n", training ? "gradients, optimizer, " : "",
                (double)memory / (1 << 30));
+        size_t device = backend->device_memory_in_use();
+        if (device)
+            printf("  GPU memory in use at the end: %.2f GiB (everything: CUDA context, library workspaces, buffers)\n",
+                   (double)device / (1 << 30));
     }
     free(pixels);
     free(targets);

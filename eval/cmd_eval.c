@@ -136,7 +136,7 @@ static tf_status run_eval(const eval_arguments *arguments, tf_checkpoint *checkp
     TF_TRY(check_classes(checkpoint, dataset));
     const tf_backend *backend;
     TF_TRY(tf_backend_open(parse_device(arguments->device), 0, &backend));
-    TF_TRY(model_create(model, &checkpoint->config, backend, arguments->batch));
+    TF_TRY(model_create(model, &checkpoint->config, backend, arguments->batch, false));
     model_set_params(model, checkpoint->params);
     float crop_pct = arguments->crop_pct > 0 ? arguments->crop_pct
                                              : checkpoint->crop_pct > 0 ? checkpoint->crop_pct : 0.875f;

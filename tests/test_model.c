@@ -80,7 +80,7 @@ static void check_gradients(const char *label, tf_pool pool) {
     const tf_backend *backend = tf_cpu_backend(TF_DTYPE_F64);
     tf_model_config config = tiny_config(pool);
     tf_model model;
-    if (!CHECK_OK(model_create(&model, &config, backend, 3))) return;
+    if (!CHECK_OK(model_create(&model, &config, backend, 3, true))) return;
     CHECK_OK(model_init_params(&model, 11));
     size_t total = model.layout.total;
     double *params = malloc(total * sizeof *params), *grads = malloc(total * sizeof *grads);
@@ -126,8 +126,8 @@ static void check_gradients(const char *label, tf_pool pool) {
 static void check_fp32_matches_fp64(void) {
     tf_model_config config = tiny_config(TF_POOL_AVG);
     tf_model model32, model64;
-    CHECK_OK(model_create(&model32, &config, tf_cpu_backend(TF_DTYPE_F32), 4));
-    CHECK_OK(model_create(&model64, &config, tf_cpu_backend(TF_DTYPE_F64), 4));
+    CHECK_OK(model_create(&model32, &config, tf_cpu_backend(TF_DTYPE_F32), 4, true));
+    CHECK_OK(model_create(&model64, &config, tf_cpu_backend(TF_DTYPE_F64), 4, true));
     CHECK_OK(model_init_params(&model32, 2));
     CHECK_OK(model_init_params(&model64, 2));
     tiny_inputs inputs = make_inputs(&config, 4, 9);
@@ -145,6 +145,35 @@ static void check_fp32_matches_fp64(void) {
     free_inputs(&inputs);
     model_destroy(&model32);
     model_destroy(&model64);
+}
+
+/* A model made without training (one set of block buffers shared by all blocks, two residual
+ * buffers taking turns) computes the same logits as a training one. */
+static void check_inference_model(void) {
+    tf_model_config config = tiny_config(TF_POOL_AVG);
+    config.depth = 3;
+    tf_model training, inference;
+    CHECK_OK(model_create(&training, &config, tf_cpu_backend(TF_DTYPE_F32), 4, true));
+    CHECK_OK(model_create(&inference, &config, tf_cpu_backend(TF_DTYPE_F32), 4, false));
+    CHECK_OK(model_init_params(&training, 8));
+    CHECK_OK(model_init_params(&inference, 8));
+    tiny_inputs inputs = make_inputs(&config, 4, 12);
+    float logits_training[4 * 5], logits_inference[4 * 5];
+    model_load_pixels(&training, inputs.pixels, 4);
+    model_forward(&training, 4, NULL);
+    CHECK_OK(model_logits(&training, logits_training, 4));
+    model_load_pixels(&inference, inputs.pixels, 4);
+    model_forward(&inference, 4, NULL);
+    CHECK_OK(model_logits(&inference, logits_inference, 4));
+    CHECK(memcmp(logits_training, logits_inference, sizeof logits_training) == 0,
+          "inference-only model gives the training model's logits");
+    CHECK(model_memory_bytes(&inference) < model_memory_bytes(&training) / 2, "and needs less memory: %zu vs %zu",
+          model_memory_bytes(&inference), model_memory_bytes(&training));
+    double loss;
+    CHECK(model_backward(&inference, inputs.targets, 4, 0.25f, &loss) != TF_OK, "backward is refused without training");
+    free_inputs(&inputs);
+    model_destroy(&training);
+    model_destroy(&inference);
 }
 
 static void check_preset_counts(void) {
@@ -196,6 +225,7 @@ int main(void) {
     check_gradients("avg pool", TF_POOL_AVG);
     check_gradients("cls pool", TF_POOL_CLS);
     check_fp32_matches_fp64();
+    check_inference_model();
     check_preset_counts();
     check_drop_scales();
     return test_finish("test_model");

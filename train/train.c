@@ -129,7 +129,7 @@ static tf_status create_model(tf_trainer *trainer) {
     if (model_config->classes != trainer->classes.count)
         status = tf_fail(TF_ERR_USAGE, "the model has %d classes but %s has %d class folders: set model.classes",
                          model_config->classes, trainer->train_set.directory, trainer->classes.count);
-    if (status == TF_OK) status = model_create(&trainer->model, model_config, trainer->backend, trainer->micro_batch);
+    if (status == TF_OK) status = model_create(&trainer->model, model_config, trainer->backend, trainer->micro_batch, true);
     if (status == TF_OK && from_checkpoint) {
         for (int c = 0; c < trainer->classes.count && status == TF_OK; c++)
             if (strcmp(checkpoint.classes.names[c], trainer->classes.names[c]) != 0)

@@ -1,5 +1,6 @@
 /* The classification head: pool the final tokens (mean of the patch tokens, or the cls token),
- * a parametric LayerNorm (timm's fc_norm), and a linear layer with bias to the class logits. */
+ * a parametric LayerNorm (timm's fc_norm), and a linear layer with bias to the class logits,
+ * which are kept in the master dtype (fp32). */
 #include "vision/layers.h"
 
 void head_forward(tf_model *model, int batch) {
@@ -12,9 +13,10 @@ void head_forward(tf_model *model, int batch) {
     backend->layernorm_forward(model->head_ln, model->head_ln_mean, model->head_ln_rstd, model->pooled,
                                model_param(model, layout->fc_norm_weight), model_param(model, layout->fc_norm_bias),
                                batch, config->dim, TF_LAYERNORM_EPS);
+    /* fp32 logits, so the loss and its gradient see them unrounded; the bias then is the master one. */
     backend->matmul(model->logits, model->head_ln, model_param(model, layout->head_weight),
                     &(tf_matmul_desc){.m = batch, .n = config->classes, .k = config->dim, .transpose_b = true,
-                                      .bias = model_param(model, layout->head_bias)});
+                                      .master_output = true, .bias = model_master_param(model, layout->head_bias)});
 }
 
 void head_backward(tf_model *model, int batch) {

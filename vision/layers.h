@@ -9,8 +9,9 @@
 
 #include <stdbool.h>
 
-/* The compute copy of parameter tensor `tensor`, and its gradient (master). */
+/* The compute copy of parameter tensor `tensor`, its master copy, and its gradient (master). */
 const void *model_param(const tf_model *model, int tensor);
+const void *model_master_param(const tf_model *model, int tensor);
 void *model_grad(const tf_model *model, int tensor);
 
 void embed_forward(tf_model *model, int batch);

@@ -25,6 +25,47 @@ static void *arena_take(arena *arena, size_t elements) {
     return (void *)(arena->base + offset);
 }
 
+/* What one block keeps for backward (with training: one set per block; without: one set in all). */
+static void plan_block_cache(tf_block_cache *cache, const tf_model_config *config, size_t rows, arena *compute,
+                             arena *master) {
+    size_t dim = (size_t)config->dim;
+    cache->ln1 = arena_take(compute, rows * dim);
+    cache->ln1_mean = arena_take(master, rows);
+    cache->ln1_rstd = arena_take(master, rows);
+    for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++) {
+        size_t n = (size_t)(which == TF_PATT_FFN ? config->n_ffn : config->n_attn);
+        cache->patt[which].scores = arena_take(compute, rows * n);
+        cache->patt[which].row_norm = arena_take(master, rows);
+    }
+    cache->q = arena_take(compute, rows * dim);
+    cache->k = arena_take(compute, rows * dim);
+    cache->v = arena_take(compute, rows * dim);
+    cache->attention = arena_take(compute, rows * dim);
+    cache->attention_lse = arena_take(master, rows * (size_t)config->heads);
+    cache->residual_mid = arena_take(compute, rows * dim);
+    cache->ln2 = arena_take(compute, rows * dim);
+    cache->ln2_mean = arena_take(master, rows);
+    cache->ln2_rstd = arena_take(master, rows);
+}
+
+/* Backward's scratch buffers; only with training. */
+static void plan_backward(tf_model *model, size_t rows, size_t patch_rows, size_t max_tokens, arena *compute) {
+    const tf_model_config *config = &model->config;
+    size_t batch = (size_t)model->max_batch, dim = (size_t)config->dim;
+    model->d_residual = arena_take(compute, rows * dim);
+    model->d_branch = arena_take(compute, rows * dim);
+    model->d_ln = arena_take(compute, rows * dim);
+    model->d_q = arena_take(compute, rows * dim);
+    model->d_k = arena_take(compute, rows * dim);
+    model->d_v = arena_take(compute, rows * dim);
+    model->d_attention = arena_take(compute, rows * dim);
+    model->d_scores = arena_take(compute, rows * max_tokens);
+    model->d_pooled = arena_take(compute, batch * dim);
+    model->d_head_ln = arena_take(compute, batch * dim);
+    model->d_logits = arena_take(compute, batch * (size_t)config->classes);
+    model->d_patch_tokens = arena_take(compute, patch_rows * dim);
+}
+
 static void plan_buffers(tf_model *model, arena *compute, arena *master) {
     const tf_model_config *config = &model->config;
     size_t batch = (size_t)model->max_batch, dim = (size_t)config->dim;
@@ -42,50 +83,26 @@ static void plan_buffers(tf_model *model, arena *compute, arena *master) {
     model->images = arena_take(compute, batch * image);
     model->patch_rows = arena_take(compute, patch_rows * patch_size);
     model->patch_tokens = arena_take(compute, patch_rows * dim);
-    for (int l = 0; l <= config->depth; l++) model->residual[l] = arena_take(compute, rows * dim);
+    /* Without training a block's input is not needed after it ran: two buffers take turns. */
+    for (int l = 0; l <= config->depth; l++)
+        model->residual[l] = model->training || l < 2 ? arena_take(compute, rows * dim) : model->residual[l % 2];
     for (int l = 0; l < config->depth; l++) {
-        tf_block_cache *cache = &model->blocks[l];
-        cache->ln1 = arena_take(compute, rows * dim);
-        cache->ln1_mean = arena_take(master, rows);
-        cache->ln1_rstd = arena_take(master, rows);
-        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++) {
-            size_t n = (size_t)(which == TF_PATT_FFN ? config->n_ffn : config->n_attn);
-            cache->patt[which].scores = arena_take(compute, rows * n);
-            cache->patt[which].probs = arena_take(compute, rows * n);
-            cache->patt[which].row_norm = arena_take(master, rows);
-        }
-        cache->q = arena_take(compute, rows * dim);
-        cache->k = arena_take(compute, rows * dim);
-        cache->v = arena_take(compute, rows * dim);
-        cache->attention = arena_take(compute, rows * dim);
-        cache->attention_lse = arena_take(master, rows * (size_t)config->heads);
-        cache->residual_mid = arena_take(compute, rows * dim);
-        cache->ln2 = arena_take(compute, rows * dim);
-        cache->ln2_mean = arena_take(master, rows);
-        cache->ln2_rstd = arena_take(master, rows);
+        if (model->training || l == 0)
+            plan_block_cache(&model->blocks[l], config, rows, compute, master);
+        else
+            model->blocks[l] = model->blocks[0];
     }
     model->branch = arena_take(compute, rows * dim);
+    model->probs = arena_take(compute, rows * max_tokens);
     model->pooled = arena_take(compute, batch * dim);
     model->head_ln = arena_take(compute, batch * dim);
     model->head_ln_mean = arena_take(master, batch);
     model->head_ln_rstd = arena_take(master, batch);
-    model->logits = arena_take(compute, batch * (size_t)config->classes);
+    model->logits = arena_take(master, batch * (size_t)config->classes);
     model->drop_scales = arena_take(master, (size_t)config->depth * 2 * batch);
     model->targets = arena_take(master, batch * (size_t)config->classes);
     model->losses = arena_take(master, batch);
-
-    model->d_residual = arena_take(compute, rows * dim);
-    model->d_branch = arena_take(compute, rows * dim);
-    model->d_ln = arena_take(compute, rows * dim);
-    model->d_q = arena_take(compute, rows * dim);
-    model->d_k = arena_take(compute, rows * dim);
-    model->d_v = arena_take(compute, rows * dim);
-    model->d_attention = arena_take(compute, rows * dim);
-    model->d_scores = arena_take(compute, rows * max_tokens);
-    model->d_pooled = arena_take(compute, batch * dim);
-    model->d_head_ln = arena_take(compute, batch * dim);
-    model->d_logits = arena_take(compute, batch * (size_t)config->classes);
-    model->d_patch_tokens = arena_take(compute, patch_rows * dim);
+    if (model->training) plan_backward(model, rows, patch_rows, max_tokens, compute);
 }
 
 static tf_status check_model_config(const tf_model_config *config, int max_batch) {
@@ -102,12 +119,14 @@ static tf_status check_model_config(const tf_model_config *config, int max_batch
     return TF_OK;
 }
 
-tf_status model_create(tf_model *model, const tf_model_config *config, const tf_backend *backend, int max_batch) {
+tf_status model_create(tf_model *model, const tf_model_config *config, const tf_backend *backend, int max_batch,
+                       bool training) {
     memset(model, 0, sizeof *model);
     TF_TRY(check_model_config(config, max_batch));
     model->config = *config;
     model->backend = backend;
     model->max_batch = max_batch;
+    model->training = training;
     model->patches = (config->img_size / config->patch) * (config->img_size / config->patch);
     model->tokens = 1 + model->patches;
     TF_TRY(param_layout_build(&model->layout, config));
@@ -120,7 +139,7 @@ tf_status model_create(tf_model *model, const tf_model_config *config, const tf_
     size_t master_size = tf_dtype_size(backend->master_dtype), compute_size = tf_dtype_size(backend->compute_dtype);
     size_t total = model->layout.total;
     TF_TRY(backend->alloc(&model->params, total * master_size, "parameters"));
-    TF_TRY(backend->alloc(&model->grads, total * master_size, "gradients"));
+    if (training) TF_TRY(backend->alloc(&model->grads, total * master_size, "gradients"));
     if (backend->compute_dtype == backend->master_dtype)
         model->params_compute = model->params;
     else
@@ -143,7 +162,7 @@ void model_destroy(tf_model *model) {
     if (backend) {
         if (model->params_compute != model->params) backend->free(model->params_compute);
         backend->free(model->params);
-        backend->free(model->grads);
+        if (model->grads) backend->free(model->grads);
         backend->free(model->compute_arena);
         backend->free(model->master_arena);
     }
@@ -157,7 +176,7 @@ void model_destroy(tf_model *model) {
 size_t model_memory_bytes(const tf_model *model) {
     const tf_backend *backend = model->backend;
     size_t total = model->layout.total;
-    size_t bytes = 2 * total * tf_dtype_size(backend->master_dtype);
+    size_t bytes = (model->grads ? 2 : 1) * total * tf_dtype_size(backend->master_dtype);
     if (model->params_compute != model->params) bytes += total * tf_dtype_size(backend->compute_dtype);
     return bytes + model->compute_arena_bytes + model->master_arena_bytes;
 }
@@ -167,6 +186,11 @@ size_t model_memory_bytes(const tf_model *model) {
 const void *model_param(const tf_model *model, int tensor) {
     size_t offset = model->layout.tensors[tensor].offset * tf_dtype_size(model->backend->compute_dtype);
     return (const char *)model->params_compute + offset;
+}
+
+const void *model_master_param(const tf_model *model, int tensor) {
+    size_t offset = model->layout.tensors[tensor].offset * tf_dtype_size(model->backend->master_dtype);
+    return (const char *)model->params + offset;
 }
 
 void *model_grad(const tf_model *model, int tensor) {
@@ -267,6 +291,7 @@ static tf_status cross_entropy(tf_model *model, const float *targets, int batch,
 }
 
 tf_status model_backward(tf_model *model, const float *targets, int batch, float loss_scale, double *mean_loss) {
+    if (!model->training) return tf_fail(TF_ERR_RUNTIME, "model_backward on a model made without training");
     TF_TRY(cross_entropy(model, targets, batch, loss_scale, true, model->host_losses));
     double sum = 0.0;
     for (int b = 0; b < batch; b++) sum += model->host_losses[b];
@@ -284,7 +309,7 @@ tf_status model_loss(tf_model *model, const float *targets, int batch, float *lo
 }
 
 tf_status model_logits(tf_model *model, float *logits, int batch) {
-    model->backend->download(logits, model->logits, model->backend->compute_dtype,
+    model->backend->download(logits, model->logits, model->backend->master_dtype,
                              (size_t)batch * model->config.classes);
     return model->backend->synchronize();
 }

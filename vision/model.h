@@ -24,10 +24,11 @@
 /* LayerNorm epsilon of every norm (blocks and fc_norm), as timm's ViT with MAE's settings. */
 #define TF_LAYERNORM_EPS 1e-6f
 
-/* What one Pattention keeps from forward for backward. */
+/* What one Pattention keeps from forward for backward: A and its row norms. S = GELU(norm(A)) is
+ * recomputed in backward from them (one elementwise pass) rather than kept: kept, it would double
+ * the Pattention activations, which are most of a step's memory (7.4 GB of B/16 at batch 256). */
 typedef struct {
     void *scores;   /* compute [rows, n]: A = X K^T */
-    void *probs;    /* compute [rows, n]: S = GELU(norm(A)) */
     void *row_norm; /* master [rows] */
 } tf_pattention_cache;
 
@@ -46,6 +47,7 @@ typedef struct {
     tf_param_layout layout;
     const tf_backend *backend;
     int max_batch;
+    bool training; /* false: forward only; the blocks share one set of buffers, no gradients */
     int tokens;  /* 1 + patches per image */
     int patches; /* (img_size / patch)^2 */
 
@@ -53,7 +55,7 @@ typedef struct {
      * buffer when the backend's dtypes agree), and gradients (master). */
     void *params;
     void *params_compute;
-    void *grads;
+    void *grads; /* NULL without training */
 
     /* Forward activations. */
     void *pixels;       /* uint8 [B, C, S, S]: the batch as the loader gives it */
@@ -63,8 +65,9 @@ typedef struct {
     void **residual;    /* depth + 1 buffers, compute [B * tokens, dim] */
     tf_block_cache *blocks;
     void *branch;       /* compute [B * tokens, dim]: P_o or FFN output before the residual add */
+    void *probs;        /* compute [B * tokens, max(n_attn, n_ffn)]: S of the Pattention at hand */
     void *pooled, *head_ln, *head_ln_mean, *head_ln_rstd;
-    void *logits;       /* compute [B, classes] */
+    void *logits;       /* master [B, classes]: the softmax of bf16 logits would be 1% off */
     void *drop_scales;  /* master [depth, 2, B] */
     void *targets;      /* master [B, classes] */
     void *losses;       /* master [B] */
@@ -87,9 +90,11 @@ typedef struct {
     size_t compute_arena_bytes, master_arena_bytes;
 } tf_model;
 
-/* Allocates parameters, gradients and activations for batches up to max_batch. Parameters are
- * zero until model_init_params() or model_set_params(). */
-tf_status model_create(tf_model *model, const tf_model_config *config, const tf_backend *backend, int max_batch);
+/* Allocates parameters, and activations for batches up to max_batch: with training, everything
+ * backward needs and the gradients; without, only what one block's forward needs, shared by all
+ * blocks. Parameters are zero until model_init_params() or model_set_params(). */
+tf_status model_create(tf_model *model, const tf_model_config *config, const tf_backend *backend, int max_batch,
+                       bool training);
 void model_destroy(tf_model *model);
 
 /* Bytes of backend memory the model holds (parameters, gradients, activations). */

@@ -9,7 +9,8 @@
  *   dS = dO V^T,  dV += S^T dO
  *   dA = norm backward of dS (kernels.h gives the formula)
  *   dK += dA^T X, dX = dA K
- * A and S are kept from forward; the normalisation and GELU are one fused row operation. */
+ * A and the row norms are kept from forward; S is recomputed from them in backward (model.h
+ * says why). The normalisation and GELU are one fused row operation. */
 #include "vision/layers.h"
 
 #include <math.h>
@@ -30,9 +31,9 @@ void pattention_forward(tf_model *model, int block, int which, void *out, const 
 
     backend->matmul(cache->scores, in, model_param(model, layout->keys[block][which]),
                     &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
-    backend->pattention_norm_forward(cache->probs, cache->row_norm, cache->scores, rows, n,
+    backend->pattention_norm_forward(model->probs, cache->row_norm, cache->scores, rows, n,
                                      pattention_tau(model, block, which), model->config.eps);
-    backend->matmul(out, cache->probs, model_param(model, layout->values[block][which]),
+    backend->matmul(out, model->probs, model_param(model, layout->values[block][which]),
                     &(tf_matmul_desc){.m = rows, .n = dim, .k = n});
 }
 
@@ -47,7 +48,10 @@ void pattention_backward(tf_model *model, int block, int which, void *d_in, bool
 
     backend->matmul(d_scores, d_out, model_param(model, values),
                     &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
-    backend->matmul(model_grad(model, values), cache->probs, d_out,
+    /* S again; the row norms it rewrites are the ones forward wrote. */
+    backend->pattention_norm_forward(model->probs, cache->row_norm, cache->scores, rows, n,
+                                     pattention_tau(model, block, which), model->config.eps);
+    backend->matmul(model_grad(model, values), model->probs, d_out,
                     &(tf_matmul_desc){.m = n, .n = dim, .k = rows, .transpose_a = true, .accumulate = true,
                                       .master_output = true});
     backend->pattention_norm_backward(d_scores, d_scores, cache->scores, cache->row_norm, rows, n,

@@ -23,6 +23,7 @@ const tf_backend CPU_FN(backend) = {
     .upload_bytes = CPU_FN(upload_bytes),
     .convert = CPU_FN(convert),
     .synchronize = CPU_FN(synchronize),
+    .device_memory_in_use = CPU_FN(device_memory_in_use),
 
     .images_normalize = CPU_FN(images_normalize),
     .mixup_images = CPU_FN(mixup_images),

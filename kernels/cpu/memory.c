@@ -60,6 +60,10 @@ void CPU_FN(convert)(void *dst, tf_dtype dst_dtype, const void *src, tf_dtype sr
     for (size_t i = 0; i < n; i++) store_element(dst, dst_dtype, i, load_element(src, src_dtype, i));
 }
 
+size_t CPU_FN(device_memory_in_use)(void) {
+    return 0; /* host memory is not a device's */
+}
+
 tf_status CPU_FN(synchronize)(void) {
     return TF_OK; /* CPU operations cannot fail after their buffers exist */
 }

@@ -242,6 +242,7 @@ static void fill_table(tf_backend *t) {
     t->upload_bytes = cuda_upload_bytes;
     t->convert = cuda_convert;
     t->synchronize = cuda_synchronize;
+    t->device_memory_in_use = cuda_device_memory_in_use;
     t->images_normalize = cuda_images_normalize;
     t->mixup_images = cuda_mixup_images;
     t->cutmix_images = cuda_cutmix_images;

@@ -71,7 +71,7 @@ static bool plan_matmul(matmul_plan *plan) {
         !set_desc(plan->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue, key))
         return false;
     if (key->bias) {
-        int32_t bias_type = CUDA_R_16BF;
+        int32_t bias_type = c_type; /* the bias has the output's dtype (kernels.h) */
         if (!set_desc(plan->op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type, key)) return false;
     }
     /* cuBLASLt's A = our b: stored (rows x cols, ld) column-major as derived above. */

@@ -151,6 +151,12 @@ extern "C" void cuda_convert(void *dst, tf_dtype dst_dtype, const void *src, tf_
     }
 }
 
+extern "C" size_t cuda_device_memory_in_use(void) {
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return 0;
+    return total_bytes - free_bytes;
+}
+
 extern "C" tf_status cuda_synchronize(void) {
     CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream), "synchronize (a failure here comes from an earlier "
                "asynchronous operation; tf_cuda_set_debug_sync(true) finds which)");

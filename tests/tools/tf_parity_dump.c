@@ -181,7 +181,7 @@ static tf_status dump(const dump_arguments *arguments) {
     const tf_backend *backend;
     TF_TRY(tf_backend_open(config.run.device, 0, &backend));
     tf_model model;
-    TF_TRY(model_create(&model, &config.model, backend, arguments->batch));
+    TF_TRY(model_create(&model, &config.model, backend, arguments->batch, true));
     TF_TRY(model_init_params(&model, config.run.seed));
 
     int batch = arguments->batch;
