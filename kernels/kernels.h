@@ -28,6 +28,8 @@
 
 typedef enum { TF_DTYPE_F32 = 0, TF_DTYPE_F64 = 1, TF_DTYPE_BF16 = 2 } tf_dtype;
 
+enum { TF_PROFILE_MARKS = 8192 };
+
 size_t tf_dtype_size(tf_dtype dtype);
 const char *tf_dtype_name(tf_dtype dtype);
 
@@ -86,6 +88,11 @@ struct tf_backend {
     /* Bytes of device memory in use by this process now, everything included (CUDA: the
      * context, libraries' workspaces and our buffers, from cudaMemGetInfo); 0 on the CPU. */
     size_t (*device_memory_in_use)(void);
+    /* Profiling: mark `index` (< TF_PROFILE_MARKS) records the time when the work queued so far
+     * is done (a CUDA event, which does not stall the queue; a timestamp on the CPU); after
+     * synchronize(), the milliseconds between two marks. */
+    void (*profile_mark)(int index);
+    double (*profile_elapsed_ms)(int from, int to);
 
     /* ---- input batch ----
      * images (compute [batch, channels, size, size]) = (pixels / 255 - mean[c]) / std[c], from

@@ -24,15 +24,18 @@ void block_forward(tf_model *model, int block, int batch, const void *drop_scale
     tf_block_cache *cache = &model->blocks[block];
     int tokens = model->tokens, rows = batch * tokens, dim = config->dim;
 
+    model_op_class(model, TF_OP_LAYERNORM);
     if (block == 0)
         backend->layernorm_forward(cache->ln1, cache->ln1_mean, cache->ln1_rstd, model->residual[0], NULL, NULL,
                                    rows, dim, TF_LAYERNORM_EPS);
     pattention_forward(model, block, TF_PATT_Q, cache->q, cache->ln1, rows);
     pattention_forward(model, block, TF_PATT_K, cache->k, cache->ln1, rows);
     pattention_forward(model, block, TF_PATT_V, cache->v, cache->ln1, rows);
+    model_op_class(model, TF_OP_ATTENTION);
     backend->attention_forward(cache->attention, cache->attention_lse, cache->q, cache->k, cache->v, batch, tokens,
                                config->heads, dim / config->heads);
     pattention_forward(model, block, TF_PATT_O, model->branch, cache->attention, rows);
+    model_op_class(model, TF_OP_LAYERNORM);
     backend->residual_layernorm_forward(cache->residual_mid, cache->ln2, cache->ln2_mean, cache->ln2_rstd,
                                         model->residual[block], model->branch,
                                         branch_scales(model, drop_scales, block, 0, batch), rows, dim, tokens,
@@ -40,6 +43,7 @@ void block_forward(tf_model *model, int block, int batch, const void *drop_scale
 
     pattention_forward(model, block, TF_PATT_FFN, model->branch, cache->ln2, rows);
     const void *ffn_scales = branch_scales(model, drop_scales, block, 1, batch);
+    model_op_class(model, TF_OP_LAYERNORM);
     if (block + 1 < config->depth) {
         tf_block_cache *next = &model->blocks[block + 1];
         backend->residual_layernorm_forward(model->residual[block + 1], next->ln1, next->ln1_mean, next->ln1_rstd,
@@ -55,6 +59,7 @@ void block_forward(tf_model *model, int block, int batch, const void *drop_scale
  * itself when nothing is dropped. */
 static const void *branch_gradient(tf_model *model, const void *scales, int rows) {
     if (!scales) return model->d_residual;
+    model_op_class(model, TF_OP_OTHER);
     model->backend->residual_backward(model->d_branch, model->d_residual, scales, rows, model->config.dim,
                                       model->tokens);
     return model->d_branch;
@@ -69,18 +74,21 @@ void block_backward(tf_model *model, int block, int batch, const void *drop_scal
     /* FFN branch: residual[block + 1] = residual_mid + s * P_ffn(LN(residual_mid)). */
     const void *d_ffn = branch_gradient(model, branch_scales(model, drop_scales, block, 1, batch), rows);
     pattention_backward(model, block, TF_PATT_FFN, model->d_ln, false, d_ffn, cache->ln2, rows);
+    model_op_class(model, TF_OP_LAYERNORM);
     backend->layernorm_backward(model->d_residual, NULL, NULL, model->d_ln, cache->residual_mid, cache->ln2_mean,
                                 cache->ln2_rstd, NULL, rows, dim);
 
     /* Attention branch: residual_mid = residual[block] + s * P_o(MHSA(P_q(y), P_k(y), P_v(y))). */
     const void *d_out = branch_gradient(model, branch_scales(model, drop_scales, block, 0, batch), rows);
     pattention_backward(model, block, TF_PATT_O, model->d_attention, false, d_out, cache->attention, rows);
+    model_op_class(model, TF_OP_ATTENTION);
     backend->attention_backward(model->d_q, model->d_k, model->d_v, model->d_attention, cache->q, cache->k, cache->v,
                                 cache->attention, cache->attention_lse, batch, tokens, config->heads,
                                 dim / config->heads);
     pattention_backward(model, block, TF_PATT_Q, model->d_ln, false, model->d_q, cache->ln1, rows);
     pattention_backward(model, block, TF_PATT_K, model->d_ln, true, model->d_k, cache->ln1, rows);
     pattention_backward(model, block, TF_PATT_V, model->d_ln, true, model->d_v, cache->ln1, rows);
+    model_op_class(model, TF_OP_LAYERNORM);
     backend->layernorm_backward(model->d_residual, NULL, NULL, model->d_ln, model->residual[block], cache->ln1_mean,
                                 cache->ln1_rstd, NULL, rows, dim);
 }

@@ -7,6 +7,7 @@ void embed_forward(tf_model *model, int batch) {
     const tf_backend *backend = model->backend;
     const tf_model_config *config = &model->config;
     const tf_param_layout *layout = &model->layout;
+    model_op_class(model, TF_OP_OTHER);
     int patch_size = config->channels * config->patch * config->patch;
 
     backend->patch_im2col(model->patch_rows, model->images, batch, config->channels, config->img_size,
@@ -22,6 +23,7 @@ void embed_backward(tf_model *model, int batch) {
     const tf_backend *backend = model->backend;
     const tf_model_config *config = &model->config;
     const tf_param_layout *layout = &model->layout;
+    model_op_class(model, TF_OP_OTHER);
     int patch_size = config->channels * config->patch * config->patch;
     int rows = batch * model->patches;
 

@@ -7,6 +7,7 @@ void head_forward(tf_model *model, int batch) {
     const tf_backend *backend = model->backend;
     const tf_model_config *config = &model->config;
     const tf_param_layout *layout = &model->layout;
+    model_op_class(model, TF_OP_OTHER);
 
     backend->token_pool_forward(model->pooled, model->residual[config->depth], batch, model->tokens, config->dim,
                                 config->pool);
@@ -23,6 +24,7 @@ void head_backward(tf_model *model, int batch) {
     const tf_backend *backend = model->backend;
     const tf_model_config *config = &model->config;
     const tf_param_layout *layout = &model->layout;
+    model_op_class(model, TF_OP_OTHER);
     int dim = config->dim, classes = config->classes;
 
     backend->matmul(model_grad(model, layout->head_weight), model->d_logits, model->head_ln,

@@ -9,6 +9,15 @@
 
 #include <stdbool.h>
 
+/* Marks the start of work of another class when profiling (see tf_op_profile). */
+static inline void model_op_class(tf_model *model, tf_op_class op) {
+    tf_op_profile *profile = model->profile;
+    if (!profile || profile->marks >= TF_PROFILE_MARKS) return;
+    if (profile->marks > 0 && profile->mark_class[profile->marks - 1] == op) return;
+    model->backend->profile_mark(profile->marks);
+    profile->mark_class[profile->marks++] = op;
+}
+
 /* The compute copy of parameter tensor `tensor`, its master copy, and its gradient (master). */
 const void *model_param(const tf_model *model, int tensor);
 const void *model_master_param(const tf_model *model, int tensor);

@@ -241,6 +241,29 @@ void model_zero_grads(tf_model *model) {
     model->backend->zero(model->grads, model->layout.total * tf_dtype_size(model->backend->master_dtype));
 }
 
+/* ---- profiling ------------------------------------------------------------------------------ */
+
+void model_profile_start(tf_model *model, tf_op_profile *profile) {
+    memset(profile, 0, sizeof *profile);
+    model->profile = profile;
+    model_op_class(model, TF_OP_OTHER);
+}
+
+tf_status model_profile_collect(tf_model *model) {
+    tf_op_profile *profile = model->profile;
+    if (!profile) return TF_OK;
+    /* A last mark closes the interval of the last class. */
+    if (profile->marks < TF_PROFILE_MARKS) {
+        model->backend->profile_mark(profile->marks);
+        profile->mark_class[profile->marks++] = TF_OP_OTHER;
+    }
+    TF_TRY(model->backend->synchronize());
+    for (int i = 1; i < profile->marks; i++)
+        profile->ms[profile->mark_class[i - 1]] += model->backend->profile_elapsed_ms(i - 1, i);
+    model->profile = NULL;
+    return model->backend->synchronize();
+}
+
 /* ---- passes --------------------------------------------------------------------------------- */
 
 void model_drop_scales(const tf_model_config *config, int batch, tf_rng *rng, float *scales) {
@@ -259,6 +282,7 @@ void model_load_pixels(tf_model *model, const uint8_t *pixels, int batch) {
     const tf_backend *backend = model->backend;
     const tf_model_config *config = &model->config;
     size_t image = (size_t)config->channels * config->img_size * config->img_size;
+    model_op_class(model, TF_OP_OTHER);
     backend->upload_bytes(model->pixels, pixels, (size_t)batch * image);
     backend->images_normalize(model->images, model->pixels, batch, config->channels, config->img_size,
                               imagenet_mean, imagenet_std);
@@ -283,6 +307,7 @@ static tf_status cross_entropy(tf_model *model, const float *targets, int batch,
                                float *losses) {
     const tf_backend *backend = model->backend;
     int classes = model->config.classes;
+    model_op_class(model, TF_OP_OTHER);
     backend->upload(model->targets, backend->master_dtype, targets, (size_t)batch * classes);
     backend->cross_entropy_forward_backward(model->losses, backward ? model->d_logits : NULL, model->logits,
                                             model->targets, batch, classes, loss_scale);

@@ -24,6 +24,24 @@
 /* LayerNorm epsilon of every norm (blocks and fc_norm), as timm's ViT with MAE's settings. */
 #define TF_LAYERNORM_EPS 1e-6f
 
+/* Where a step's time goes (tokenformer bench): each backend operation the model queues belongs
+ * to one class; when profiling is on, the model marks every change of class (backend
+ * profile_mark) and model_profile_collect() sums the time between marks per class. */
+typedef enum {
+    TF_OP_PATTENTION_GEMM,
+    TF_OP_PATTENTION_NORM,
+    TF_OP_ATTENTION,
+    TF_OP_LAYERNORM, /* LayerNorms, with their fused residual adds */
+    TF_OP_OTHER,     /* input, patch embedding, drop path, pooling, head, loss */
+    TF_OP_CLASS_COUNT
+} tf_op_class;
+
+typedef struct {
+    int marks;
+    tf_op_class mark_class[TF_PROFILE_MARKS]; /* the class of the work after each mark */
+    double ms[TF_OP_CLASS_COUNT];
+} tf_op_profile;
+
 /* What one Pattention keeps from forward for backward: A and its row norms. S = GELU(norm(A)) is
  * recomputed in backward from them (one elementwise pass) rather than kept: kept, it would double
  * the Pattention activations, which are most of a step's memory (7.4 GB of B/16 at batch 256). */
@@ -83,6 +101,7 @@ typedef struct {
     void *d_patch_tokens;
 
     bool forward_dropped; /* the last forward used drop_scales, so backward uses them too */
+    tf_op_profile *profile; /* NULL unless profiling (model_profile_start) */
     float *host_losses;   /* host [max_batch] */
 
     /* The two arenas the buffers above are carved from. */
@@ -136,6 +155,16 @@ tf_status model_loss(tf_model *model, const float *targets, int batch, float *lo
 
 /* After model_forward(): host fp32 logits [batch, classes]. */
 tf_status model_logits(tf_model *model, float *logits, int batch);
+
+/* Profiling of the passes that follow (into *profile, which the caller owns), and the sum per
+ * class of everything marked since the start; waits for the queued work. */
+void model_profile_start(tf_model *model, tf_op_profile *profile);
+tf_status model_profile_collect(tf_model *model);
+static inline const char *tf_op_class_name(tf_op_class op) {
+    static const char *const names[TF_OP_CLASS_COUNT] = {"Pattention GEMMs", "Pattention norm", "attention",
+                                                         "layer norms", "other"};
+    return names[op];
+}
 
 /* Draws per-sample drop-path scales for one micro-batch: for block l the rate is
  * drop_path * l / (depth - 1) (timm's linspace); a sample is kept with 1 - rate and then scaled by

@@ -29,10 +29,13 @@ void pattention_forward(tf_model *model, int block, int which, void *out, const 
     tf_pattention_cache *cache = &model->blocks[block].patt[which];
     int n = pattention_tokens(model, which), dim = model->config.dim;
 
+    model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(cache->scores, in, model_param(model, layout->keys[block][which]),
                     &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
+    model_op_class(model, TF_OP_PATTENTION_NORM);
     backend->pattention_norm_forward(model->probs, cache->row_norm, cache->scores, rows, n,
                                      pattention_tau(model, block, which), model->config.eps);
+    model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(out, model->probs, model_param(model, layout->values[block][which]),
                     &(tf_matmul_desc){.m = rows, .n = dim, .k = n});
 }
@@ -46,16 +49,21 @@ void pattention_backward(tf_model *model, int block, int which, void *d_in, bool
     int keys = layout->keys[block][which], values = layout->values[block][which];
     void *d_scores = model->d_scores;
 
+    model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(d_scores, d_out, model_param(model, values),
                     &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
     /* S again; the row norms it rewrites are the ones forward wrote. */
+    model_op_class(model, TF_OP_PATTENTION_NORM);
     backend->pattention_norm_forward(model->probs, cache->row_norm, cache->scores, rows, n,
                                      pattention_tau(model, block, which), model->config.eps);
+    model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(model_grad(model, values), model->probs, d_out,
                     &(tf_matmul_desc){.m = n, .n = dim, .k = rows, .transpose_a = true, .accumulate = true,
                                       .master_output = true});
+    model_op_class(model, TF_OP_PATTENTION_NORM);
     backend->pattention_norm_backward(d_scores, d_scores, cache->scores, cache->row_norm, rows, n,
                                       pattention_tau(model, block, which));
+    model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(model_grad(model, keys), d_scores, in,
                     &(tf_matmul_desc){.m = n, .n = dim, .k = rows, .transpose_a = true, .accumulate = true,
                                       .master_output = true});

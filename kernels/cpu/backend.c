@@ -24,6 +24,8 @@ const tf_backend CPU_FN(backend) = {
     .convert = CPU_FN(convert),
     .synchronize = CPU_FN(synchronize),
     .device_memory_in_use = CPU_FN(device_memory_in_use),
+    .profile_mark = CPU_FN(profile_mark),
+    .profile_elapsed_ms = CPU_FN(profile_elapsed_ms),
 
     .images_normalize = CPU_FN(images_normalize),
     .mixup_images = CPU_FN(mixup_images),

@@ -132,6 +132,8 @@ void CPU_FN(upload_bytes)(void *dst, const void *src, size_t bytes);
 void CPU_FN(convert)(void *dst, tf_dtype dst_dtype, const void *src, tf_dtype src_dtype, size_t n);
 tf_status CPU_FN(synchronize)(void);
 size_t CPU_FN(device_memory_in_use)(void);
+void CPU_FN(profile_mark)(int index);
+double CPU_FN(profile_elapsed_ms)(int from, int to);
 
 void CPU_FN(images_normalize)(void *images, const void *pixels, int batch, int channels, int size,
                               const float *mean, const float *std);

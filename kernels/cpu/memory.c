@@ -2,6 +2,8 @@
  * real type. The CPU has nothing asynchronous, so synchronize() only reports the first failure. */
 #include "kernels/cpu/cpu_real.h"
 
+#include "common/timer.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -62,6 +64,17 @@ void CPU_FN(convert)(void *dst, tf_dtype dst_dtype, const void *src, tf_dtype sr
 
 size_t CPU_FN(device_memory_in_use)(void) {
     return 0; /* host memory is not a device's */
+}
+
+/* CPU operations are done when they return, so a mark is the clock now. */
+static double profile_marks[TF_PROFILE_MARKS];
+
+void CPU_FN(profile_mark)(int index) {
+    if (index >= 0 && index < TF_PROFILE_MARKS) profile_marks[index] = 1e3 * tf_seconds();
+}
+
+double CPU_FN(profile_elapsed_ms)(int from, int to) {
+    return profile_marks[to] - profile_marks[from];
 }
 
 tf_status CPU_FN(synchronize)(void) {

@@ -243,6 +243,8 @@ static void fill_table(tf_backend *t) {
     t->convert = cuda_convert;
     t->synchronize = cuda_synchronize;
     t->device_memory_in_use = cuda_device_memory_in_use;
+    t->profile_mark = cuda_profile_mark;
+    t->profile_elapsed_ms = cuda_profile_elapsed_ms;
     t->images_normalize = cuda_images_normalize;
     t->mixup_images = cuda_mixup_images;
     t->cutmix_images = cuda_cutmix_images;

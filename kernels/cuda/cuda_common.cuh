@@ -256,6 +256,8 @@ void cuda_upload_bytes(void *dst, const void *src, size_t bytes);
 void cuda_convert(void *dst, tf_dtype dst_dtype, const void *src, tf_dtype src_dtype, size_t n);
 tf_status cuda_synchronize(void);
 size_t cuda_device_memory_in_use(void);
+void cuda_profile_mark(int index);
+double cuda_profile_elapsed_ms(int from, int to);
 /* images.cu */
 void cuda_images_normalize(void *images, const void *pixels, int batch, int channels, int size, const float *mean,
                            const float *std);

@@ -157,6 +157,25 @@ extern "C" size_t cuda_device_memory_in_use(void) {
     return total_bytes - free_bytes;
 }
 
+/* Profiling marks: events on the stream, made on first use (at a profiled warm-up step). */
+static cudaEvent_t profile_events[TF_PROFILE_MARKS];
+
+extern "C" void cuda_profile_mark(int index) {
+    if (index < 0 || index >= TF_PROFILE_MARKS) return;
+    if (!profile_events[index] && !CUDA_CHECK(cudaEventCreate(&profile_events[index]), "profile event %d", index))
+        return;
+    CUDA_CHECK(cudaEventRecord(profile_events[index], cuda_ctx.stream), "profile mark %d", index);
+}
+
+extern "C" double cuda_profile_elapsed_ms(int from, int to) {
+    float ms = 0.0f;
+    if (from < 0 || to < 0 || from >= TF_PROFILE_MARKS || to >= TF_PROFILE_MARKS || !profile_events[from] ||
+        !profile_events[to])
+        return 0.0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, profile_events[from], profile_events[to]), "profile marks %d..%d", from, to);
+    return ms;
+}
+
 extern "C" tf_status cuda_synchronize(void) {
     CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream), "synchronize (a failure here comes from an earlier "
                "asynchronous operation; tf_cuda_set_debug_sync(true) finds which)");
