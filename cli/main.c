@@ -38,10 +38,27 @@ static const cli_command commands[] = {
      "                        [--device auto|cpu|cuda] [--json OUT]\n"},
     {"predict", NULL, "classes and probabilities of single images",
      "usage: tokenformer predict --ckpt FILE.safetensors [--topk 5] [--json] IMAGE...\n"},
-    {"scale", NULL, "grow a trained model by adding parameter tokens",
+    {"scale", cmd_scale, "grow a trained model by adding parameter tokens",
      "usage: tokenformer scale --ckpt FILE --out FILE (--attn-tokens N --ffn-tokens M | --factor F)\n"
      "                         [--state FILE --out-state FILE] [--key-init zero|random]\n"
-     "                         [--norm fixed|current] [--seed S]\n"},
+     "                         [--norm fixed|current] [--seed S]\n"
+     "\n"
+     "Appends parameter tokens (key and value rows) to every Pattention: Q, K, V, O to N tokens, the\n"
+     "FFN to M (DESIGN.md section 4). Sizes only grow. Continue with `tokenformer train --init-from\n"
+     "FILE [--init-state FILE]`.\n"
+     "  --ckpt FILE        the trained checkpoint (model.safetensors)\n"
+     "  --out FILE         the grown checkpoint; its growth_history records this step\n"
+     "  --attn-tokens N    new token count of Q, K, V and O; with --ffn-tokens M for the FFN\n"
+     "  --factor F         multiply both counts by F (rounded)\n"
+     "  --state FILE       the training state of that checkpoint (state.safetensors): AdamW moments\n"
+     "                     of old rows carried, new rows 0; the EMA grown like the weights\n"
+     "  --out-state FILE   where the grown state goes\n"
+     "  --key-init K       zero (default): new keys 0; random: N(0, 0.02)\n"
+     "  --norm N           fixed (default): n_norm kept; current: n_norm = the new token count\n"
+     "  --seed S           seed of the new rows (default 0); each row has its own stream, so growing\n"
+     "                     in two steps gives the same rows as growing once\n"
+     "Zero keys with fixed n_norm keep the model's function exactly (the default); any other choice\n"
+     "(the paper's runs use random and current) changes it.\n"},
     {"bench", cmd_bench, "measure training, inference or loader throughput",
      "usage: tokenformer bench train|infer --config FILE.yaml [--batch N] [--steps K] [--device D]\n"
      "       tokenformer bench loader --data DIR [--transform train|eval] [--workers N] [--batches K]\n"},
