@@ -23,9 +23,20 @@
 static char scratch[128];
 
 static tf_model_config small_config(void) {
-    tf_model_config config = {.img_size = 8, .patch = 4, .channels = 3, .depth = 2, .dim = 16, .heads = 2,
-                              .n_attn = 6, .n_ffn = 10, .classes = 5, .pool = TF_POOL_AVG, .drop_path = 0.0f,
-                              .eps = 1e-6f};
+    tf_model_config config = {
+        .img_size = 8,
+        .patch = 4,
+        .channels = 3,
+        .depth = 2,
+        .dim = 16,
+        .heads = 2,
+        .n_attn = 6,
+        .n_ffn = 10,
+        .classes = 5,
+        .pool = TF_POOL_AVG,
+        .drop_path = 0.0f,
+        .eps = 1e-6f,
+    };
     for (int block = 0; block < config.depth; block++)
         for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++)
             config.n_norm[block][which] = which == TF_PATT_FFN ? config.n_ffn : config.n_attn;
@@ -34,7 +45,8 @@ static tf_model_config small_config(void) {
 }
 
 static tf_scale_options options_for(int n_attn, int n_ffn, tf_scale_key_init key_init, tf_scale_norm norm) {
-    return (tf_scale_options){.n_attn = n_attn, .n_ffn = n_ffn, .key_init = key_init, .norm = norm, .seed = 7};
+    return (tf_scale_options){
+        .n_attn = n_attn, .n_ffn = n_ffn, .key_init = key_init, .norm = norm, .seed = 7};
 }
 
 /* Random parameters larger than the init gives, so every token matters to the logits. */
@@ -42,13 +54,15 @@ static float *random_params(const tf_param_layout *layout, uint64_t seed) {
     float *params = malloc(layout->total * sizeof *params);
     param_init(layout, params, seed);
     tf_rng rng = tf_rng_make(seed, TF_RNG_TEST, 1, 0);
-    for (size_t i = 0; i < layout->total; i++) params[i] += 0.3f * (float)tf_rng_normal(&rng);
+    for (size_t i = 0; i < layout->total; i++)
+        params[i] += 0.3f * (float)tf_rng_normal(&rng);
     return params;
 }
 
 /* Grows config/params; returns the grown params (malloc'd) and fills the grown config and layout. */
 static float *grow(const tf_model_config *config, const tf_param_layout *layout, const float *params,
-                   const tf_scale_options *options, tf_model_config *grown_config, tf_param_layout *grown_layout) {
+                   const tf_scale_options *options, tf_model_config *grown_config,
+                   tf_param_layout *grown_layout) {
     scale_config(config, options, grown_config);
     CHECK_OK(param_layout_build(grown_layout, grown_config));
     float *grown = malloc(grown_layout->total * sizeof *grown);
@@ -64,7 +78,8 @@ static float *logits_of(const tf_model_config *config, const float *params, int 
     size_t pixel_count = (size_t)batch * config->channels * config->img_size * config->img_size;
     uint8_t *pixels = malloc(pixel_count);
     tf_rng rng = tf_rng_make(3, TF_RNG_TEST, 2, 0);
-    for (size_t i = 0; i < pixel_count; i++) pixels[i] = (uint8_t)tf_rng_below(&rng, 256);
+    for (size_t i = 0; i < pixel_count; i++)
+        pixels[i] = (uint8_t)tf_rng_below(&rng, 256);
     model_set_params(&model, params);
     model_load_pixels(&model, pixels, batch);
     model_forward(&model, batch, NULL);
@@ -101,9 +116,11 @@ static void check_function(void) {
         float *after = logits_of(&grown_config, grown, batch);
         double error = relative_error_f32(after, before, n_logits);
         const char *label = scale_key_init_name(options.key_init), *norm = scale_norm_name(options.norm);
-        CHECK(scale_preserves_function(&options) == cases[c].preserves, "keys %s, norm %s: preserves flag", label, norm);
+        CHECK(scale_preserves_function(&options) == cases[c].preserves, "keys %s, norm %s: preserves flag",
+              label, norm);
         if (cases[c].preserves)
-            CHECK(error < 1e-5, "keys %s, norm %s: logits equal within 1e-5 relative (%.2e)", label, norm, error);
+            CHECK(error < 1e-5, "keys %s, norm %s: logits equal within 1e-5 relative (%.2e)", label, norm,
+                  error);
         else
             CHECK(error > 1e-2, "keys %s, norm %s: logits clearly change (%.2e)", label, norm, error);
         printf("  keys %-6s norm %-7s: logits relative change %.2e\n", label, norm, error);
@@ -140,8 +157,8 @@ static void check_rows_and_config(void) {
     size_t drawn = 0;
     for (int i = 0; i < layout.count; i++) {
         const tf_tensor_info *a = &layout.tensors[i], *b = &grown_layout.tensors[i];
-        CHECK(memcmp(params + a->offset, grown + b->offset, a->count * sizeof *params) == 0, "%s: old rows kept",
-              a->name);
+        CHECK(memcmp(params + a->offset, grown + b->offset, a->count * sizeof *params) == 0,
+              "%s: old rows kept", a->name);
         const float *added = grown + b->offset + a->count;
         size_t added_count = b->count - a->count;
         if (b->block >= 0) {
@@ -150,11 +167,13 @@ static void check_rows_and_config(void) {
         }
         if (b->is_key) CHECK(all_zero(added, added_count), "%s: new key rows are +0", b->name);
         if (b->block >= 0 && !b->is_key)
-            for (size_t j = 0; j < added_count; j++, drawn++) sum += added[j], sum_squares += (double)added[j] * added[j];
+            for (size_t j = 0; j < added_count; j++, drawn++)
+                sum += added[j], sum_squares += (double)added[j] * added[j];
     }
     double std = sqrt(sum_squares / drawn), expected_std = param_value_init_std(&config);
     CHECK(fabs(std / expected_std - 1.0) < 0.1 && fabs(sum / drawn) < 0.1 * expected_std,
-          "new value rows ~ N(0, %.4f): mean %.2e, std %.4f over %zu values", expected_std, sum / drawn, std, drawn);
+          "new value rows ~ N(0, %.4f): mean %.2e, std %.4f over %zu values", expected_std, sum / drawn, std,
+          drawn);
 
     tf_scale_options current = options_for(12, 20, TF_SCALE_KEYS_RANDOM, TF_SCALE_NORM_CURRENT);
     tf_model_config current_config;
@@ -180,7 +199,8 @@ static void check_twice_equals_once(void) {
     for (int random_keys = 0; random_keys < 2; random_keys++) {
         tf_scale_key_init key_init = random_keys ? TF_SCALE_KEYS_RANDOM : TF_SCALE_KEYS_ZERO;
         tf_scale_norm norm = random_keys ? TF_SCALE_NORM_CURRENT : TF_SCALE_NORM_FIXED;
-        tf_scale_options first = options_for(9, 15, key_init, norm), final = options_for(12, 20, key_init, norm);
+        tf_scale_options first = options_for(9, 15, key_init, norm),
+                         final = options_for(12, 20, key_init, norm);
         tf_model_config middle_config, twice_config, once_config;
         tf_param_layout middle_layout, twice_layout, once_layout;
         float *middle = grow(&config, &layout, params, &first, &middle_config, &middle_layout);
@@ -227,13 +247,15 @@ static void check_history(void) {
     tf_model_config config = small_config();
     tf_scale_options options = options_for(12, 20, TF_SCALE_KEYS_RANDOM, TF_SCALE_NORM_CURRENT);
     char *history = NULL;
-    CHECK_OK(scale_history_append("[{\"from\": [3, 5]}]", &config, &options, "42", 86400, "model.st", &history));
+    CHECK_OK(
+        scale_history_append("[{\"from\": [3, 5]}]", &config, &options, "42", 86400, "model.st", &history));
     cJSON *array = cJSON_Parse(history);
     CHECK(cJSON_GetArraySize(array) == 2, "one entry appended: %s", history);
     cJSON *entry = cJSON_GetArrayItem(array, 1);
     char *text = cJSON_PrintUnformatted(entry);
-    const char *expected = "{\"from\":[6,10],\"to\":[12,20],\"key_init\":\"random\",\"norm\":\"current\",\"seed\":7,"
-                           "\"step\":42,\"time\":\"1970-01-02T00:00:00Z\"}";
+    const char *expected =
+        "{\"from\":[6,10],\"to\":[12,20],\"key_init\":\"random\",\"norm\":\"current\",\"seed\":7,"
+        "\"step\":42,\"time\":\"1970-01-02T00:00:00Z\"}";
     CHECK(text && strcmp(text, expected) == 0, "entry %s", text);
     cJSON_free(text);
     cJSON_Delete(array);
@@ -250,12 +272,14 @@ static void check_size_errors(void) {
     } bad[] = {{6, 10}, {4, 20}, {12, 8}, {6, 20}, {12, 10}};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         tf_status status = scale_check_sizes(&config, bad[i].n_attn, bad[i].n_ffn, "model.st");
-        CHECK(status == TF_ERR_USAGE && strstr(tf_error_message(), "only grow") && strstr(tf_error_message(), "model.st"),
+        CHECK(status == TF_ERR_USAGE && strstr(tf_error_message(), "only grow") &&
+                  strstr(tf_error_message(), "model.st"),
               "%d/%d from 6/10 is refused: %s", bad[i].n_attn, bad[i].n_ffn, tf_error_message());
     }
     int n_attn, n_ffn;
     CHECK_OK(scale_factor_sizes(&config, 1.0, &n_attn, &n_ffn));
-    CHECK(scale_check_sizes(&config, n_attn, n_ffn, "model.st") != TF_OK, "--factor 1 does not grow: refused");
+    CHECK(scale_check_sizes(&config, n_attn, n_ffn, "model.st") != TF_OK,
+          "--factor 1 does not grow: refused");
     CHECK(scale_factor_sizes(&config, 1e9, &n_attn, &n_ffn) != TF_OK, "--factor 1e9 is refused");
 }
 
@@ -271,7 +295,8 @@ static int run_scale(const char *arguments) {
     char copy[2048], *argv[32];
     int argc = 0;
     snprintf(copy, sizeof copy, "scale %s", arguments);
-    for (char *token = strtok(copy, " "); token && argc < 31; token = strtok(NULL, " ")) argv[argc++] = token;
+    for (char *token = strtok(copy, " "); token && argc < 31; token = strtok(NULL, " "))
+        argv[argc++] = token;
     argv[argc] = NULL;
     fflush(stdout);
     return cmd_scale(argc, argv);
@@ -296,7 +321,8 @@ static saved_run save_run(const char *model_path, const char *state_path, int n_
     tf_rng rng = tf_rng_make(15, TF_RNG_TEST, 0, 0);
     fill_normal_f32(run.m, n, 1e-3f, &rng);
     fill_normal_f32(run.v, n, 1e-6f, &rng);
-    for (size_t i = 0; i < n; i++) run.v[i] *= run.v[i]; /* positive, as second moments are */
+    for (size_t i = 0; i < n; i++)
+        run.v[i] *= run.v[i]; /* positive, as second moments are */
     fill_normal_f32(run.ema, n, 0.1f, &rng);
     char *names[5] = {"a", "b", "c", "d", "e"};
     tf_class_names classes = {5, names};
@@ -346,27 +372,31 @@ static void check_command_with_state(void) {
     snprintf(out, sizeof out, "%s/grown.safetensors", scratch);
     snprintf(out_state, sizeof out_state, "%s/grown_state.safetensors", scratch);
     saved_run run = save_run(model, state, 6, 30);
-    snprintf(arguments, sizeof arguments, "--ckpt %s --out %s --factor 2 --state %s --out-state %s --seed 5", model,
-             out, state, out_state);
+    snprintf(arguments, sizeof arguments, "--ckpt %s --out %s --factor 2 --state %s --out-state %s --seed 5",
+             model, out, state, out_state);
     CHECK(run_scale(arguments) == 0, "scale --factor 2 --state exits 0: %s", tf_error_message());
 
     tf_checkpoint grown;
     safetensors_file *grown_file = NULL, *state_file = NULL, *source_file = NULL;
     if (!CHECK_OK(checkpoint_load(out, &grown))) return;
     CHECK(grown.config.n_attn == 12 && grown.config.n_ffn == 20, "the grown checkpoint has 12/20 tokens");
-    CHECK(memcmp(grown.config.n_norm, run.config.n_norm, sizeof run.config.n_norm) == 0, "and the old n_norm");
+    CHECK(memcmp(grown.config.n_norm, run.config.n_norm, sizeof run.config.n_norm) == 0,
+          "and the old n_norm");
     CHECK(grown.classes.count == 5 && strcmp(grown.classes.names[4], "e") == 0, "class names kept");
     CHECK(grown.crop_pct == 0.875f, "crop_pct kept");
-    CHECK(strstr(grown.growth_history, "\"from\":[6,10],\"to\":[12,20]") && strstr(grown.growth_history, "\"step\":30"),
+    CHECK(strstr(grown.growth_history, "\"from\":[6,10],\"to\":[12,20]") &&
+              strstr(grown.growth_history, "\"step\":30"),
           "growth history: %s", grown.growth_history);
     CHECK_OK(safetensors_open(&grown_file, out));
     CHECK_OK(safetensors_open(&state_file, out_state));
     CHECK_OK(safetensors_open(&source_file, state));
     if (grown_file && state_file && source_file) {
-        const char *step = safetensors_metadata(grown_file, "step"), *epoch = safetensors_metadata(grown_file, "epoch");
+        const char *step = safetensors_metadata(grown_file, "step"),
+                   *epoch = safetensors_metadata(grown_file, "epoch");
         CHECK(step && epoch && !strcmp(step, "30") && !strcmp(epoch, "2"), "step and epoch metadata kept");
         CHECK(state_file->n_tensors == 3 * (size_t)grown.layout.count, "state: m, v and EMA of every tensor");
-        CHECK(strcmp(safetensors_metadata(state_file, "progress"), safetensors_metadata(source_file, "progress")) == 0,
+        CHECK(strcmp(safetensors_metadata(state_file, "progress"),
+                     safetensors_metadata(source_file, "progress")) == 0,
               "state: progress kept as it was");
         check_grown_set(state_file, "adamw.m.", &run, &grown, run.m, false);
         check_grown_set(state_file, "adamw.v.", &run, &grown, run.v, false);
@@ -386,8 +416,8 @@ static void expect_refusal(const char *arguments, int code, const char *needle, 
     int result = run_scale(arguments);
     const char *message = tf_error_message();
     CHECK(result == code && strstr(message, needle) && (!other || strstr(message, other)),
-          "refused with exit %d (got %d), message names '%s'%s%s: %s", code, result, needle, other ? " and " : "",
-          other ? other : "", message);
+          "refused with exit %d (got %d), message names '%s'%s%s: %s", code, result, needle,
+          other ? " and " : "", other ? other : "", message);
     CHECK(access(no_file, F_OK) != 0, "nothing written to %s", no_file);
 }
 
@@ -415,18 +445,18 @@ static void check_refusals(void) {
     expect_refusal(arguments, 2, "--out-state", NULL, out);
 
     /* The state of another model: its tensors have other shapes. */
-    snprintf(arguments, sizeof arguments, "--ckpt %s --out %s --factor 2 --state %s --out-state %s.state", model, out,
-             other_state, out);
+    snprintf(arguments, sizeof arguments, "--ckpt %s --out %s --factor 2 --state %s --out-state %s.state",
+             model, out, other_state, out);
     expect_refusal(arguments, 1, other_state, "attn.q.key_tokens", out);
     /* A model file given as the state. */
-    snprintf(arguments, sizeof arguments, "--ckpt %s --out %s --factor 2 --state %s --out-state %s.state", model, out,
-             model, out);
+    snprintf(arguments, sizeof arguments, "--ckpt %s --out %s --factor 2 --state %s --out-state %s.state",
+             model, out, model, out);
     expect_refusal(arguments, 1, model, "not a TokenFormer training state", out);
     /* The state of another step of the same run. */
     free_run(&other);
     other = save_run(other_model, other_state, 6, 40);
-    snprintf(arguments, sizeof arguments, "--ckpt %s --out %s --factor 2 --state %s --out-state %s.state", model, out,
-             other_state, out);
+    snprintf(arguments, sizeof arguments, "--ckpt %s --out %s --factor 2 --state %s --out-state %s.state",
+             model, out, other_state, out);
     expect_refusal(arguments, 2, "step 40", model, out);
     free_run(&other);
     free_run(&run);

@@ -56,7 +56,8 @@ static tf_status parse_arguments(int argc, char **argv, scale_arguments *argumen
     if (counts == !!arguments->factor || (counts && (!arguments->attn_tokens || !arguments->ffn_tokens)))
         return tf_fail(TF_ERR_USAGE, "give either --attn-tokens N and --ffn-tokens M, or --factor F");
     if (!arguments->state != !arguments->out_state)
-        return tf_fail(TF_ERR_USAGE, "--state and --out-state go together (the state to grow and where to write it)");
+        return tf_fail(TF_ERR_USAGE,
+                       "--state and --out-state go together (the state to grow and where to write it)");
     if (arguments->out_state && strcmp(arguments->out, arguments->out_state) == 0)
         return tf_fail(TF_ERR_USAGE, "--out and --out-state are both %s", arguments->out);
     return TF_OK;
@@ -67,7 +68,8 @@ static tf_status parse_count(const char *option, const char *text, int *count) {
     errno = 0;
     long value = strtol(text, &end, 10);
     if (errno || end == text || *end || value < 1 || value > TF_SCALE_MAX_TOKENS)
-        return tf_fail(TF_ERR_USAGE, "%s: expected a token count in 1..%d, got '%s'", option, TF_SCALE_MAX_TOKENS, text);
+        return tf_fail(TF_ERR_USAGE, "%s: expected a token count in 1..%d, got '%s'", option,
+                       TF_SCALE_MAX_TOKENS, text);
     *count = (int)value;
     return TF_OK;
 }
@@ -120,14 +122,15 @@ static tf_status parse_options(const scale_arguments *arguments, const tf_model_
 /* The grown state: m, v and (when the file has one) the EMA, in the grown layout. */
 typedef struct {
     float *sets[STATE_SETS];
-    int set_count; /* 2 without EMA, 3 with */
+    int set_count;        /* 2 without EMA, 3 with */
     const char *progress; /* the source file's metadata, owned by the open file */
 } grown_state;
 
 static bool has_known_prefix(const char *name, const tf_param_layout *layout) {
     for (int set = 0; set < STATE_SETS; set++) {
         size_t length = strlen(state_prefixes[set]);
-        if (strncmp(name, state_prefixes[set], length) == 0 && param_layout_find(layout, name + length)) return true;
+        if (strncmp(name, state_prefixes[set], length) == 0 && param_layout_find(layout, name + length))
+            return true;
     }
     return false;
 }
@@ -141,8 +144,8 @@ static long long metadata_step(const char *text, bool *found) {
 
 /* A state of another checkpoint (another step of the same run) would pair moments with weights
  * they do not belong to: refused when both files say their step. */
-static tf_status check_progress_step(const safetensors_file *state, const char *progress, const char *checkpoint,
-                                     const char *checkpoint_step) {
+static tf_status check_progress_step(const safetensors_file *state, const char *progress,
+                                     const char *checkpoint, const char *checkpoint_step) {
     bool known;
     long long model_step = metadata_step(checkpoint_step, &known);
     cJSON *root = cJSON_Parse(progress);
@@ -151,8 +154,9 @@ static tf_status check_progress_step(const safetensors_file *state, const char *
     if (!cJSON_IsNumber(step))
         status = tf_fail(TF_ERR_RUNTIME, "%s: metadata 'progress' has no step", state->path);
     else if (known && (long long)step->valuedouble != model_step)
-        status = tf_fail(TF_ERR_USAGE, "%s is the training state of step %lld but %s holds the model of step %lld: "
-                                       "give the pair from one checkpoint",
+        status = tf_fail(TF_ERR_USAGE,
+                         "%s is the training state of step %lld but %s holds the model of step %lld: "
+                         "give the pair from one checkpoint",
                          state->path, (long long)step->valuedouble, checkpoint, model_step);
     cJSON_Delete(root);
     return status;
@@ -165,7 +169,8 @@ static tf_status check_state_file(const safetensors_file *state, const tf_param_
     const char *format = safetensors_metadata(state, "format");
     const char *progress = safetensors_metadata(state, "progress");
     if (!format || strcmp(format, STATE_FORMAT) != 0 || !progress)
-        return tf_fail(TF_ERR_RUNTIME, "%s: not a TokenFormer training state file (metadata 'format' should be \"%s\")",
+        return tf_fail(TF_ERR_RUNTIME,
+                       "%s: not a TokenFormer training state file (metadata 'format' should be \"%s\")",
                        state->path, STATE_FORMAT);
     for (size_t i = 0; i < state->n_tensors; i++)
         if (!has_known_prefix(state->tensors[i].name, layout))
@@ -175,14 +180,15 @@ static tf_status check_state_file(const safetensors_file *state, const tf_param_
 }
 
 static void free_grown_state(grown_state *state) {
-    for (int set = 0; set < STATE_SETS; set++) free(state->sets[set]);
+    for (int set = 0; set < STATE_SETS; set++)
+        free(state->sets[set]);
     memset(state, 0, sizeof *state);
 }
 
 /* Reads each set of the state in the source layout and grows it: the moments with new rows 0,
  * the EMA with new rows equal to the grown weights. One source set is held at a time. */
-static tf_status grow_state_sets(const safetensors_file *file, const tf_checkpoint *source, const char *source_path,
-                                 const tf_checkpoint *grown, grown_state *state) {
+static tf_status grow_state_sets(const safetensors_file *file, const tf_checkpoint *source,
+                                 const char *source_path, const tf_checkpoint *grown, grown_state *state) {
     char ema_name[TF_CHECKPOINT_NAME_MAX];
     snprintf(ema_name, sizeof ema_name, "%s%s", state_prefixes[2], source->layout.tensors[0].name);
     state->set_count = safetensors_find(file, ema_name) ? 3 : 2;
@@ -191,8 +197,10 @@ static tf_status grow_state_sets(const safetensors_file *file, const tf_checkpoi
     for (int set = 0; set < state->set_count && status == TF_OK; set++) {
         state->sets[set] = malloc(grown->layout.total * sizeof *state->sets[set]);
         if (!state->sets[set]) status = tf_fail(TF_ERR_RUNTIME, "out of memory growing %s", file->path);
-        if (status == TF_OK && checkpoint_read_params(file, &source->layout, state_prefixes[set], scratch) != TF_OK)
-            status = tf_fail_context(TF_ERR_RUNTIME, "the state does not match the layout of %s", source_path);
+        if (status == TF_OK &&
+            checkpoint_read_params(file, &source->layout, state_prefixes[set], scratch) != TF_OK)
+            status =
+                tf_fail_context(TF_ERR_RUNTIME, "the state does not match the layout of %s", source_path);
         const float *new_rows = set == 2 ? grown->params : NULL;
         if (status == TF_OK)
             status = scale_state_set(&source->layout, scratch, &grown->layout, new_rows, state->sets[set]);
@@ -208,8 +216,8 @@ static tf_status write_state(const char *path, const tf_param_layout *layout, co
     tf_status status = names && table ? TF_OK : tf_fail(TF_ERR_RUNTIME, "out of memory writing %s", path);
     for (int set = 0; set < state->set_count && status == TF_OK; set++) {
         size_t first = (size_t)set * (size_t)layout->count;
-        checkpoint_tensor_table(layout, state_prefixes[set], state->sets[set], names + first * TF_CHECKPOINT_NAME_MAX,
-                                table + first);
+        checkpoint_tensor_table(layout, state_prefixes[set], state->sets[set],
+                                names + first * TF_CHECKPOINT_NAME_MAX, table + first);
     }
     safetensors_metadata_entry metadata[] = {{"format", STATE_FORMAT}, {"progress", state->progress}};
     if (status == TF_OK) status = safetensors_write(path, table, count, metadata, 2);
@@ -231,20 +239,24 @@ static size_t carried_metadata(const safetensors_file *file, safetensors_metadat
     return count;
 }
 
-static void print_summary(const scale_arguments *arguments, const tf_checkpoint *source, const tf_checkpoint *grown,
-                          const tf_scale_options *options, const grown_state *state) {
+static void print_summary(const scale_arguments *arguments, const tf_checkpoint *source,
+                          const tf_checkpoint *grown, const tf_scale_options *options,
+                          const grown_state *state) {
     printf("grew %s -> %s: attention tokens %d -> %d, FFN tokens %d -> %d, parameters %zu -> %zu\n",
-           arguments->checkpoint, arguments->out, source->config.n_attn, grown->config.n_attn, source->config.n_ffn,
-           grown->config.n_ffn, source->layout.total, grown->layout.total);
+           arguments->checkpoint, arguments->out, source->config.n_attn, grown->config.n_attn,
+           source->config.n_ffn, grown->config.n_ffn, source->layout.total, grown->layout.total);
     printf("new keys %s, n_norm %s, seed %llu: ", scale_key_init_name(options->key_init),
            options->norm == TF_SCALE_NORM_CURRENT ? "follows the token count" : "fixed",
            (unsigned long long)options->seed);
     if (scale_preserves_function(options))
-        printf("the function is preserved (the grown model's logits equal the original's to float rounding)\n");
+        printf(
+            "the function is preserved (the grown model's logits equal the original's to float rounding)\n");
     else
-        printf("this does NOT preserve the function: the grown model computes something else than the original\n");
+        printf("this does NOT preserve the function: the grown model computes something else than the "
+               "original\n");
     if (arguments->state)
-        printf("grew %s -> %s: AdamW moments (new rows 0)%s; progress kept\n", arguments->state, arguments->out_state,
+        printf("grew %s -> %s: AdamW moments (new rows 0)%s; progress kept\n", arguments->state,
+               arguments->out_state,
                state->set_count == 3 ? ", EMA (new rows equal to the new weights)" : "; no EMA in the file");
 }
 
@@ -265,8 +277,11 @@ static tf_status run_scale(const scale_arguments *arguments, scale_job *job) {
         TF_TRY(check_state_file(job->state_file, &job->source.layout, arguments->checkpoint, step));
         job->state.progress = safetensors_metadata(job->state_file, "progress");
     }
-    TF_TRY(scale_checkpoint(&job->source, &options, step, (int64_t)time(NULL), arguments->checkpoint, &job->grown));
-    if (arguments->state) TF_TRY(grow_state_sets(job->state_file, &job->source, arguments->checkpoint, &job->grown, &job->state));
+    TF_TRY(scale_checkpoint(&job->source, &options, step, (int64_t)time(NULL), arguments->checkpoint,
+                            &job->grown));
+    if (arguments->state)
+        TF_TRY(
+            grow_state_sets(job->state_file, &job->source, arguments->checkpoint, &job->grown, &job->state));
 
     safetensors_metadata_entry extra[3];
     size_t extra_count = carried_metadata(job->source_file, extra);

@@ -29,8 +29,10 @@ bool scale_preserves_function(const tf_scale_options *options) {
 
 tf_status scale_factor_sizes(const tf_model_config *config, double factor, int *n_attn, int *n_ffn) {
     /* Beyond this bound the product cannot be a valid count anyway; it keeps the cast defined. */
-    if (!(factor > 0.0) || factor * config->n_attn > TF_SCALE_MAX_TOKENS || factor * config->n_ffn > TF_SCALE_MAX_TOKENS)
-        return tf_fail(TF_ERR_USAGE, "--factor %g: the token counts %d and %d would be %.0f and %.0f, outside 1..%d",
+    if (!(factor > 0.0) || factor * config->n_attn > TF_SCALE_MAX_TOKENS ||
+        factor * config->n_ffn > TF_SCALE_MAX_TOKENS)
+        return tf_fail(TF_ERR_USAGE,
+                       "--factor %g: the token counts %d and %d would be %.0f and %.0f, outside 1..%d",
                        factor, config->n_attn, config->n_ffn, factor * config->n_attn, factor * config->n_ffn,
                        TF_SCALE_MAX_TOKENS);
     *n_attn = (int)(config->n_attn * factor + 0.5);
@@ -38,15 +40,19 @@ tf_status scale_factor_sizes(const tf_model_config *config, double factor, int *
     return TF_OK;
 }
 
+/* Which count fails to grow, for the message. */
+static const char *not_growing(const tf_model_config *config, int n_attn, int n_ffn) {
+    if (n_attn <= config->n_attn && n_ffn <= config->n_ffn) return "either count";
+    return n_attn <= config->n_attn ? "the attention tokens" : "the FFN tokens";
+}
+
 tf_status scale_check_sizes(const tf_model_config *config, int n_attn, int n_ffn, const char *source) {
     if (n_attn <= config->n_attn || n_ffn <= config->n_ffn)
-        return tf_fail(TF_ERR_USAGE,
-                       "%s has %d attention and %d FFN tokens; scaling to %d and %d would not grow %s: sizes may "
-                       "only grow (each new count must be larger than the current one)",
-                       source, config->n_attn, config->n_ffn, n_attn, n_ffn,
-                       n_attn <= config->n_attn && n_ffn <= config->n_ffn ? "either"
-                       : n_attn <= config->n_attn                        ? "the attention tokens"
-                                                                         : "the FFN tokens");
+        return tf_fail(
+            TF_ERR_USAGE,
+            "%s has %d attention and %d FFN tokens; %d and %d would not grow %s: sizes may only grow "
+            "(each new count must be larger than the current one)",
+            source, config->n_attn, config->n_ffn, n_attn, n_ffn, not_growing(config, n_attn, n_ffn));
     if (n_attn > TF_SCALE_MAX_TOKENS || n_ffn > TF_SCALE_MAX_TOKENS)
         return tf_fail(TF_ERR_USAGE, "token counts %d and %d: at most %d are allowed", n_attn, n_ffn,
                        TF_SCALE_MAX_TOKENS);
@@ -78,8 +84,9 @@ static tf_status check_grown_layout(const tf_param_layout *from, const tf_param_
             same = a->shape[d] == b->shape[d] || grown_rows;
         }
         if (!same)
-            return tf_fail(TF_ERR_RUNTIME, "growth: tensor %d is '%s' before and '%s' after, with other shapes", i,
-                           a->name, b->name);
+            return tf_fail(TF_ERR_RUNTIME,
+                           "growth: tensor %d is '%s' before and '%s' after, with other shapes", i, a->name,
+                           b->name);
     }
     return TF_OK;
 }
@@ -90,8 +97,8 @@ static size_t row_width(const tf_tensor_info *tensor) {
 
 /* New rows of a token tensor, each from its own stream (tensor index, absolute row). std 0:
  * exact zeros (std * normal could give -0.0). */
-static void draw_new_rows(const tf_tensor_info *from, const tf_tensor_info *to, uint64_t tensor_index, float std,
-                          uint64_t seed, float *grown) {
+static void draw_new_rows(const tf_tensor_info *from, const tf_tensor_info *to, uint64_t tensor_index,
+                          float std, uint64_t seed, float *grown) {
     size_t width = row_width(to);
     float *first_new = grown + to->offset + from->count;
     if (std == 0.0f) {
@@ -101,7 +108,8 @@ static void draw_new_rows(const tf_tensor_info *from, const tf_tensor_info *to, 
     for (int64_t row = from->shape[0]; row < to->shape[0]; row++) {
         float *values = grown + to->offset + (size_t)row * width;
         tf_rng rng = tf_rng_make(seed, TF_RNG_GROWTH, tensor_index, (uint64_t)row);
-        for (size_t j = 0; j < width; j++) values[j] = (float)(std * tf_rng_normal(&rng));
+        for (size_t j = 0; j < width; j++)
+            values[j] = (float)(std * tf_rng_normal(&rng));
     }
 }
 
@@ -150,8 +158,8 @@ static cJSON *step_item(const char *source_step) {
     return cJSON_CreateNumber((double)step);
 }
 
-static cJSON *history_entry(const tf_model_config *from, const tf_scale_options *options, const char *source_step,
-                            int64_t unix_time) {
+static cJSON *history_entry(const tf_model_config *from, const tf_scale_options *options,
+                            const char *source_step, int64_t unix_time) {
     char when[32] = "";
     time_t seconds = (time_t)unix_time;
     struct tm utc;
@@ -167,8 +175,9 @@ static cJSON *history_entry(const tf_model_config *from, const tf_scale_options 
     return entry;
 }
 
-tf_status scale_history_append(const char *history, const tf_model_config *from, const tf_scale_options *options,
-                               const char *source_step, int64_t unix_time, const char *source, char **out) {
+tf_status scale_history_append(const char *history, const tf_model_config *from,
+                               const tf_scale_options *options, const char *source_step, int64_t unix_time,
+                               const char *source, char **out) {
     *out = NULL;
     cJSON *array = cJSON_Parse(history ? history : "[]");
     if (!cJSON_IsArray(array)) {
@@ -186,15 +195,16 @@ tf_status scale_history_append(const char *history, const tf_model_config *from,
 
 /* ---- a whole checkpoint ---------------------------------------------------------------------- */
 
-static tf_status grow_checkpoint(const tf_checkpoint *in, const tf_scale_options *options, const char *source_step,
-                                 int64_t unix_time, const char *source, tf_checkpoint *out) {
+static tf_status grow_checkpoint(const tf_checkpoint *in, const tf_scale_options *options,
+                                 const char *source_step, int64_t unix_time, const char *source,
+                                 tf_checkpoint *out) {
     TF_TRY(scale_check_sizes(&in->config, options->n_attn, options->n_ffn, source));
     scale_config(&in->config, options, &out->config);
     TF_TRY(param_layout_build(&out->layout, &out->config));
     out->params = malloc(out->layout.total * sizeof *out->params);
     if (!out->params)
-        return tf_fail(TF_ERR_RUNTIME, "out of memory for the %zu parameters of the grown %s", out->layout.total,
-                       source);
+        return tf_fail(TF_ERR_RUNTIME, "out of memory for the %zu parameters of the grown %s",
+                       out->layout.total, source);
     TF_TRY(scale_params(&in->layout, in->params, &out->layout, options, out->params));
     TF_TRY(class_names_copy(&out->classes, in->classes.count, in->classes.names));
     out->crop_pct = in->crop_pct;

@@ -71,8 +71,9 @@ tf_status scale_state_set(const tf_param_layout *from, const float *state, const
  *    "seed": S, "step": N, "time": "2025-01-31T12:00:00Z"}
  * "step" is the source checkpoint's "step" metadata (a number; left out when source_step is NULL),
  * "time" the UTC time of unix_time. *out is malloc'd. source names the checkpoint in errors. */
-tf_status scale_history_append(const char *history, const tf_model_config *from, const tf_scale_options *options,
-                               const char *source_step, int64_t unix_time, const char *source, char **out);
+tf_status scale_history_append(const char *history, const tf_model_config *from,
+                               const tf_scale_options *options, const char *source_step, int64_t unix_time,
+                               const char *source, char **out);
 
 /* The grown checkpoint: config, layout, parameters and class names of `in` grown by options, and
  * its growth history with this step appended (source_step and unix_time as above). *out is
