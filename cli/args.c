@@ -2,6 +2,7 @@
 #include "cli/args.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -63,4 +64,9 @@ int cli_int(cli_parser *parser, const char *name, const char *value) {
         return 0;
     }
     return (int)number;
+}
+
+int cli_report(const char *command, int status) {
+    if (status != TF_OK) fprintf(stderr, "tokenformer %s: %s\n", command, tf_error_message());
+    return status;
 }

@@ -15,7 +15,8 @@ int cmd_plot(int argc, char **argv);    /* train/cmd_plot.c */
 /* Prints the help text of a subcommand (or the overview for NULL) to stdout; 0 if it exists. */
 int cli_print_help(const char *command);
 
-/* Ends a subcommand after a failure: prints "tokenformer CMD: message" and returns the status. */
+/* Ends a subcommand after a failure: prints "tokenformer CMD: message" and returns the status
+ * (cli/args.c, in the library, so tests can run commands directly). */
 int cli_report(const char *command, int status);
 
 #endif

@@ -99,11 +99,6 @@ int cli_print_help(const char *name) {
     return 0;
 }
 
-int cli_report(const char *command, int status) {
-    if (status != TF_OK) fprintf(stderr, "tokenformer %s: %s\n", command, tf_error_message());
-    return status;
-}
-
 /* The CPU backend's kernels and OpenBLAS share libgomp's thread team, and libgomp by default spins
  * at every barrier before it sleeps. With more busy threads than cores (the loader's workers beside
  * the compute threads, or any other process) a spinning thread holds a core that the thread it

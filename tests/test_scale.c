@@ -285,11 +285,6 @@ static void check_size_errors(void) {
 
 /* ---- the command and the state file ---------------------------------------------------------- */
 
-/* cli_report() lives in cli/main.c, outside the library the tests link: the same, for cmd_scale(). */
-int cli_report(const char *command, int status) {
-    if (status != TF_OK) fprintf(stderr, "tokenformer %s: %s\n", command, tf_error_message());
-    return status;
-}
 
 static int run_scale(const char *arguments) {
     char copy[2048], *argv[32];

@@ -13,7 +13,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define STATE_FORMAT "tokenformer-train-state"
 
 tf_status run_dir_prepare(const char *run_dir, const tf_config *config) {
     TF_TRY(path_make_directories(run_dir));
@@ -85,7 +84,7 @@ tf_status train_state_save(const char *path, const tf_param_layout *layout, cons
         checkpoint_tensor_table(layout, "adamw.m.", m, names, table);
         checkpoint_tensor_table(layout, "adamw.v.", v, names + n * TF_CHECKPOINT_NAME_MAX, table + n);
         if (ema) checkpoint_tensor_table(layout, "ema.", ema, names + 2 * n * TF_CHECKPOINT_NAME_MAX, table + 2 * n);
-        safetensors_metadata_entry metadata[] = {{"format", STATE_FORMAT}, {"progress", progress_json}};
+        safetensors_metadata_entry metadata[] = {{"format", TF_TRAIN_STATE_FORMAT}, {"progress", progress_json}};
         status = safetensors_write(path, table, count, metadata, 2);
     }
     free(names);
@@ -100,9 +99,9 @@ static tf_status read_state(const safetensors_file *file, const tf_model *model,
     const tf_param_layout *layout = &model->layout;
     const char *format = safetensors_metadata(file, "format");
     const char *progress_json = safetensors_metadata(file, "progress");
-    if (!format || strcmp(format, STATE_FORMAT) != 0 || !progress_json)
+    if (!format || strcmp(format, TF_TRAIN_STATE_FORMAT) != 0 || !progress_json)
         return tf_fail(TF_ERR_RUNTIME, "%s: not a TokenFormer training state file (metadata 'format' should be \"%s\")",
-                       file->path, STATE_FORMAT);
+                       file->path, TF_TRAIN_STATE_FORMAT);
     tf_train_progress read_progress;
     int64_t optimizer_step = 0;
     TF_TRY(progress_from_json(progress_json, file->path, &read_progress, &optimizer_step));

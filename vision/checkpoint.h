@@ -18,6 +18,10 @@
 
 #include <stddef.h>
 
+/* The `format` metadata of a training state file (train/run_dir.h writes them; tokenformer scale
+ * grows them). */
+#define TF_TRAIN_STATE_FORMAT "tokenformer-train-state"
+
 typedef struct {
     int count;
     char **names;

@@ -22,7 +22,6 @@
 
 /* The training state file's format, as train/run_dir.c writes it: "adamw.m.<name>",
  * "adamw.v.<name>", optionally "ema.<name>", and metadata "format" and "progress". */
-#define STATE_FORMAT "tokenformer-train-state"
 enum { STATE_SETS = 3 };
 static const char *const state_prefixes[STATE_SETS] = {"adamw.m.", "adamw.v.", "ema."};
 
@@ -168,10 +167,10 @@ static tf_status check_state_file(const safetensors_file *state, const tf_param_
                                   const char *checkpoint, const char *checkpoint_step) {
     const char *format = safetensors_metadata(state, "format");
     const char *progress = safetensors_metadata(state, "progress");
-    if (!format || strcmp(format, STATE_FORMAT) != 0 || !progress)
+    if (!format || strcmp(format, TF_TRAIN_STATE_FORMAT) != 0 || !progress)
         return tf_fail(TF_ERR_RUNTIME,
                        "%s: not a TokenFormer training state file (metadata 'format' should be \"%s\")",
-                       state->path, STATE_FORMAT);
+                       state->path, TF_TRAIN_STATE_FORMAT);
     for (size_t i = 0; i < state->n_tensors; i++)
         if (!has_known_prefix(state->tensors[i].name, layout))
             return tf_fail(TF_ERR_RUNTIME, "%s: tensor '%s' does not belong to the model of %s", state->path,
@@ -219,7 +218,7 @@ static tf_status write_state(const char *path, const tf_param_layout *layout, co
         checkpoint_tensor_table(layout, state_prefixes[set], state->sets[set],
                                 names + first * TF_CHECKPOINT_NAME_MAX, table + first);
     }
-    safetensors_metadata_entry metadata[] = {{"format", STATE_FORMAT}, {"progress", state->progress}};
+    safetensors_metadata_entry metadata[] = {{"format", TF_TRAIN_STATE_FORMAT}, {"progress", state->progress}};
     if (status == TF_OK) status = safetensors_write(path, table, count, metadata, 2);
     free(names);
     free(table);
