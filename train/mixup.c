@@ -7,18 +7,18 @@ static int clamp_int(int value, int low, int high) {
     return value < low ? low : value > high ? high : value;
 }
 
-/* timm rand_bbox with margin 0: a box of sides int(size * sqrt(1 - lambda)) centred at a uniform
- * integer position, clipped to the image; then lambda = 1 - box area / image area. */
-static void cutmix_box(tf_mix *mix, int size, tf_rng *rng) {
-    double ratio = sqrt(1.0 - mix->lambda);
-    int cut = (int)(size * ratio);
-    int cy = (int)tf_rng_below(rng, (uint64_t)size), cx = (int)tf_rng_below(rng, (uint64_t)size);
-    mix->y0 = clamp_int(cy - cut / 2, 0, size);
-    mix->y1 = clamp_int(cy + cut / 2, 0, size);
-    mix->x0 = clamp_int(cx - cut / 2, 0, size);
-    mix->x1 = clamp_int(cx + cut / 2, 0, size);
-    double area = (double)(mix->y1 - mix->y0) * (double)(mix->x1 - mix->x0);
-    mix->lambda = (float)(1.0 - area / ((double)size * size));
+/* timm rand_bbox with margin 0: a box of sides int(size * sqrt(1 - lambda)) centred at (cy, cx),
+ * clipped to the image; then lambda = 1 - box area / image area (cutmix_bbox_and_lam). */
+tf_mix mixup_cutmix_box(double lambda, int size, int cy, int cx) {
+    tf_mix mix = {.cutmix = true};
+    int cut = (int)(size * sqrt(1.0 - lambda));
+    mix.y0 = clamp_int(cy - cut / 2, 0, size);
+    mix.y1 = clamp_int(cy + cut / 2, 0, size);
+    mix.x0 = clamp_int(cx - cut / 2, 0, size);
+    mix.x1 = clamp_int(cx + cut / 2, 0, size);
+    double area = (double)(mix.y1 - mix.y0) * (double)(mix.x1 - mix.x0);
+    mix.lambda = (float)(1.0 - area / ((double)size * size));
+    return mix;
 }
 
 tf_mix mixup_draw(const tf_augment_config *augment, int size, tf_rng *rng) {
@@ -31,8 +31,11 @@ tf_mix mixup_draw(const tf_augment_config *augment, int size, tf_rng *rng) {
         mix.cutmix = cutmix_on;
     double alpha = mix.cutmix ? augment->cutmix : augment->mixup;
     mix.lambda = (float)tf_rng_beta(rng, alpha, alpha);
-    if (mix.cutmix) cutmix_box(&mix, size, rng);
-    return mix;
+    if (!mix.cutmix) return mix;
+    /* timm draws the centre row, then the column, uniformly over the image */
+    int cy = (int)tf_rng_below(rng, (uint64_t)size);
+    int cx = (int)tf_rng_below(rng, (uint64_t)size);
+    return mixup_cutmix_box(mix.lambda, size, cy, cx);
 }
 
 void mixup_targets(const int32_t *labels, int batch, int classes, float smoothing, float lambda, float *targets) {

@@ -21,6 +21,11 @@ typedef struct {
 /* timm Mixup._params_per_batch and cutmix_bbox_and_lam for images of side size. */
 tf_mix mixup_draw(const tf_augment_config *augment, int size, tf_rng *rng);
 
+/* The CutMix box and corrected lambda for a drawn lambda and centre (cy, cx), each in [0, size):
+ * timm rand_bbox (sides int(size * sqrt(1 - lambda)), clipped) and cutmix_bbox_and_lam. mixup_draw
+ * calls it with uniform centres; tests call it with chosen ones. */
+tf_mix mixup_cutmix_box(double lambda, int size, int cy, int cx);
+
 /* targets[b] = lambda onehot(labels[b]) + (1 - lambda) onehot(labels[batch - 1 - b]), each one-hot
  * smoothed: off = smoothing / classes, on = 1 - smoothing + off. targets: [batch, classes]. */
 void mixup_targets(const int32_t *labels, int batch, int classes, float smoothing, float lambda, float *targets);
