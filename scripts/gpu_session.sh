@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One batched session on a lent GPU machine (the workplace's device tool: Ubuntu, CUDA, cuDNN,
 # PyTorch, no internet, and none of TurboJPEG, stb, libyaml, cJSON or OpenBLAS-OpenMP). Their
-# Debian packages and Fashion-MNIST's source files travel in .deps/ (fill it with
-# `scripts/gpu_session.sh fetch` on a Debian machine) and are unpacked into a private prefix.
+# Debian packages travel in .deps/debs and Fashion-MNIST's source files in .deps/fashion-mnist
+# (fill them with `scripts/gpu_session.sh fetch` on a Debian machine); the packages are unpacked
+# into a private prefix there. The real-loader run reads data/imagenet-like (made here with
+# `tokenformer prepare imagenet-like --out data/imagenet-like --count 1500`, carried as it is).
 #
 #   scripts/gpu_session.sh fetch                    # here: download what the GPU machine lacks
 #   scripts/gpu_session.sh build test parity bench demo   # there: any of these, in order
@@ -17,16 +19,16 @@ build=build-gpu
 python=${PYTHON:-python3}
 
 stage_fetch() {
-    mkdir -p .deps
-    (cd .deps && apt-get download libturbojpeg0 libturbojpeg0-dev libstb0 libstb-dev libyaml-0-2 libyaml-dev \
+    mkdir -p .deps/debs .deps/fashion-mnist
+    (cd .deps/debs && apt-get download libturbojpeg0 libturbojpeg0-dev libstb0 libstb-dev libyaml-0-2 libyaml-dev \
         libcjson1 libcjson-dev libopenblas0-openmp libopenblas-openmp-dev)
-    cp /usr/share/datasets/fashion-mnist/*.gz .deps/
+    cp /usr/share/datasets/fashion-mnist/*.gz .deps/fashion-mnist/
 }
 
 environment() {
     if [[ ! -d $deps ]]; then
         mkdir -p $deps
-        for package in .deps/*.deb; do dpkg -x "$package" $deps; done
+        for package in .deps/debs/*.deb; do dpkg -x "$package" $deps; done
     fi
     export PKG_CONFIG_PATH=$deps/usr/lib/x86_64-linux-gnu/pkgconfig:$deps/usr/share/pkgconfig
     export PKG_CONFIG_SYSROOT_DIR=$deps
@@ -75,7 +77,7 @@ stage_demo() {
     local data=/tmp/tokenformer-fmnist run=/tmp/tokenformer-runs/fmnist_tiny
     rm -rf $run
     {
-        $build/tokenformer prepare fashion-mnist --source .deps --out $data &&
+        $build/tokenformer prepare fashion-mnist --source .deps/fashion-mnist --out $data &&
             $build/tokenformer train --config configs/fmnist_tiny.yaml --data $data --out $run &&
             $build/tokenformer eval --ckpt $run/model.safetensors --data $data
     } >"$OUT/demo.log" 2>&1
