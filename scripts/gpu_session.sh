@@ -87,6 +87,52 @@ stage_demo() {
     return $status
 }
 
+# B/16 on the ImageNet-like set with the real loader (issue 5): throughput against `bench train`,
+# then kill -9 during a run and resume, comparing the losses with the uninterrupted run's.
+stage_imagenet() {
+    local source=data/imagenet-like big=/tmp/imagenet-like-x10 runs=/tmp/tokenformer-runs
+    # Ten hard-linked copies of each training image: 52 steps an epoch instead of 5, so that epoch
+    # ends (loader restart, checkpoint) are as rare as in a real run; the decode work is the same.
+    rm -rf $big $runs/b16 $runs/b16_killed
+    for class_dir in $source/train/*/; do
+        local class=$(basename "$class_dir")
+        mkdir -p $big/train/$class $big/val/$class
+        for copy in 0 1 2 3 4 5 6 7 8 9; do
+            for file in "$class_dir"*; do ln "$file" "$big/train/$class/c${copy}_$(basename "$file")"; done
+        done
+        ln $source/val/$class/* $big/val/$class/
+    done
+    local common=(--config configs/tokenformer_b16.yaml --data $big --set model.classes=10
+                  --set schedule.batch=256 --set schedule.micro_batch=256 --set data.workers=15
+                  --set run.log_every=10 --set run.eval_every=0 --set run.ckpt_every=50)
+    {
+        $build/tokenformer bench train --config configs/tokenformer_b16.yaml --set model.classes=10 --batch 256 --steps 20
+        $build/tokenformer train "${common[@]}" --out $runs/b16 --max-steps 200
+        $build/tokenformer train "${common[@]}" --out $runs/b16_killed --max-steps 200 &
+        local pid=$!
+        while [[ ! -d $runs/b16_killed/checkpoint-00000050 ]] && kill -0 $pid 2>/dev/null; do sleep 0.5; done
+        sleep 3
+        kill -9 $pid
+        wait $pid
+        echo "killed with SIGKILL after $(tail -1 $runs/b16_killed/metrics.jsonl)"
+        $build/tokenformer train --resume $runs/b16_killed --max-steps 200
+        $python - $runs/b16/metrics.jsonl $runs/b16_killed/metrics.jsonl <<'PYTHON'
+import json, sys
+def losses(path):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r["type"] == "train"}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+common = sorted(set(a) & set(b))
+worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in common)
+print(f"kill -9 + resume: {len(common)} logged steps in common, losses equal in {sum(a[s] == b[s] for s in common)},"
+      f" largest relative difference {worst:.2e}")
+PYTHON
+    } >"$OUT/imagenet.log" 2>&1
+    local status=$?
+    grep -E "img/s|kill|step 200|resum" "$OUT/imagenet.log" | tail -30
+    cp $runs/b16/metrics.jsonl "$OUT/b16_imagenet_metrics.jsonl" 2>/dev/null
+    return $status
+}
+
 status=0
 for stage in "$@"; do
     [[ $stage == fetch ]] || environment
