@@ -36,8 +36,22 @@ static const cli_command commands[] = {
     {"eval", cmd_eval, "top-1/top-5 of a checkpoint on a validation split",
      "usage: tokenformer eval --ckpt FILE.safetensors --data ROOT [--split val] [--ema] [--batch N]\n"
      "                        [--device auto|cpu|cuda] [--json OUT]\n"},
-    {"predict", NULL, "classes and probabilities of single images",
-     "usage: tokenformer predict --ckpt FILE.safetensors [--topk 5] [--json] IMAGE...\n"},
+    {"predict", cmd_predict, "classes and probabilities of single images",
+     "usage: tokenformer predict --ckpt FILE.safetensors [--topk 5] [--json] [--device auto|cpu|cuda]\n"
+     "                           [--crop-pct F] [--batch N] [--dump-input FILE.npy] [--dump-logits FILE.npy]\n"
+     "                           IMAGE...\n"
+     "\n"
+     "Decodes each image by content (JPEG, PNG, ...), applies the checkpoint's eval transform (resize the\n"
+     "shorter side to int(img_size / crop_pct), bicubic; centre crop img_size) and prints its top-k classes\n"
+     "with softmax probabilities. An image that cannot be read is an error naming it.\n"
+     "  --ckpt FILE          model checkpoint (model.safetensors of a run)\n"
+     "  --topk K             classes listed per image (default 5)\n"
+     "  --json               print a JSON array of {image, predictions: [{class, index, probability}]}\n"
+     "  --device D           auto (GPU when present), cpu or cuda\n"
+     "  --crop-pct F         eval crop fraction (default: the checkpoint's, else 0.875)\n"
+     "  --batch N            images per forward pass (default 32)\n"
+     "  --dump-input FILE    write the normalised input batch [N,3,S,S] as float32 .npy\n"
+     "  --dump-logits FILE   write the logits [N,classes] as float32 .npy\n"},
     {"scale", cmd_scale, "grow a trained model by adding parameter tokens",
      "usage: tokenformer scale --ckpt FILE --out FILE (--attn-tokens N --ffn-tokens M | --factor F)\n"
      "                         [--state FILE --out-state FILE] [--key-init zero|random]\n"
