@@ -87,8 +87,15 @@ static const cli_command commands[] = {
      "\n"
      "fashion-mnist: reads Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) and\n"
      "writes DIR/train/<class>/*.jpg (60000) and DIR/val/<class>/*.jpg (10000).\n"},
-    {"plot", NULL, "draw loss, learning rate and accuracy curves of a run",
-     "usage: tokenformer plot RUN_DIR [--out FILE.png]\n"},
+    {"plot", cmd_plot, "draw loss, learning rate and accuracy curves of a run",
+     "usage: tokenformer plot RUN_DIR [--out FILE.png]\n"
+     "       tokenformer plot --compare RUN_A RUN_B ... [--out FILE.png]\n"
+     "\n"
+     "Reads RUN_DIR/metrics.jsonl and draws three panels against the epoch: training and validation\n"
+     "loss, learning rate, and top-1/top-5 accuracy (of the EMA weights too when the run kept them),\n"
+     "with gnuplot (`apt-get install gnuplot-nox`).\n"
+     "  --out FILE    the PNG (default RUN_DIR/curves.png; with --compare, compare.png)\n"
+     "  --compare     several runs on the same axes, one colour each, named in the legend\n"},
 };
 enum { command_count = sizeof commands / sizeof commands[0] };
 
