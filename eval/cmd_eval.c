@@ -21,8 +21,22 @@ typedef struct {
     const char *checkpoint, *data_root, *split, *device, *json_path;
     bool ema;
     int batch, workers;
+    int64_t limit; /* > 0: an evenly spread subset of that many images (dataset_open) */
     float crop_pct;
 } eval_arguments;
+
+/* A --crop-pct value: a number in (0, 1]; anything else is a usage error naming it. */
+static float parse_crop_pct(cli_parser *parser, const char *value) {
+    char *end;
+    errno = 0;
+    float number = strtof(value, &end);
+    if (errno || end == value || *end || !(number > 0.0f && number <= 1.0f)) {
+        if (parser->status == TF_OK)
+            parser->status = tf_fail(TF_ERR_USAGE, "--crop-pct must be a number in (0, 1], got '%s'", value);
+        return 0.0f;
+    }
+    return number;
+}
 
 static tf_status parse_arguments(int argc, char **argv, eval_arguments *arguments) {
     cli_parser parser = cli_parser_make(argc, argv);
@@ -46,8 +60,12 @@ static tf_status parse_arguments(int argc, char **argv, eval_arguments *argument
             arguments->workers = cli_int(&parser, "--workers", value);
             continue;
         }
+        if (cli_value(&parser, "--limit", &value)) {
+            arguments->limit = cli_int(&parser, "--limit", value);
+            continue;
+        }
         if (cli_value(&parser, "--crop-pct", &value)) {
-            arguments->crop_pct = strtof(value, NULL);
+            arguments->crop_pct = parse_crop_pct(&parser, value);
             continue;
         }
         cli_unknown(&parser);
@@ -56,14 +74,20 @@ static tf_status parse_arguments(int argc, char **argv, eval_arguments *argument
     if (!arguments->checkpoint || !arguments->data_root)
         return tf_fail(TF_ERR_USAGE, "--ckpt FILE.safetensors and --data ROOT are required");
     if (arguments->batch < 1) return tf_fail(TF_ERR_USAGE, "--batch must be at least 1");
-    if (arguments->crop_pct < 0.0f || arguments->crop_pct > 1.0f)
-        return tf_fail(TF_ERR_USAGE, "--crop-pct must be in (0, 1]");
+    if (arguments->limit < 0) return tf_fail(TF_ERR_USAGE, "--limit must be 0 (all images) or more");
     return TF_OK;
 }
 
-static tf_device parse_device(const char *device) {
-    if (!device || strcmp(device, "auto") == 0) return TF_DEVICE_AUTO;
-    return strcmp(device, "cpu") == 0 ? TF_DEVICE_CPU : TF_DEVICE_CUDA;
+static tf_status parse_device(const char *name, tf_device *device) {
+    if (!name || strcmp(name, "auto") == 0)
+        *device = TF_DEVICE_AUTO;
+    else if (strcmp(name, "cpu") == 0)
+        *device = TF_DEVICE_CPU;
+    else if (strcmp(name, "cuda") == 0)
+        *device = TF_DEVICE_CUDA;
+    else
+        return tf_fail(TF_ERR_USAGE, "--device must be auto, cpu or cuda, got '%s'", name);
+    return TF_OK;
 }
 
 /* The EMA weights live in the training state file next to the model file. */
@@ -79,19 +103,59 @@ static tf_status load_ema_weights(const char *checkpoint_path, tf_checkpoint *ch
     return TF_OK;
 }
 
-static tf_status check_classes(const tf_checkpoint *checkpoint, const tf_dataset *dataset) {
-    if (checkpoint->classes.count != dataset->class_count)
-        return tf_fail(TF_ERR_USAGE, "the checkpoint has %d classes but %s has %d class folders",
-                       checkpoint->classes.count, dataset->directory, dataset->class_count);
-    for (int c = 0; c < dataset->class_count; c++)
-        if (strcmp(checkpoint->classes.names[c], dataset->class_names[c]) != 0)
-            return tf_fail(TF_ERR_USAGE, "class %d is '%s' in the checkpoint but '%s' in %s", c,
-                           checkpoint->classes.names[c], dataset->class_names[c], dataset->directory);
-    return TF_OK;
+/* Writes into out the names of `names` that `others` lacks, quoted, the first few only: a data set of a
+ * thousand classes need not be listed whole. */
+static void list_names_missing(char *out, size_t size, char *const *names, int count, char *const *others,
+                               int other_count) {
+    enum { LISTED_MAX = 8 };
+    size_t length = 0;
+    int missing = 0;
+    out[0] = '\0';
+    for (int i = 0; i < count; i++) {
+        bool found = false;
+        for (int j = 0; j < other_count && !found; j++)
+            found = strcmp(names[i], others[j]) == 0;
+        if (found) continue;
+        if (missing++ < LISTED_MAX && length < size)
+            length +=
+                (size_t)snprintf(out + length, size - length, "%s'%s'", missing > 1 ? ", " : "", names[i]);
+    }
+    if (missing > LISTED_MAX && length < size)
+        snprintf(out + length, size - length, " and %d more", missing - LISTED_MAX);
+    if (missing == 0) snprintf(out, size, "none");
 }
 
-static tf_status write_json(const char *path, const eval_arguments *arguments, const tf_checkpoint *checkpoint,
-                            const tf_eval_result *result) {
+/* The checkpoint's class names, in index order, must be the data set's folders: the error says
+ * which names differ (a renamed folder, a class missing or extra), or, with the same names, where
+ * the order differs. */
+static tf_status check_classes(const tf_checkpoint *checkpoint, const tf_dataset *dataset) {
+    char *const *ours = checkpoint->classes.names, *const *theirs = dataset->class_names;
+    int our_count = checkpoint->classes.count, their_count = dataset->class_count;
+    bool same = our_count == their_count;
+    for (int c = 0; same && c < our_count; c++)
+        same = strcmp(ours[c], theirs[c]) == 0;
+    if (same) return TF_OK;
+    char only_ours[1024], only_theirs[1024];
+    list_names_missing(only_ours, sizeof only_ours, ours, our_count, theirs, their_count);
+    list_names_missing(only_theirs, sizeof only_theirs, theirs, their_count, ours, our_count);
+    if (our_count == their_count && strcmp(only_ours, "none") == 0) {
+        int c = 0;
+        while (strcmp(ours[c], theirs[c]) == 0)
+            c++;
+        return tf_fail(TF_ERR_USAGE,
+                       "the classes of the checkpoint and of %s are in another order: class %d is '%s' in "
+                       "the checkpoint but '%s' in the data set",
+                       dataset->directory, c, ours[c], theirs[c]);
+    }
+    return tf_fail(
+        TF_ERR_USAGE,
+        "the checkpoint's classes differ from the class folders of %s: the checkpoint has %d classes, the "
+        "data set %d; only in the checkpoint: %s; only in the data set: %s",
+        dataset->directory, our_count, their_count, only_ours, only_theirs);
+}
+
+static tf_status write_json(const char *path, const eval_arguments *arguments,
+                            const tf_checkpoint *checkpoint, const tf_eval_result *result) {
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "checkpoint", arguments->checkpoint);
     cJSON_AddBoolToObject(root, "ema", arguments->ema);
@@ -100,20 +164,22 @@ static tf_status write_json(const char *path, const eval_arguments *arguments, c
     cJSON_AddNumberToObject(root, "top1", eval_top1(result));
     cJSON_AddNumberToObject(root, "top5", eval_top5(result));
     cJSON_AddNumberToObject(root, "loss", eval_loss(result));
-    cJSON_AddNumberToObject(root, "images_per_second", result->seconds > 0 ? result->images / result->seconds : 0);
+    cJSON_AddNumberToObject(root, "images_per_second",
+                            result->seconds > 0 ? result->images / result->seconds : 0);
     cJSON *classes = cJSON_AddArrayToObject(root, "per_class");
     cJSON *confusion = cJSON_AddArrayToObject(root, "confusion");
     for (int c = 0; c < result->classes; c++) {
         cJSON *entry = cJSON_CreateObject();
         cJSON_AddStringToObject(entry, "class", checkpoint->classes.names[c]);
         cJSON_AddNumberToObject(entry, "images", (double)result->class_images[c]);
-        cJSON_AddNumberToObject(entry, "top1", result->class_images[c]
-                                                   ? 100.0 * result->class_correct[c] / result->class_images[c]
-                                                   : 0.0);
+        cJSON_AddNumberToObject(
+            entry, "top1",
+            result->class_images[c] ? 100.0 * result->class_correct[c] / result->class_images[c] : 0.0);
         cJSON_AddItemToArray(classes, entry);
         cJSON *row = cJSON_CreateArray();
         for (int p = 0; p < result->classes; p++)
-            cJSON_AddItemToArray(row, cJSON_CreateNumber((double)result->confusion[(size_t)c * result->classes + p]));
+            cJSON_AddItemToArray(
+                row, cJSON_CreateNumber((double)result->confusion[(size_t)c * result->classes + p]));
         cJSON_AddItemToArray(confusion, row);
     }
     char *text = cJSON_Print(root);
@@ -130,16 +196,19 @@ static tf_status write_json(const char *path, const eval_arguments *arguments, c
 
 static tf_status run_eval(const eval_arguments *arguments, tf_checkpoint *checkpoint, tf_dataset *dataset,
                           tf_model *model, tf_loader **loader, tf_eval_result *result) {
+    tf_device device = TF_DEVICE_AUTO;
+    TF_TRY(parse_device(arguments->device, &device));
     TF_TRY(checkpoint_load(arguments->checkpoint, checkpoint));
     if (arguments->ema) TF_TRY(load_ema_weights(arguments->checkpoint, checkpoint));
-    TF_TRY(dataset_open(dataset, arguments->data_root, arguments->split, 0));
+    TF_TRY(dataset_open(dataset, arguments->data_root, arguments->split, arguments->limit));
     TF_TRY(check_classes(checkpoint, dataset));
     const tf_backend *backend;
-    TF_TRY(tf_backend_open(parse_device(arguments->device), 0, &backend));
+    TF_TRY(tf_backend_open(device, 0, &backend));
     TF_TRY(model_create(model, &checkpoint->config, backend, arguments->batch, false));
     model_set_params(model, checkpoint->params);
-    float crop_pct = arguments->crop_pct > 0 ? arguments->crop_pct
-                                             : checkpoint->crop_pct > 0 ? checkpoint->crop_pct : 0.875f;
+    float crop_pct = arguments->crop_pct > 0    ? arguments->crop_pct
+                     : checkpoint->crop_pct > 0 ? checkpoint->crop_pct
+                                                : 0.875f;
     tf_loader_options options = {
         .transform = TF_TRANSFORM_EVAL,
         .batch_size = arguments->batch,
@@ -152,7 +221,8 @@ static tf_status run_eval(const eval_arguments *arguments, tf_checkpoint *checkp
     };
     TF_TRY(loader_create(loader, dataset, &options));
     tf_log("evaluating %s%s on %" PRId64 " images of %s (%s, crop_pct %.3f)", arguments->checkpoint,
-           arguments->ema ? " (EMA weights)" : "", dataset->count, dataset->directory, backend->name, crop_pct);
+           arguments->ema ? " (EMA weights)" : "", dataset->count, dataset->directory, backend->name,
+           crop_pct);
     TF_TRY(eval_result_init(result, checkpoint->config.classes));
     TF_TRY(evaluate(model, *loader, result));
     printf("images: %" PRId64 "\nimages/s: %.1f\nloss: %.4f\ntop-5: %.2f%%\ntop-1: %.2f%%\n", result->images,
