@@ -30,12 +30,14 @@ tf_mix mixup_draw(const tf_augment_config *augment, int size, tf_rng *rng) {
     else
         mix.cutmix = cutmix_on;
     double alpha = mix.cutmix ? augment->cutmix : augment->mixup;
-    mix.lambda = (float)tf_rng_beta(rng, alpha, alpha);
+    double lambda = tf_rng_beta(rng, alpha, alpha);
+    mix.lambda = (float)lambda;
     if (!mix.cutmix) return mix;
-    /* timm draws the centre row, then the column, uniformly over the image */
+    /* timm draws the centre row, then the column, uniformly over the image; the box side comes
+     * from lambda in double precision, as in timm. */
     int cy = (int)tf_rng_below(rng, (uint64_t)size);
     int cx = (int)tf_rng_below(rng, (uint64_t)size);
-    return mixup_cutmix_box(mix.lambda, size, cy, cx);
+    return mixup_cutmix_box(lambda, size, cy, cx);
 }
 
 void mixup_targets(const int32_t *labels, int batch, int classes, float smoothing, float lambda, float *targets) {

@@ -25,6 +25,7 @@
 #include "vision/checkpoint.h"
 #include "vision/model.h"
 
+#include <cjson/cJSON.h>
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
@@ -333,6 +334,24 @@ static tf_status train_step(tf_trainer *trainer, tf_log_interval *interval) {
 
 /* ---- progress and metrics -------------------------------------------------------------------- */
 
+/* A metrics.jsonl record of this step; cJSON writes non-finite numbers as null, so every line
+ * stays valid JSON. */
+static cJSON *metrics_record(const tf_trainer *trainer, const char *type) {
+    cJSON *record = cJSON_CreateObject();
+    cJSON_AddStringToObject(record, "type", type);
+    cJSON_AddNumberToObject(record, "step", (double)trainer->progress.step);
+    cJSON_AddNumberToObject(record, "epoch", (double)trainer->progress.step / (double)trainer->steps_per_epoch);
+    return record;
+}
+
+static void write_metrics_record(tf_trainer *trainer, cJSON *record) {
+    char *line = cJSON_PrintUnformatted(record);
+    if (line) fprintf(trainer->metrics, "%s\n", line);
+    fflush(trainer->metrics);
+    cJSON_free(line);
+    cJSON_Delete(record);
+}
+
 static void format_duration(double seconds, char *out, size_t size) {
     long total = (long)(seconds + 0.5);
     if (total >= 3600)
@@ -364,13 +383,13 @@ static void log_interval(tf_trainer *trainer, tf_log_interval *interval, double 
         fprintf(stderr, "\r\033[K%s", line);
     else
         tf_log("%s", line);
-    fprintf(trainer->metrics,
-            "{\"type\": \"train\", \"step\": %" PRId64 ", \"epoch\": %.4f, \"loss\": %.6f, \"lr\": %.6e, "
-            "\"grad_norm\": %.6f, \"img_per_s\": %.1f, \"data_wait\": %.4f}\n",
-            trainer->progress.step, (double)trainer->progress.step / (double)trainer->steps_per_epoch, loss, lr,
-            interval->steps ? interval->grad_norm_sum / interval->steps : NAN, images_per_second,
-            elapsed > 0 ? wait / elapsed : 0.0);
-    fflush(trainer->metrics);
+    cJSON *record = metrics_record(trainer, "train");
+    cJSON_AddNumberToObject(record, "loss", loss);
+    cJSON_AddNumberToObject(record, "lr", lr);
+    cJSON_AddNumberToObject(record, "grad_norm", interval->steps ? interval->grad_norm_sum / interval->steps : NAN);
+    cJSON_AddNumberToObject(record, "img_per_s", images_per_second);
+    cJSON_AddNumberToObject(record, "data_wait", elapsed > 0 ? wait / elapsed : 0.0);
+    write_metrics_record(trainer, record);
     *interval = (tf_log_interval){.start_time = now, .wait_at_start = wait + interval->wait_at_start};
 }
 
@@ -404,16 +423,16 @@ static tf_status evaluate_and_log(tf_trainer *trainer) {
     } else {
         tf_log("step %" PRId64 ": val top-1 %.2f%% top-5 %.2f%% loss %.4f", trainer->progress.step, top1, top5, loss);
     }
-    fprintf(trainer->metrics,
-            "{\"type\": \"eval\", \"step\": %" PRId64 ", \"epoch\": %.4f, \"top1\": %.4f, \"top5\": %.4f, "
-            "\"loss\": %.6f",
-            trainer->progress.step, (double)trainer->progress.step / (double)trainer->steps_per_epoch, top1, top5,
-            loss);
-    if (trainer->optimizer.ema)
-        fprintf(trainer->metrics, ", \"ema_top1\": %.4f, \"ema_top5\": %.4f, \"ema_loss\": %.6f", ema_top1, ema_top5,
-                ema_loss);
-    fprintf(trainer->metrics, "}\n");
-    fflush(trainer->metrics);
+    cJSON *record = metrics_record(trainer, "eval");
+    cJSON_AddNumberToObject(record, "top1", top1);
+    cJSON_AddNumberToObject(record, "top5", top5);
+    cJSON_AddNumberToObject(record, "loss", loss);
+    if (trainer->optimizer.ema) {
+        cJSON_AddNumberToObject(record, "ema_top1", ema_top1);
+        cJSON_AddNumberToObject(record, "ema_top5", ema_top5);
+        cJSON_AddNumberToObject(record, "ema_loss", ema_loss);
+    }
+    write_metrics_record(trainer, record);
     return TF_OK;
 }
 
