@@ -96,9 +96,11 @@ static tf_status load_ema_weights(const char *checkpoint_path, tf_checkpoint *ch
     TF_TRY(path_format(copy, sizeof copy, "%s", checkpoint_path));
     TF_TRY(path_format(state_path, sizeof state_path, "%s/state.safetensors", dirname(copy)));
     safetensors_file *file;
-    TF_TRY(safetensors_open(&file, state_path));
-    tf_status status = checkpoint_read_params(file, &checkpoint->layout, "ema.", checkpoint->params);
-    safetensors_close(file);
+    tf_status status = safetensors_open(&file, state_path);
+    if (status == TF_OK) {
+        status = checkpoint_read_params(file, &checkpoint->layout, "ema.", checkpoint->params);
+        safetensors_close(file);
+    }
     if (status != TF_OK) return tf_fail_context(status, "--ema: no EMA weights for %s", checkpoint_path);
     return TF_OK;
 }
