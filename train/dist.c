@@ -395,7 +395,7 @@ static void stop_watchdog(tf_dist *dist) {
 /* A listening socket on every interface at port: IPv6 with IPv4 mapped where the host has IPv6,
  * plain IPv4 otherwise. SO_REUSEADDR so a restarted run can take the port of one that just ended. */
 static tf_status listen_on(int port, int backlog, int *listener) {
-    int on = 1, off = 0;
+    int on = 1, off = 0, error = 0;
     int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd >= 0) {
         struct sockaddr_in6 address = {
@@ -403,32 +403,33 @@ static tf_status listen_on(int port, int backlog, int *listener) {
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof off);
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
         if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0) {
-            int error = errno;
+            error = errno;
             close(fd);
             fd = -1;
-            if (error == EADDRINUSE) errno = error;
         }
     }
-    if (fd < 0 && errno != EADDRINUSE) {
+    if (fd < 0 && error != EADDRINUSE) {
         struct sockaddr_in address = {
             .sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr.s_addr = htonl(INADDR_ANY)};
         fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        error = fd < 0 ? errno : 0;
         if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
         if (fd >= 0 && bind(fd, (struct sockaddr *)&address, sizeof address) != 0) {
-            int error = errno;
+            error = errno;
             close(fd);
             fd = -1;
-            errno = error;
         }
     }
-    if (fd < 0 || listen(fd, backlog) != 0) {
-        int error = errno;
-        if (fd >= 0) close(fd);
+    if (fd >= 0 && listen(fd, backlog) != 0) {
+        error = errno;
+        close(fd);
+        fd = -1;
+    }
+    if (fd < 0)
         return tf_fail(
             TF_ERR_RUNTIME, "rank 0 cannot listen on TCP port %d (MASTER_PORT): %s%s", port, strerror(error),
             error == EADDRINUSE ? "; another program (another run?) holds it: choose another MASTER_PORT"
                                 : "");
-    }
     *listener = fd;
     return TF_OK;
 }
@@ -1012,6 +1013,9 @@ tf_status dist_init(tf_dist **dist, const tf_launch *launch, const tf_dist_optio
     if (launch->rank == 0) id_status = nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId", NULL);
     TF_TRY(dist_connect(dist, launch, options, &id, sizeof id));
     TF_TRY(id_status);
+    /* The GPU only now, with the channel up: a rank that cannot use its GPU stops every rank at
+     * once (the caller's dist_abort) instead of leaving them waiting at the rendezvous. */
+    TF_TRY(dist_select_device(launch));
     return nccl_open(*dist, &id);
 }
 

@@ -19,9 +19,8 @@
  *
  * The order of calls in a program (train.c):
  *   dist_launch_detect(&launch)          rank, world size, master address
- *   dist_select_device(&launch)          cudaSetDevice(local GPU), before the CUDA backend starts
- *   dist_init(&dist, &launch, &options)  rendezvous, watchdog, NCCL communicator
- *   tf_backend_open(...)                 the CUDA backend on that device
+ *   dist_init(&dist, &launch, &options)  rendezvous, watchdog, this rank's GPU, NCCL communicator
+ *   tf_backend_open(...)                 the CUDA backend on that GPU
  *   ... dist_all_reduce_sum_f32(dist, gradients, count) every step ...
  *   dist_finish(dist)                    on success; on failure dist_abort(dist, tf_error_message())
  */
@@ -100,7 +99,9 @@ tf_status dist_config_fingerprint(const tf_config *config, const char *extra, ui
 /* Sets NCCL_NVLS_ENABLE=0 unless the user set it (NVLink multicast can take the shared machine's
  * GPUs down), then, with world size > 1, cudaSetDevice() to this rank's GPU: local_rank, or 0
  * when the launcher made exactly one GPU visible to each process (CUDA_VISIBLE_DEVICES per task).
- * Call it before anything touches CUDA. Without TOKENFORMER_CUDA, world size > 1 is an error. */
+ * dist_init() calls it after the rendezvous; call it yourself only in a program that touches CUDA
+ * before dist_init() (calling it twice is harmless). Without TOKENFORMER_CUDA, world size > 1 is
+ * an error. */
 tf_status dist_select_device(const tf_launch *launch);
 
 typedef struct {
@@ -113,9 +114,10 @@ typedef struct {
 typedef struct tf_dist tf_dist;
 
 /* The process group: with world size 1 a plain record (no sockets, no threads, no NCCL); with
- * more, the rendezvous (rank 0 generates the NCCL id), the watchdog, then ncclCommInitRank on the
- * device dist_select_device() chose. Without TOKENFORMER_CUDA, world size > 1 is an error.
- * On a failure after the control channel is up (NCCL), *dist is left set so that the caller
+ * more, the rendezvous (rank 0 generates the NCCL id), the watchdog, dist_select_device(), then
+ * ncclCommInitRank. Call it before the CUDA backend starts (it picks the GPU the backend will
+ * use). Without TOKENFORMER_CUDA, world size > 1 is an error.
+ * On a failure after the control channel is up (GPU, NCCL), *dist is left set so that the caller
  * passes the error to dist_abort() and every rank stops with it; on earlier failures *dist is
  * NULL, and rendezvous failures (mismatched fingerprint or world size, timeouts) are reported by
  * every rank that reached rank 0. */
