@@ -70,3 +70,27 @@ int cli_report(const char *command, int status) {
     if (status != TF_OK) fprintf(stderr, "tokenformer %s: %s\n", command, tf_error_message());
     return status;
 }
+
+float cli_crop_pct(cli_parser *parser, const char *value) {
+    char *end;
+    errno = 0;
+    float number = strtof(value, &end);
+    if (errno || end == value || *end || !(number > 0.0f && number <= 1.0f)) {
+        if (parser->status == TF_OK)
+            parser->status = tf_fail(TF_ERR_USAGE, "--crop-pct must be a number in (0, 1], got '%s'", value);
+        return 0.0f;
+    }
+    return number;
+}
+
+tf_status cli_device(const char *name, tf_device *device) {
+    if (!name || strcmp(name, "auto") == 0)
+        *device = TF_DEVICE_AUTO;
+    else if (strcmp(name, "cpu") == 0)
+        *device = TF_DEVICE_CPU;
+    else if (strcmp(name, "cuda") == 0)
+        *device = TF_DEVICE_CUDA;
+    else
+        return tf_fail(TF_ERR_USAGE, "--device must be auto, cpu or cuda, got '%s'", name);
+    return TF_OK;
+}

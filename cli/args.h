@@ -3,6 +3,7 @@
 #ifndef TF_CLI_ARGS_H
 #define TF_CLI_ARGS_H
 
+#include "common/config.h"
 #include "common/error.h"
 
 #include <stdbool.h>
@@ -29,5 +30,9 @@ bool cli_positional(cli_parser *parser, const char **value);
 void cli_unknown(cli_parser *parser);
 /* Parses an integer option value; a non-integer records a usage error naming the option. */
 int cli_int(cli_parser *parser, const char *name, const char *value);
+/* A --crop-pct value: a number in (0, 1]; anything else records a usage error naming it. */
+float cli_crop_pct(cli_parser *parser, const char *value);
+/* A --device value: auto (or NULL), cpu or cuda. */
+tf_status cli_device(const char *name, tf_device *device);
 
 #endif

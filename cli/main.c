@@ -35,7 +35,14 @@ static const cli_command commands[] = {
      "  --init-state FILE optimizer moments and EMA to start from (with --init-from)\n"},
     {"eval", cmd_eval, "top-1/top-5 of a checkpoint on a validation split",
      "usage: tokenformer eval --ckpt FILE.safetensors --data ROOT [--split val] [--ema] [--batch N]\n"
-     "                        [--device auto|cpu|cuda] [--json OUT]\n"},
+     "                        [--device auto|cpu|cuda] [--json OUT] [--crop-pct F] [--workers N] [--limit N]\n"
+     "\n"
+     "Top-1, top-5 and loss over a split through the eval transform (shorter side to\n"
+     "int(img_size / crop_pct), bicubic; centre crop). The last line is \"top-1: NN.NN%\".\n"
+     "  --ema          the EMA weights of the state.safetensors beside the checkpoint\n"
+     "  --json OUT     also per-class accuracy and the confusion matrix\n"
+     "  --crop-pct F   eval crop fraction (default: the checkpoint's, else 0.875)\n"
+     "  --limit N      an evenly spread subset of N images (the trainer's data.val_limit rule)\n"},
     {"predict", cmd_predict, "classes and probabilities of single images",
      "usage: tokenformer predict --ckpt FILE.safetensors [--topk 5] [--json] [--device auto|cpu|cuda]\n"
      "                           [--crop-pct F] [--batch N] [--dump-input FILE.npy] [--dump-logits FILE.npy]\n"

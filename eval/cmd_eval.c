@@ -25,19 +25,6 @@ typedef struct {
     float crop_pct;
 } eval_arguments;
 
-/* A --crop-pct value: a number in (0, 1]; anything else is a usage error naming it. */
-static float parse_crop_pct(cli_parser *parser, const char *value) {
-    char *end;
-    errno = 0;
-    float number = strtof(value, &end);
-    if (errno || end == value || *end || !(number > 0.0f && number <= 1.0f)) {
-        if (parser->status == TF_OK)
-            parser->status = tf_fail(TF_ERR_USAGE, "--crop-pct must be a number in (0, 1], got '%s'", value);
-        return 0.0f;
-    }
-    return number;
-}
-
 static tf_status parse_arguments(int argc, char **argv, eval_arguments *arguments) {
     cli_parser parser = cli_parser_make(argc, argv);
     const char *value;
@@ -65,7 +52,7 @@ static tf_status parse_arguments(int argc, char **argv, eval_arguments *argument
             continue;
         }
         if (cli_value(&parser, "--crop-pct", &value)) {
-            arguments->crop_pct = parse_crop_pct(&parser, value);
+            arguments->crop_pct = cli_crop_pct(&parser, value);
             continue;
         }
         cli_unknown(&parser);
@@ -75,18 +62,6 @@ static tf_status parse_arguments(int argc, char **argv, eval_arguments *argument
         return tf_fail(TF_ERR_USAGE, "--ckpt FILE.safetensors and --data ROOT are required");
     if (arguments->batch < 1) return tf_fail(TF_ERR_USAGE, "--batch must be at least 1");
     if (arguments->limit < 0) return tf_fail(TF_ERR_USAGE, "--limit must be 0 (all images) or more");
-    return TF_OK;
-}
-
-static tf_status parse_device(const char *name, tf_device *device) {
-    if (!name || strcmp(name, "auto") == 0)
-        *device = TF_DEVICE_AUTO;
-    else if (strcmp(name, "cpu") == 0)
-        *device = TF_DEVICE_CPU;
-    else if (strcmp(name, "cuda") == 0)
-        *device = TF_DEVICE_CUDA;
-    else
-        return tf_fail(TF_ERR_USAGE, "--device must be auto, cpu or cuda, got '%s'", name);
     return TF_OK;
 }
 
@@ -199,7 +174,7 @@ static tf_status write_json(const char *path, const eval_arguments *arguments,
 static tf_status run_eval(const eval_arguments *arguments, tf_checkpoint *checkpoint, tf_dataset *dataset,
                           tf_model *model, tf_loader **loader, tf_eval_result *result) {
     tf_device device = TF_DEVICE_AUTO;
-    TF_TRY(parse_device(arguments->device, &device));
+    TF_TRY(cli_device(arguments->device, &device));
     TF_TRY(checkpoint_load(arguments->checkpoint, checkpoint));
     if (arguments->ema) TF_TRY(load_ema_weights(arguments->checkpoint, checkpoint));
     TF_TRY(dataset_open(dataset, arguments->data_root, arguments->split, arguments->limit));

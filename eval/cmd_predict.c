@@ -36,24 +36,7 @@ typedef struct {
     const char **images; /* [image_count], pointers into argv */
 } predict_arguments;
 
-/* The model's normalisation (vision/model.c), repeated here for --dump-input: the dumped array
- * is what model_load_pixels() computes, in the same order of operations. */
-static const float imagenet_mean[3] = {0.485f, 0.456f, 0.406f};
-static const float imagenet_std[3] = {0.229f, 0.224f, 0.225f};
-
 /* ---- command line ------------------------------------------------------------------------------ */
-
-static float parse_crop_pct(cli_parser *parser, const char *value) {
-    char *end;
-    errno = 0;
-    float number = strtof(value, &end);
-    if (errno || end == value || *end || !(number > 0.0f && number <= 1.0f)) {
-        if (parser->status == TF_OK)
-            parser->status = tf_fail(TF_ERR_USAGE, "--crop-pct must be a number in (0, 1], got '%s'", value);
-        return 0.0f;
-    }
-    return number;
-}
 
 static bool parse_option(cli_parser *parser, predict_arguments *arguments) {
     const char *value;
@@ -74,7 +57,7 @@ static bool parse_option(cli_parser *parser, predict_arguments *arguments) {
         return true;
     }
     if (cli_value(parser, "--crop-pct", &value)) {
-        arguments->crop_pct = parse_crop_pct(parser, value);
+        arguments->crop_pct = cli_crop_pct(parser, value);
         return true;
     }
     return false;
@@ -100,18 +83,6 @@ static tf_status parse_arguments(int argc, char **argv, predict_arguments *argum
         return tf_fail(TF_ERR_USAGE, "no images given (tokenformer predict --ckpt FILE IMAGE...)");
     if (arguments->topk < 1) return tf_fail(TF_ERR_USAGE, "--topk must be at least 1");
     if (arguments->batch < 1) return tf_fail(TF_ERR_USAGE, "--batch must be at least 1");
-    return TF_OK;
-}
-
-static tf_status parse_device(const char *name, tf_device *device) {
-    if (!name || strcmp(name, "auto") == 0)
-        *device = TF_DEVICE_AUTO;
-    else if (strcmp(name, "cpu") == 0)
-        *device = TF_DEVICE_CPU;
-    else if (strcmp(name, "cuda") == 0)
-        *device = TF_DEVICE_CUDA;
-    else
-        return tf_fail(TF_ERR_USAGE, "--device must be auto, cpu or cuda, got '%s'", name);
     return TF_OK;
 }
 
@@ -144,7 +115,8 @@ static tf_status read_image(image_reader *reader, const char *path, int size, fl
     return TF_OK;
 }
 
-/* Appends a batch of uint8 CHW images, normalised as the model does, to the --dump-input file. */
+/* Appends a batch of uint8 CHW images, normalised as model_load_pixels() does (same constants,
+ * same order of operations), to the --dump-input file. */
 static tf_status dump_input_batch(npy_writer *writer, const uint8_t *pixels, int count, int size,
                                   float *row) {
     size_t plane = (size_t)size * size;
@@ -152,7 +124,7 @@ static tf_status dump_input_batch(npy_writer *writer, const uint8_t *pixels, int
         for (int c = 0; c < 3; c++) {
             const uint8_t *in = pixels + ((size_t)image * 3 + c) * plane;
             for (size_t i = 0; i < plane; i++)
-                row[i] = ((float)in[i] / 255.0f - imagenet_mean[c]) / imagenet_std[c];
+                row[i] = ((float)in[i] / 255.0f - tf_imagenet_mean[c]) / tf_imagenet_std[c];
             TF_TRY(npy_writer_append(writer, row, plane));
         }
     return TF_OK;
@@ -184,7 +156,7 @@ static void predict_state_free(predict_state *state) {
 
 static tf_status open_model(const predict_arguments *arguments, predict_state *state, int max_batch) {
     tf_device device = TF_DEVICE_AUTO;
-    TF_TRY(parse_device(arguments->device, &device));
+    TF_TRY(cli_device(arguments->device, &device));
     TF_TRY(checkpoint_load(arguments->checkpoint, &state->checkpoint));
     const tf_model_config *config = &state->checkpoint.config;
     if (config->channels != 3)

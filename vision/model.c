@@ -6,9 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ImageNet statistics (DESIGN.md section 3), used for every data set as timm does. */
-static const float imagenet_mean[3] = {0.485f, 0.456f, 0.406f};
-static const float imagenet_std[3] = {0.229f, 0.224f, 0.225f};
+const float tf_imagenet_mean[3] = {0.485f, 0.456f, 0.406f};
+const float tf_imagenet_std[3] = {0.229f, 0.224f, 0.225f};
 
 /* ---- memory plan ---------------------------------------------------------------------------- */
 
@@ -285,7 +284,7 @@ void model_load_pixels(tf_model *model, const uint8_t *pixels, int batch) {
     model_op_class(model, TF_OP_OTHER);
     backend->upload_bytes(model->pixels, pixels, (size_t)batch * image);
     backend->images_normalize(model->images, model->pixels, batch, config->channels, config->img_size,
-                              imagenet_mean, imagenet_std);
+                              tf_imagenet_mean, tf_imagenet_std);
 }
 
 void model_forward(tf_model *model, int batch, const float *drop_scales) {

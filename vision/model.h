@@ -21,6 +21,11 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+/* ImageNet statistics (DESIGN.md section 3) that inputs are normalised with, for every data set
+ * as timm does: x = (pixel / 255 - mean[c]) / std[c]. */
+extern const float tf_imagenet_mean[3];
+extern const float tf_imagenet_std[3];
+
 /* LayerNorm epsilon of every norm (blocks and fc_norm), as timm's ViT with MAE's settings. */
 #define TF_LAYERNORM_EPS 1e-6f
 
