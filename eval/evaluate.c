@@ -3,6 +3,7 @@
 #include "eval/evaluate.h"
 
 #include "common/timer.h"
+#include "train/dist.h"
 #include "train/mixup.h"
 
 #include <stdlib.h>
@@ -37,6 +38,22 @@ void eval_result_merge(tf_eval_result *result, const tf_eval_result *other) {
     }
     for (size_t i = 0; i < (size_t)result->classes * result->classes; i++) result->confusion[i] += other->confusion[i];
     if (other->seconds > result->seconds) result->seconds = other->seconds;
+}
+
+tf_status eval_result_all_reduce(tf_eval_result *result, tf_dist *dist) {
+    if (dist_world_size(dist) == 1) return TF_OK;
+    size_t classes = (size_t)result->classes;
+    int64_t totals[3] = {result->images, result->top1_correct, result->top5_correct};
+    TF_TRY(dist_all_reduce_host_i64(dist, totals, 3, TF_DIST_SUM));
+    TF_TRY(dist_all_reduce_host_i64(dist, result->class_images, classes, TF_DIST_SUM));
+    TF_TRY(dist_all_reduce_host_i64(dist, result->class_correct, classes, TF_DIST_SUM));
+    TF_TRY(dist_all_reduce_host_i64(dist, result->confusion, classes * classes, TF_DIST_SUM));
+    TF_TRY(dist_all_reduce_host_f64(dist, &result->loss_sum, 1, TF_DIST_SUM));
+    TF_TRY(dist_all_reduce_host_f64(dist, &result->seconds, 1, TF_DIST_MAX));
+    result->images = totals[0];
+    result->top1_correct = totals[1];
+    result->top5_correct = totals[2];
+    return TF_OK;
 }
 
 /* Rank of the true class: how many classes score strictly higher (ties count for the label, as

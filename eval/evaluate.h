@@ -22,8 +22,13 @@ typedef struct {
 
 tf_status eval_result_init(tf_eval_result *result, int classes);
 void eval_result_free(tf_eval_result *result);
-/* Adds the counts of other into result (the all-reduce of several ranks goes through this). */
+/* Adds the counts of other into result. */
 void eval_result_merge(tf_eval_result *result, const tf_eval_result *other);
+
+/* Sums the counts of every rank's result (each evaluated its share of the split), so that every
+ * rank holds the totals; nothing to do with one rank. */
+typedef struct tf_dist tf_dist;
+tf_status eval_result_all_reduce(tf_eval_result *result, tf_dist *dist);
 
 /* Runs the loader's whole epoch `epoch` (an eval loader: every image once) through the model
  * without drop path, and accumulates into result (which eval_result_init() prepared). */

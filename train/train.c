@@ -10,7 +10,12 @@
  *   optimizer_step(lr from the schedule)             AdamW, EMA; non-finite steps are skipped
  *
  * Every random draw comes from a generator named by (seed, step, micro-batch) or (seed, epoch,
- * sample), so a run resumed from a checkpoint repeats exactly what the uninterrupted run did. */
+ * sample), so a run resumed from a checkpoint repeats exactly what the uninterrupted run did.
+ *
+ * Data parallel (train/dist.h): one process per GPU, each with its share of every batch; the
+ * gradients are summed over the ranks before the update (the loss is already scaled by 1 / global
+ * batch), and the ranks agree on the loss and on stopping, so that they take the same decisions.
+ * Rank 0 alone writes checkpoints, metrics and log lines. */
 #include "train/train.h"
 
 #include "common/log.h"
@@ -18,6 +23,7 @@
 #include "common/timer.h"
 #include "dataloader/loader.h"
 #include "eval/evaluate.h"
+#include "train/dist.h"
 #include "train/mixup.h"
 #include "train/optimizer.h"
 #include "train/run_dir.h"
@@ -37,6 +43,8 @@
 typedef struct {
     tf_config config;
     tf_train_options options;
+    tf_dist *dist;        /* the process group (world size 1 without a launcher) */
+    bool stop_requested;  /* some rank got SIGINT/SIGTERM: all stop after this step */
     const tf_backend *backend;
     tf_dataset train_set, val_set;
     tf_loader *train_loader, *val_loader;
@@ -226,20 +234,54 @@ static tf_status check_run_dir_is_new(const tf_train_options *options) {
                    options->run_dir, options->run_dir);
 }
 
+/* The process group, first of all, so that any later failure on one rank reaches all of them. */
+static tf_status open_process_group(tf_trainer *trainer) {
+    tf_launch launch;
+    TF_TRY(dist_launch_detect(&launch));
+    char extra[3 * TF_PATH_MAX + 64];
+    snprintf(extra, sizeof extra, "resume=%d init=%s state=%s max_steps=%d", trainer->options.resume,
+             trainer->options.init_from, trainer->options.init_state, trainer->options.max_steps);
+    tf_dist_options options = {0};
+    TF_TRY(dist_config_fingerprint(&trainer->config, extra, &options.fingerprint));
+    TF_TRY(dist_init(&trainer->dist, &launch, &options)); /* selects this rank's GPU */
+    trainer->rank = dist_rank(trainer->dist);
+    trainer->world_size = dist_world_size(trainer->dist);
+    return TF_OK;
+}
+
+/* Every rank holds the same weights: same init, same summed gradients, same updates. Checked at
+ * every checkpoint through the parameters' sum of squares, exactly equal on all ranks. */
+static tf_status check_replicas(tf_trainer *trainer) {
+    if (trainer->world_size == 1) return TF_OK;
+    double norm = trainer->backend->sum_squares(trainer->model.params, trainer->model.layout.total);
+    double extremes[2] = {norm, -norm};
+    TF_TRY(dist_all_reduce_host_f64(trainer->dist, extremes, 2, TF_DIST_MAX));
+    if (extremes[0] != -extremes[1])
+        return tf_fail(TF_ERR_RUNTIME, "the ranks' parameters differ at step %" PRId64 " (sum of squares %.17g to %.17g)",
+                       trainer->progress.step, -extremes[1], extremes[0]);
+    return TF_OK;
+}
+
 static tf_status trainer_open(tf_trainer *trainer) {
     const tf_config *config = &trainer->config;
+    bool main_rank = dist_is_main(trainer->dist);
     TF_TRY(check_run_dir_is_new(&trainer->options));
-    TF_TRY(tf_backend_open(config->run.device, config->run.threads, &trainer->backend));
+    /* Several ranks need their GPUs: no quiet fallback to the CPU. */
+    TF_TRY(tf_backend_open(trainer->world_size > 1 ? TF_DEVICE_CUDA : config->run.device, config->run.threads,
+                           &trainer->backend));
     TF_TRY(open_datasets(trainer));
     TF_TRY(plan_batches(trainer));
     TF_TRY(create_model(trainer));
     TF_TRY(create_optimizer(trainer));
     TF_TRY(create_loaders(trainer));
     TF_TRY(allocate_host_buffers(trainer));
-    TF_TRY(run_dir_prepare(trainer->options.run_dir, &trainer->config));
-    TF_TRY(run_dir_open_metrics(trainer->options.run_dir, trainer->options.resume ? trainer->progress.step : -1,
-                                &trainer->metrics));
-    log_start(trainer);
+    TF_TRY(check_replicas(trainer));
+    if (main_rank) {
+        TF_TRY(run_dir_prepare(trainer->options.run_dir, &trainer->config));
+        TF_TRY(run_dir_open_metrics(trainer->options.run_dir, trainer->options.resume ? trainer->progress.step : -1,
+                                    &trainer->metrics));
+        log_start(trainer);
+    }
     return TF_OK;
 }
 
@@ -307,6 +349,21 @@ static tf_status check_step(tf_trainer *trainer, double loss, const tf_step_resu
     return TF_OK;
 }
 
+/* Sums the gradients over the ranks, and makes every rank see the same mean loss and the same
+ * stop request, so that all skip a non-finite step or stop after this one together. */
+static tf_status reduce_over_ranks(tf_trainer *trainer, double *loss_sum) {
+    if (trainer->world_size == 1) {
+        trainer->stop_requested = stop_signal != 0;
+        return TF_OK;
+    }
+    TF_TRY(dist_all_reduce_sum_f32(trainer->dist, (float *)trainer->model.grads, trainer->model.layout.total));
+    double agreed[2] = {*loss_sum, stop_signal ? 1.0 : 0.0};
+    TF_TRY(dist_all_reduce_host_f64(trainer->dist, agreed, 2, TF_DIST_SUM));
+    *loss_sum = agreed[0];
+    trainer->stop_requested = agreed[1] > 0.0;
+    return TF_OK;
+}
+
 static tf_status train_step(tf_trainer *trainer, tf_log_interval *interval) {
     model_zero_grads(&trainer->model);
     double loss_sum = 0.0;
@@ -315,7 +372,8 @@ static tf_status train_step(tf_trainer *trainer, tf_log_interval *interval) {
         TF_TRY(train_micro_batch(trainer, micro, &loss));
         loss_sum += loss;
     }
-    double loss = loss_sum / trainer->accumulation;
+    TF_TRY(reduce_over_ranks(trainer, &loss_sum));
+    double loss = loss_sum / ((double)trainer->accumulation * trainer->world_size);
     double lr = schedule_learning_rate(&trainer->config, trainer->progress.step, trainer->steps_per_epoch);
     tf_step_result result = {0};
     if (isfinite(loss)) TF_TRY(optimizer_step(&trainer->optimizer, &trainer->model, lr, 1.0f, &result));
@@ -345,9 +403,11 @@ static cJSON *metrics_record(const tf_trainer *trainer, const char *type) {
 }
 
 static void write_metrics_record(tf_trainer *trainer, cJSON *record) {
-    char *line = cJSON_PrintUnformatted(record);
-    if (line) fprintf(trainer->metrics, "%s\n", line);
-    fflush(trainer->metrics);
+    char *line = trainer->metrics ? cJSON_PrintUnformatted(record) : NULL; /* rank 0 only */
+    if (line) {
+        fprintf(trainer->metrics, "%s\n", line);
+        fflush(trainer->metrics);
+    }
     cJSON_free(line);
     cJSON_Delete(record);
 }
@@ -402,6 +462,7 @@ static tf_status evaluate_once(tf_trainer *trainer, double *top1, double *top5, 
     tf_eval_result result;
     TF_TRY(eval_result_init(&result, trainer->config.model.classes));
     tf_status status = evaluate(&trainer->model, trainer->val_loader, &result);
+    if (status == TF_OK) status = eval_result_all_reduce(&result, trainer->dist); /* each rank saw its share */
     *top1 = eval_top1(&result);
     *top5 = eval_top5(&result);
     *loss = eval_loss(&result);
@@ -411,16 +472,18 @@ static tf_status evaluate_once(tf_trainer *trainer, double *top1, double *top5, 
 
 static tf_status evaluate_and_log(tf_trainer *trainer) {
     double top1, top5, loss, ema_top1 = NAN, ema_top5 = NAN, ema_loss = NAN;
-    if (isatty(STDERR_FILENO)) fputc('\n', stderr);
+    bool main_rank = dist_is_main(trainer->dist);
+    if (main_rank && isatty(STDERR_FILENO)) fputc('\n', stderr);
     TF_TRY(evaluate_once(trainer, &top1, &top5, &loss));
     if (trainer->optimizer.ema) {
         swap_ema(trainer);
         tf_status status = evaluate_once(trainer, &ema_top1, &ema_top5, &ema_loss);
         swap_ema(trainer);
         TF_TRY(status);
-        tf_log("step %" PRId64 ": val top-1 %.2f%% top-5 %.2f%% loss %.4f | EMA top-1 %.2f%% top-5 %.2f%%",
-               trainer->progress.step, top1, top5, loss, ema_top1, ema_top5);
-    } else {
+        if (main_rank)
+            tf_log("step %" PRId64 ": val top-1 %.2f%% top-5 %.2f%% loss %.4f | EMA top-1 %.2f%% top-5 %.2f%%",
+                   trainer->progress.step, top1, top5, loss, ema_top1, ema_top5);
+    } else if (main_rank) {
         tf_log("step %" PRId64 ": val top-1 %.2f%% top-5 %.2f%% loss %.4f", trainer->progress.step, top1, top5, loss);
     }
     cJSON *record = metrics_record(trainer, "eval");
@@ -437,6 +500,8 @@ static tf_status evaluate_and_log(tf_trainer *trainer) {
 }
 
 static tf_status save_checkpoint(tf_trainer *trainer) {
+    TF_TRY(check_replicas(trainer));
+    if (!dist_is_main(trainer->dist)) return TF_OK;
     double start = tf_seconds();
     TF_TRY(run_dir_save_checkpoint(trainer->options.run_dir, &trainer->model, &trainer->optimizer,
                                    &trainer->progress, &trainer->classes, trainer->growth_history,
@@ -469,18 +534,19 @@ static tf_status train_epoch(tf_trainer *trainer, int epoch, double run_start, i
     while (trainer->progress.step < epoch_end) {
         TF_TRY(train_step(trainer, &interval));
         bool epoch_done = trainer->progress.step == epoch_end;
-        if (trainer->progress.step % config->run.log_every == 0 || epoch_done)
+        if (dist_is_main(trainer->dist) && (trainer->progress.step % config->run.log_every == 0 || epoch_done))
             log_interval(trainer, &interval, run_start, first_step);
         if (epoch_done) {
             trainer->progress.epoch = epoch + 1;
             trainer->progress.epoch_batches = 0;
             break;
         }
-        bool stop = stop_signal || (trainer->options.max_steps && trainer->progress.step >= trainer->options.max_steps);
+        bool stop = trainer->stop_requested ||
+                    (trainer->options.max_steps && trainer->progress.step >= trainer->options.max_steps);
         if (stop || (config->run.ckpt_every && trainer->progress.step % config->run.ckpt_every == 0))
             TF_TRY(save_checkpoint(trainer));
         if (stop) {
-            *outcome = stop_signal ? TF_TRAIN_INTERRUPTED : TF_TRAIN_STOPPED;
+            *outcome = trainer->stop_requested ? TF_TRAIN_INTERRUPTED : TF_TRAIN_STOPPED;
             return TF_OK;
         }
     }
@@ -489,7 +555,7 @@ static tf_status train_epoch(tf_trainer *trainer, int epoch, double run_start, i
     if (last || (config->run.eval_every && (epoch + 1) % config->run.eval_every == 0))
         TF_TRY(evaluate_and_log(trainer));
     TF_TRY(save_checkpoint(trainer));
-    if (stop_signal)
+    if (trainer->stop_requested)
         *outcome = TF_TRAIN_INTERRUPTED;
     else if (trainer->options.max_steps && trainer->progress.step >= trainer->options.max_steps)
         *outcome = TF_TRAIN_STOPPED;
@@ -504,9 +570,9 @@ static tf_status train_loop(tf_trainer *trainer, tf_train_outcome *outcome) {
         TF_TRY(train_epoch(trainer, epoch, run_start, first_step, outcome));
         if (*outcome != TF_TRAIN_FINISHED) break;
     }
-    if (*outcome == TF_TRAIN_INTERRUPTED)
-        tf_log("stopped by signal %d after step %" PRId64 "; continue with --resume %s", (int)stop_signal,
-               trainer->progress.step, trainer->options.run_dir);
+    if (*outcome == TF_TRAIN_INTERRUPTED && dist_is_main(trainer->dist))
+        tf_log("stopped by a signal after step %" PRId64 "; continue with --resume %s", trainer->progress.step,
+               trainer->options.run_dir);
     return TF_OK;
 }
 
@@ -518,9 +584,14 @@ tf_status train_run(const tf_config *config, const tf_train_options *options, tf
     sigaction(SIGINT, &action, &old_int);
     sigaction(SIGTERM, &action, &old_term);
 
-    tf_status status = trainer_open(&trainer);
+    tf_status status = open_process_group(&trainer);
+    if (status == TF_OK) status = trainer_open(&trainer);
     if (status == TF_OK) status = train_loop(&trainer, outcome);
+    /* A failure on this rank stops all of them with its message (returns at world size 1). */
+    if (status != TF_OK) dist_abort(trainer.dist, tf_error_message());
     trainer_close(&trainer);
+    tf_status finished = dist_finish(trainer.dist);
+    if (status == TF_OK) status = finished;
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
     return status;
