@@ -6,6 +6,7 @@
 #include "common/path.h"
 #include "dataloader/loader.h"
 #include "eval/evaluate.h"
+#include "train/dist.h"
 #include "vision/checkpoint.h"
 #include "vision/model.h"
 
@@ -171,10 +172,26 @@ static tf_status write_json(const char *path, const eval_arguments *arguments,
     return status;
 }
 
-static tf_status run_eval(const eval_arguments *arguments, tf_checkpoint *checkpoint, tf_dataset *dataset,
-                          tf_model *model, tf_loader **loader, tf_eval_result *result) {
+/* Under a multi-process launcher (train/dist.h) every rank evaluates its share of the split and
+ * the counts are summed; the ranks must agree on what they evaluate. */
+static tf_status open_process_group(const eval_arguments *arguments, tf_dist **dist) {
+    tf_launch launch;
+    TF_TRY(dist_launch_detect(&launch));
+    uint64_t fingerprint = TF_DIST_HASH_START;
+    const char *parts[] = {arguments->checkpoint, arguments->data_root, arguments->split};
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
+        fingerprint = dist_hash(parts[i], strlen(parts[i]) + 1, fingerprint);
+    int numbers[] = {arguments->batch, arguments->ema, arguments->limit};
+    fingerprint = dist_hash(numbers, sizeof numbers, fingerprint);
+    tf_dist_options options = {.fingerprint = fingerprint};
+    return dist_init(dist, &launch, &options);
+}
+
+static tf_status run_eval(const eval_arguments *arguments, tf_dist *dist, tf_checkpoint *checkpoint,
+                          tf_dataset *dataset, tf_model *model, tf_loader **loader, tf_eval_result *result) {
     tf_device device = TF_DEVICE_AUTO;
     TF_TRY(cli_device(arguments->device, &device));
+    if (dist_world_size(dist) > 1) device = TF_DEVICE_CUDA;
     TF_TRY(checkpoint_load(arguments->checkpoint, checkpoint));
     if (arguments->ema) TF_TRY(load_ema_weights(arguments->checkpoint, checkpoint));
     TF_TRY(dataset_open(dataset, arguments->data_root, arguments->split, arguments->limit));
@@ -191,17 +208,22 @@ static tf_status run_eval(const eval_arguments *arguments, tf_checkpoint *checkp
         .batch_size = arguments->batch,
         .image_size = checkpoint->config.img_size,
         .crop_pct = crop_pct,
-        .world_size = 1,
+        .rank = dist_rank(dist),
+        .world_size = dist_world_size(dist),
         .workers = arguments->workers,
         .host_alloc = backend->host_alloc,
         .host_free = backend->host_free,
     };
     TF_TRY(loader_create(loader, dataset, &options));
-    tf_log("evaluating %s%s on %" PRId64 " images of %s (%s, crop_pct %.3f)", arguments->checkpoint,
-           arguments->ema ? " (EMA weights)" : "", dataset->count, dataset->directory, backend->name,
-           crop_pct);
+    bool main_rank = dist_is_main(dist);
+    if (main_rank)
+        tf_log("evaluating %s%s on %" PRId64 " images of %s (%s x %d, crop_pct %.3f)", arguments->checkpoint,
+               arguments->ema ? " (EMA weights)" : "", dataset->count, dataset->directory, backend->name,
+               dist_world_size(dist), crop_pct);
     TF_TRY(eval_result_init(result, checkpoint->config.classes));
     TF_TRY(evaluate(model, *loader, result));
+    TF_TRY(eval_result_all_reduce(result, dist));
+    if (!main_rank) return TF_OK;
     printf("images: %" PRId64 "\nimages/s: %.1f\nloss: %.4f\ntop-5: %.2f%%\ntop-1: %.2f%%\n", result->images,
            result->seconds > 0 ? result->images / result->seconds : 0.0, eval_loss(result), eval_top5(result),
            eval_top1(result));
@@ -216,8 +238,13 @@ int cmd_eval(int argc, char **argv) {
     tf_model model = {0};
     tf_loader *loader = NULL;
     tf_eval_result result = {0};
+    tf_dist *dist = NULL;
     tf_status status = parse_arguments(argc, argv, &arguments);
-    if (status == TF_OK) status = run_eval(&arguments, &checkpoint, &dataset, &model, &loader, &result);
+    if (status == TF_OK) status = open_process_group(&arguments, &dist);
+    if (status == TF_OK) status = run_eval(&arguments, dist, &checkpoint, &dataset, &model, &loader, &result);
+    if (status != TF_OK) dist_abort(dist, tf_error_message()); /* returns at world size 1 */
+    tf_status finished = dist_finish(dist);
+    if (status == TF_OK) status = finished;
     if (loader) loader_destroy(loader);
     if (model.backend) model_destroy(&model);
     eval_result_free(&result);
