@@ -48,9 +48,13 @@ stage_build() {
 }
 
 stage_test() {
-    timeout 300 $build/test_kernels_cuda >"$OUT/test.log" 2>&1
+    {
+        timeout 300 $build/test_kernels_cuda
+        # NCCL through a one-rank communicator (a multi-GPU machine runs it under a launcher).
+        timeout 120 $build/dist_allreduce_check
+    } >"$OUT/test.log" 2>&1
     local status=$?
-    grep -E "FAIL|SKIP|checks|attention" "$OUT/test.log" | head -40
+    grep -E "FAIL|SKIP|checks|attention|OK:|GB/s" "$OUT/test.log" | head -40
     return $status
 }
 
