@@ -130,9 +130,20 @@ def test_resume_after_kill(reference):
     process.send_signal(signal.SIGKILL)
     process.wait()
     check(os.path.islink(os.path.join(killed, "latest")), "a checkpoint existed when the run was killed")
+    # What a kill during a save leaves: a temporary file of an atomic write beside a checkpoint's
+    # files, and a half-written checkpoint directory of a later step. Resuming must get past both
+    # (the first is pruned later, the second rewritten).
+    with open(os.path.join(killed, "checkpoint-00000010", "state.safetensors.tmp.12345"), "wb") as stray:
+        stray.write(b"partial")
+    os.makedirs(os.path.join(killed, "checkpoint-00000025.tmp"), exist_ok=True)
+    with open(os.path.join(killed, "checkpoint-00000025.tmp", "model.safetensors.tmp.999"), "wb") as stray:
+        stray.write(b"partial")
     result = run([BINARY, "train", "--resume", killed])
     check(result.returncode == 0, f"resume after SIGKILL exits 0 (got {result.returncode})")
     check(losses(killed) == losses(reference), "losses after kill -9 and resume equal the uninterrupted run's")
+    left = sorted(n for n in os.listdir(killed) if n.startswith("checkpoint-"))
+    check(left == ["checkpoint-00000025", "checkpoint-00000030", "checkpoint-00000032"],
+          f"old checkpoints pruned, stray files included, the killed save rewritten: {left}")
 
 
 def test_sigterm():

@@ -199,13 +199,21 @@ static int compare_names(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+/* Removes a checkpoint directory and every file in it: besides its two files, a save killed
+ * midway leaves the temporary file of an atomic write. Absent is fine. */
 static tf_status remove_checkpoint_directory(const char *run_dir, const char *name) {
-    char path[TF_PATH_MAX];
-    static const char *const files[] = {"model.safetensors", "state.safetensors"};
-    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
-        if (path_format(path, sizeof path, "%s/%s/%s", run_dir, name, files[i]) == TF_OK) unlink(path);
-    TF_TRY(path_format(path, sizeof path, "%s/%s", run_dir, name));
-    if (rmdir(path) != 0) return tf_fail(TF_ERR_RUNTIME, "cannot remove old checkpoint %s: %s", path, strerror(errno));
+    char directory_path[TF_PATH_MAX], path[TF_PATH_MAX];
+    TF_TRY(path_format(directory_path, sizeof directory_path, "%s/%s", run_dir, name));
+    DIR *directory = opendir(directory_path);
+    if (!directory) return errno == ENOENT ? TF_OK : tf_fail(TF_ERR_RUNTIME, "cannot list %s: %s", directory_path,
+                                                             strerror(errno));
+    for (struct dirent *entry; (entry = readdir(directory));)
+        if (strcmp(entry->d_name, ".") && strcmp(entry->d_name, "..") &&
+            path_format(path, sizeof path, "%s/%s", directory_path, entry->d_name) == TF_OK)
+            unlink(path);
+    closedir(directory);
+    if (rmdir(directory_path) != 0)
+        return tf_fail(TF_ERR_RUNTIME, "cannot remove old checkpoint %s: %s", directory_path, strerror(errno));
     return TF_OK;
 }
 
@@ -227,12 +235,13 @@ static tf_status prune_checkpoints(const char *run_dir, const char *current, int
     }
     closedir(directory);
     qsort(names, count, sizeof *names, compare_names);
-    tf_status status = TF_OK;
-    for (size_t i = 0; i + (size_t)keep < count && status == TF_OK; i++)
-        if (strcmp(names[i], current) != 0) status = remove_checkpoint_directory(run_dir, names[i]);
+    /* An old checkpoint that cannot be removed costs disk, not the run: say so and go on. */
+    for (size_t i = 0; i + (size_t)keep < count; i++)
+        if (strcmp(names[i], current) != 0 && remove_checkpoint_directory(run_dir, names[i]) != TF_OK)
+            tf_log("warning: %s", tf_error_message());
     for (size_t i = 0; i < count; i++) free(names[i]);
     free(names);
-    return status;
+    return TF_OK;
 }
 
 tf_status run_dir_save_checkpoint(const char *run_dir, const tf_model *model, const tf_optimizer *optimizer,
@@ -243,7 +252,7 @@ tf_status run_dir_save_checkpoint(const char *run_dir, const tf_model *model, co
     TF_TRY(path_format(directory, sizeof directory, "%s/%s", run_dir, name));
     TF_TRY(path_format(temporary, sizeof temporary, "%s.tmp", directory));
     /* A leftover of a killed save, or this step saved before (epoch end after a step checkpoint). */
-    remove_checkpoint_directory(run_dir, strrchr(temporary, '/') + 1);
+    TF_TRY(remove_checkpoint_directory(run_dir, strrchr(temporary, '/') + 1));
     struct stat info;
     if (stat(directory, &info) == 0) return TF_OK;
 
