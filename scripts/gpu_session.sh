@@ -111,15 +111,15 @@ stage_imagenet() {
                   --set run.log_every=10 --set run.eval_every=0 --set run.ckpt_every=50)
     {
         $build/tokenformer bench train --config configs/tokenformer_b16.yaml --set model.classes=10 --batch 256 --steps 20
-        $build/tokenformer train "${common[@]}" --out $runs/b16 --max-steps 200
-        $build/tokenformer train "${common[@]}" --out $runs/b16_killed --max-steps 200 &
+        $build/tokenformer train "${common[@]}" --out $runs/b16 --max-steps 120
+        $build/tokenformer train "${common[@]}" --out $runs/b16_killed --max-steps 120 &
         local pid=$!
         while [[ ! -d $runs/b16_killed/checkpoint-00000050 ]] && kill -0 $pid 2>/dev/null; do sleep 0.5; done
         sleep 3
         kill -9 $pid
         wait $pid
         echo "killed with SIGKILL after $(tail -1 $runs/b16_killed/metrics.jsonl)"
-        $build/tokenformer train --resume $runs/b16_killed --max-steps 200
+        $build/tokenformer train --resume $runs/b16_killed --max-steps 120
         $python - $runs/b16/metrics.jsonl $runs/b16_killed/metrics.jsonl <<'PYTHON'
 import json, sys
 def losses(path):
