@@ -94,3 +94,33 @@ tf_status cli_device(const char *name, tf_device *device) {
         return tf_fail(TF_ERR_USAGE, "--device must be auto, cpu or cuda, got '%s'", name);
     return TF_OK;
 }
+
+bool cli_config_option(cli_parser *parser, cli_config_source *source) {
+    const char *value;
+    if (cli_value(parser, "--config", &source->path)) return true;
+    if (cli_value(parser, "--device", &source->device)) return true;
+    if (!cli_value(parser, "--set", &value)) return false;
+    tf_status status = cli_config_add(source, value);
+    if (status != TF_OK && parser->status == TF_OK) parser->status = status;
+    return true;
+}
+
+tf_status cli_config_add(cli_config_source *source, const char *assignment) {
+    if (source->override_count == CLI_MAX_OVERRIDES)
+        return tf_fail(TF_ERR_USAGE, "more than %d --set options", CLI_MAX_OVERRIDES);
+    source->overrides[source->override_count++] = assignment;
+    return TF_OK;
+}
+
+tf_status cli_config_load(const cli_config_source *source, tf_config *config) {
+    config_defaults(config);
+    TF_TRY(config_load_file(config, source->path));
+    for (int i = 0; i < source->override_count; i++) TF_TRY(config_set(config, source->overrides[i]));
+    if (source->device) {
+        char assignment[96];
+        if (snprintf(assignment, sizeof assignment, "run.device=%s", source->device) >= (int)sizeof assignment)
+            return tf_fail(TF_ERR_USAGE, "--device must be auto, cpu or cuda");
+        TF_TRY(config_set(config, assignment));
+    }
+    return config_finalize(config);
+}

@@ -35,4 +35,21 @@ float cli_crop_pct(cli_parser *parser, const char *value);
 /* A --device value: auto (or NULL), cpu or cuda. */
 tf_status cli_device(const char *name, tf_device *device);
 
+/* Where a command's configuration comes from: --config FILE, repeated --set section.key=value,
+ * and --device D (run.device). */
+enum { CLI_MAX_OVERRIDES = 64 };
+typedef struct {
+    const char *path;
+    const char *device;
+    const char *overrides[CLI_MAX_OVERRIDES];
+    int override_count;
+} cli_config_source;
+
+/* True (and moves on) when the current argument is --config, --set or --device. */
+bool cli_config_option(cli_parser *parser, cli_config_source *source);
+/* Adds an override made by the command itself (the caller keeps the string alive). */
+tf_status cli_config_add(cli_config_source *source, const char *assignment);
+/* Defaults, the file, the overrides in order, --device, then config_finalize(). */
+tf_status cli_config_load(const cli_config_source *source, tf_config *config);
+
 #endif

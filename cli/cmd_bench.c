@@ -19,12 +19,10 @@
 /* bf16 8192^3 GEMM on the H100 of DESIGN.md section 6: the rate MFU is measured against. */
 #define H100_BF16_TFLOPS 798.0
 
-enum { MAX_OVERRIDES = 64 };
-
 typedef struct {
-    const char *mode, *config_path, *device;
-    const char *overrides[MAX_OVERRIDES];
-    int override_count, batch, steps, warmup;
+    const char *mode;
+    cli_config_source config;
+    int batch, steps, warmup;
 } bench_arguments;
 
 /* GEMM FLOPs of one image's forward pass: patch projection, per block two GEMMs for each of the
@@ -44,8 +42,7 @@ static tf_status parse_arguments(int argc, char **argv, bench_arguments *argumen
     *arguments = (bench_arguments){.steps = 20, .warmup = 3};
     while (cli_more(&parser)) {
         if (!arguments->mode && cli_positional(&parser, &arguments->mode)) continue;
-        if (cli_value(&parser, "--config", &arguments->config_path)) continue;
-        if (cli_value(&parser, "--device", &arguments->device)) continue;
+        if (cli_config_option(&parser, &arguments->config)) continue;
         if (cli_value(&parser, "--batch", &value)) {
             arguments->batch = cli_int(&parser, "--batch", value);
             continue;
@@ -58,28 +55,12 @@ static tf_status parse_arguments(int argc, char **argv, bench_arguments *argumen
             arguments->warmup = cli_int(&parser, "--warmup", value);
             continue;
         }
-        if (cli_value(&parser, "--set", &value)) {
-            if (arguments->override_count < MAX_OVERRIDES) arguments->overrides[arguments->override_count++] = value;
-            continue;
-        }
         cli_unknown(&parser);
     }
     TF_TRY(parser.status);
-    if (!arguments->config_path) return tf_fail(TF_ERR_USAGE, "--config FILE.yaml is required");
+    if (!arguments->config.path) return tf_fail(TF_ERR_USAGE, "--config FILE.yaml is required");
     if (arguments->steps < 1 || arguments->warmup < 0) return tf_fail(TF_ERR_USAGE, "--steps must be at least 1");
     return TF_OK;
-}
-
-static tf_status load_config(const bench_arguments *arguments, tf_config *config) {
-    char assignment[64];
-    config_defaults(config);
-    TF_TRY(config_load_file(config, arguments->config_path));
-    for (int i = 0; i < arguments->override_count; i++) TF_TRY(config_set(config, arguments->overrides[i]));
-    if (arguments->device) {
-        snprintf(assignment, sizeof assignment, "run.device=%s", arguments->device);
-        TF_TRY(config_set(config, assignment));
-    }
-    return config_finalize(config);
 }
 
 /* Random pixels and smoothed one-hot targets: the work per step does not depend on the values. */
@@ -154,7 +135,7 @@ static tf_status print_profile(tf_model *model, tf_optimizer *optimizer, bool tr
 
 static tf_status bench_model(const bench_arguments *arguments, bool training) {
     tf_config config;
-    TF_TRY(load_config(arguments, &config));
+    TF_TRY(cli_config_load(&arguments->config, &config));
     int batch = arguments->batch ? arguments->batch : config.schedule.micro_batch ? config.schedule.micro_batch : 64;
     const tf_backend *backend;
     TF_TRY(tf_backend_open(config.run.device, config.run.threads, &backend));
@@ -188,7 +169,7 @@ static tf_status bench_model(const bench_arguments *arguments, bool training) {
         size_t memory = model_memory_bytes(&model);
         if (training) memory += (optimizer.ema ? 3 : 2) * model.layout.total * tf_dtype_size(backend->master_dtype);
         printf("bench %s: %s, batch %d, %d steps after %d warm-up, device %s\n", training ? "train" : "infer",
-               arguments->config_path, batch, arguments->steps, arguments->warmup, backend->name);
+               arguments->config.path, batch, arguments->steps, arguments->warmup, backend->name);
         printf("  %.1f ms/step, %.1f img/s\n", step_ms, images_per_second);
         printf("  %.1f GFLOP/image, %.1f TFLOP/s = %.1f%% of %.0f TFLOP/s (H100 bf16 GEMM)\n", flops / 1e9, tflops,
                100.0 * tflops / H100_BF16_TFLOPS, H100_BF16_TFLOPS);

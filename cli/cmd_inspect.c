@@ -10,8 +10,6 @@
 #include <stdio.h>
 #include <string.h>
 
-enum { MAX_OVERRIDES = 64 };
-
 static void print_model_config(const tf_model_config *config) {
     printf("model: img_size %d, patch %d, channels %d, depth %d, dim %d, heads %d, n_attn %d, n_ffn %d, "
            "classes %d, pool %s, drop_path %g, eps %g\n",
@@ -30,15 +28,12 @@ static void print_count(size_t count) {
     printf("parameters: %zu (%.1fM)\n", count, (double)count / 1e6);
 }
 
-static tf_status inspect_config(const char *path, const char *const *overrides, int override_count) {
+static tf_status inspect_config(const cli_config_source *source) {
     tf_config config;
-    config_defaults(&config);
-    TF_TRY(config_load_file(&config, path));
-    for (int i = 0; i < override_count; i++) TF_TRY(config_set(&config, overrides[i]));
-    TF_TRY(config_finalize(&config));
+    TF_TRY(cli_config_load(source, &config));
     tf_param_layout layout;
     TF_TRY(param_layout_build(&layout, &config.model));
-    printf("config: %s\n", path);
+    printf("config: %s\n", source->path);
     print_model_config(&config.model);
     printf("tensors:\n");
     for (int i = 0; i < layout.count; i++) {
@@ -97,22 +92,16 @@ static tf_status inspect_file(const char *path) {
 
 int cmd_inspect(int argc, char **argv) {
     cli_parser parser = cli_parser_make(argc, argv);
-    const char *config_path = NULL, *file_path = NULL, *value;
-    const char *overrides[MAX_OVERRIDES];
-    int override_count = 0;
+    const char *file_path = NULL;
+    cli_config_source source = {0};
     while (cli_more(&parser)) {
-        if (cli_value(&parser, "--config", &config_path)) continue;
-        if (cli_value(&parser, "--set", &value)) {
-            if (override_count < MAX_OVERRIDES) overrides[override_count++] = value;
-            continue;
-        }
+        if (cli_config_option(&parser, &source)) continue;
         if (!file_path && cli_positional(&parser, &file_path)) continue;
         cli_unknown(&parser);
     }
     tf_status status = parser.status;
-    if (status == TF_OK && !config_path == !file_path)
+    if (status == TF_OK && !source.path == !file_path)
         status = tf_fail(TF_ERR_USAGE, "give a checkpoint FILE.safetensors or --config FILE.yaml");
-    if (status == TF_OK)
-        status = config_path ? inspect_config(config_path, overrides, override_count) : inspect_file(file_path);
+    if (status == TF_OK) status = source.path ? inspect_config(&source) : inspect_file(file_path);
     return cli_report("inspect", status);
 }

@@ -9,23 +9,21 @@
 #include <stdio.h>
 #include <string.h>
 
-enum { MAX_OVERRIDES = 64 };
-
 typedef struct {
-    const char *config_path, *data_root, *out_dir, *device, *resume_dir, *init_from, *init_state;
-    const char *overrides[MAX_OVERRIDES];
-    int override_count;
+    cli_config_source config;
+    const char *data_root, *out_dir, *resume_dir, *init_from, *init_state;
     int max_steps;
+    char data_assignment[TF_PATH_MAX + 16]; /* data.root=<--data> */
+    char resumed_config[TF_PATH_MAX];       /* <--resume>/config.yaml */
 } train_arguments;
 
 static tf_status parse_arguments(int argc, char **argv, train_arguments *arguments) {
     cli_parser parser = cli_parser_make(argc, argv);
     const char *value;
     while (cli_more(&parser)) {
-        if (cli_value(&parser, "--config", &arguments->config_path)) continue;
+        if (cli_config_option(&parser, &arguments->config)) continue;
         if (cli_value(&parser, "--data", &arguments->data_root)) continue;
         if (cli_value(&parser, "--out", &arguments->out_dir)) continue;
-        if (cli_value(&parser, "--device", &arguments->device)) continue;
         if (cli_value(&parser, "--resume", &arguments->resume_dir)) continue;
         if (cli_value(&parser, "--init-from", &arguments->init_from)) continue;
         if (cli_value(&parser, "--init-state", &arguments->init_state)) continue;
@@ -33,16 +31,10 @@ static tf_status parse_arguments(int argc, char **argv, train_arguments *argumen
             arguments->max_steps = cli_int(&parser, "--max-steps", value);
             continue;
         }
-        if (cli_value(&parser, "--set", &value)) {
-            if (arguments->override_count == MAX_OVERRIDES)
-                return tf_fail(TF_ERR_USAGE, "more than %d --set options", MAX_OVERRIDES);
-            arguments->overrides[arguments->override_count++] = value;
-            continue;
-        }
         cli_unknown(&parser);
     }
     TF_TRY(parser.status);
-    if (!arguments->config_path && !arguments->resume_dir)
+    if (!arguments->config.path && !arguments->resume_dir)
         return tf_fail(TF_ERR_USAGE, "--config FILE.yaml is required (or --resume DIR)");
     if (arguments->init_state && !arguments->init_from)
         return tf_fail(TF_ERR_USAGE, "--init-state needs --init-from (the weights the state belongs to)");
@@ -60,24 +52,21 @@ static tf_status default_run_dir(const char *config_path, char *run_dir, size_t 
     return path_format(run_dir, size, "runs/%s", name);
 }
 
-static tf_status build_config(const train_arguments *arguments, tf_config *config, tf_train_options *options) {
-    char config_path[TF_PATH_MAX], assignment[TF_PATH_MAX + 32];
-    if (arguments->config_path)
-        TF_TRY(path_format(config_path, sizeof config_path, "%s", arguments->config_path));
-    else
-        TF_TRY(path_format(config_path, sizeof config_path, "%s/config.yaml", arguments->resume_dir));
-    config_defaults(config);
-    TF_TRY(config_load_file(config, config_path));
-    for (int i = 0; i < arguments->override_count; i++) TF_TRY(config_set(config, arguments->overrides[i]));
+/* The config: the file (a resumed run's own config.yaml unless --config says otherwise), the
+ * --set overrides, then --data and --device. */
+static tf_status build_config(train_arguments *arguments, tf_config *config, tf_train_options *options) {
+    if (!arguments->config.path) {
+        TF_TRY(path_format(arguments->resumed_config, sizeof arguments->resumed_config, "%s/config.yaml",
+                           arguments->resume_dir));
+        arguments->config.path = arguments->resumed_config;
+    }
     if (arguments->data_root) {
-        TF_TRY(path_format(assignment, sizeof assignment, "data.root=%s", arguments->data_root));
-        TF_TRY(config_set(config, assignment));
+        TF_TRY(path_format(arguments->data_assignment, sizeof arguments->data_assignment, "data.root=%s",
+                           arguments->data_root));
+        TF_TRY(cli_config_add(&arguments->config, arguments->data_assignment));
     }
-    if (arguments->device) {
-        TF_TRY(path_format(assignment, sizeof assignment, "run.device=%s", arguments->device));
-        TF_TRY(config_set(config, assignment));
-    }
-    TF_TRY(config_finalize(config));
+    TF_TRY(cli_config_load(&arguments->config, config));
+    const char *config_path = arguments->config.path;
 
     memset(options, 0, sizeof *options);
     options->resume = arguments->resume_dir != NULL;

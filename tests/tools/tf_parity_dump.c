@@ -21,12 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { MAX_OVERRIDES = 64 };
-
 typedef struct {
-    const char *config_path, *out_dir, *device;
-    const char *overrides[MAX_OVERRIDES];
-    int override_count, batch, seed;
+    cli_config_source config;
+    const char *out_dir;
+    int batch, seed;
+    char seed_assignment[64];
 } dump_arguments;
 
 /* Host copies of everything the bundle holds. */
@@ -38,11 +37,10 @@ typedef struct {
 static tf_status parse_arguments(int argc, char **argv, dump_arguments *arguments) {
     cli_parser parser = cli_parser_make(argc, argv);
     const char *value;
-    *arguments = (dump_arguments){.batch = 4, .seed = 1, .device = "cpu"};
+    *arguments = (dump_arguments){.config.device = "cpu", .batch = 4, .seed = 1};
     while (cli_more(&parser)) {
-        if (cli_value(&parser, "--config", &arguments->config_path)) continue;
+        if (cli_config_option(&parser, &arguments->config)) continue;
         if (cli_value(&parser, "--out", &arguments->out_dir)) continue;
-        if (cli_value(&parser, "--device", &arguments->device)) continue;
         if (cli_value(&parser, "--batch", &value)) {
             arguments->batch = cli_int(&parser, "--batch", value);
             continue;
@@ -51,27 +49,12 @@ static tf_status parse_arguments(int argc, char **argv, dump_arguments *argument
             arguments->seed = cli_int(&parser, "--seed", value);
             continue;
         }
-        if (cli_value(&parser, "--set", &value)) {
-            if (arguments->override_count < MAX_OVERRIDES) arguments->overrides[arguments->override_count++] = value;
-            continue;
-        }
         cli_unknown(&parser);
     }
     TF_TRY(parser.status);
-    if (!arguments->config_path || !arguments->out_dir) return tf_fail(TF_ERR_USAGE, "--config and --out are required");
-    return TF_OK;
-}
-
-static tf_status load_config(const dump_arguments *arguments, tf_config *config) {
-    char assignment[64];
-    config_defaults(config);
-    TF_TRY(config_load_file(config, arguments->config_path));
-    for (int i = 0; i < arguments->override_count; i++) TF_TRY(config_set(config, arguments->overrides[i]));
-    snprintf(assignment, sizeof assignment, "run.device=%s", arguments->device);
-    TF_TRY(config_set(config, assignment));
-    snprintf(assignment, sizeof assignment, "run.seed=%d", arguments->seed);
-    TF_TRY(config_set(config, assignment));
-    return config_finalize(config);
+    if (!arguments->config.path || !arguments->out_dir) return tf_fail(TF_ERR_USAGE, "--config and --out are required");
+    snprintf(arguments->seed_assignment, sizeof arguments->seed_assignment, "run.seed=%d", arguments->seed);
+    return cli_config_add(&arguments->config, arguments->seed_assignment);
 }
 
 /* Random pixels, and soft targets: a softmax of random logits, so every class carries weight. */
@@ -177,7 +160,7 @@ static tf_status write_model(const char *path, const tf_model *model, const floa
 
 static tf_status dump(const dump_arguments *arguments) {
     tf_config config;
-    TF_TRY(load_config(arguments, &config));
+    TF_TRY(cli_config_load(&arguments->config, &config));
     const tf_backend *backend;
     TF_TRY(tf_backend_open(config.run.device, 0, &backend));
     tf_model model;
