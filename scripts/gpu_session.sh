@@ -65,6 +65,14 @@ stage_parity() {
     return $status
 }
 
+stage_parity_b16() {
+    timeout 300 $python tests/test_torch_parity.py $build/tokenformer /tmp/tokenformer-parity cuda b16 \
+        >"$OUT/parity_b16.log" 2>&1
+    local status=$?
+    sed -n '/parity case b16/,$p' "$OUT/parity_b16.log" | grep -E "autocast|logits|loss  |grad  |PASS|FAIL" | head -12
+    return $status
+}
+
 stage_bench() {
     {
         timeout 120 $build/bench_kernels_cuda
@@ -93,11 +101,13 @@ stage_demo() {
 
 # B/16 on the ImageNet-like set with the real loader (issue 5): throughput against `bench train`,
 # then kill -9 during a run and resume, comparing the losses with the uninterrupted run's.
-stage_imagenet() {
-    local source=data/imagenet-like big=/tmp/imagenet-like-x10 runs=/tmp/tokenformer-runs
-    # Ten hard-linked copies of each training image: 52 steps an epoch instead of 5, so that epoch
-    # ends (loader restart, checkpoint) are as rare as in a real run; the decode work is the same.
-    rm -rf $big $runs/b16 $runs/b16_killed
+# Ten hard-linked copies of each training image of data/imagenet-like: epochs of 21 to 52 steps
+# instead of 2 to 5, so that epoch ends (loader restart, checkpoint) are as rare as in a real run;
+# the decode work per image is the same.
+big=/tmp/imagenet-like-x10
+make_big_imagenet() {
+    local source=data/imagenet-like
+    [[ -d $big ]] && return 0
     for class_dir in $source/train/*/; do
         local class=$(basename "$class_dir")
         mkdir -p $big/train/$class $big/val/$class
@@ -106,6 +116,12 @@ stage_imagenet() {
         done
         ln $source/val/$class/* $big/val/$class/
     done
+}
+
+stage_imagenet() {
+    local runs=/tmp/tokenformer-runs
+    rm -rf $runs/b16 $runs/b16_killed
+    make_big_imagenet
     local common=(--config configs/tokenformer_b16.yaml --data $big --set model.classes=10
                   --set schedule.batch=256 --set schedule.micro_batch=256 --set data.workers=15
                   --set run.log_every=10 --set run.eval_every=0 --set run.ckpt_every=50)
@@ -134,6 +150,64 @@ PYTHON
     local status=$?
     grep -E "img/s|kill|step 200|resum" "$OUT/imagenet.log" | tail -30
     cp $runs/b16/metrics.jsonl "$OUT/b16_imagenet_metrics.jsonl" 2>/dev/null
+    return $status
+}
+
+# Issue 7 on fmnist_micro: 3 epochs, grow to twice the tokens (zero keys, n_norm kept, optimizer
+# state carried), 3 more epochs; against the small model and the large one trained 6 epochs.
+stage_growth() {
+    local data=/tmp/tokenformer-fmnist runs=/tmp/tokenformer-growth
+    local config=(--config configs/fmnist_micro.yaml --data $data --set run.log_every=100)
+    rm -rf $runs && mkdir -p $runs
+    {
+        $build/tokenformer prepare fashion-mnist --source .deps/fashion-mnist --out $data &&
+        $build/tokenformer train "${config[@]}" --out $runs/small3 &&
+        $build/tokenformer scale --ckpt $runs/small3/model.safetensors --state $runs/small3/state.safetensors \
+            --factor 2 --out $runs/grown.safetensors --out-state $runs/grown_state.safetensors &&
+        $build/tokenformer eval --ckpt $runs/small3/model.safetensors --data $data &&
+        $build/tokenformer eval --ckpt $runs/grown.safetensors --data $data &&
+        $build/tokenformer train "${config[@]}" --out $runs/grown3 --set schedule.warmup_epochs=0 \
+            --init-from $runs/grown.safetensors --init-state $runs/grown_state.safetensors &&
+        $build/tokenformer train "${config[@]}" --out $runs/small6 --set schedule.epochs=6 &&
+        $build/tokenformer train "${config[@]}" --out $runs/large6 --set schedule.epochs=6 \
+            --set model.n_attn=192 --set model.n_ffn=768
+    } >"$OUT/growth.log" 2>&1
+    local status=$?
+    for run in small3 grown3 small6 large6; do
+        $python - $run $runs/$run/metrics.jsonl <<'PYTHON'
+import json, sys
+evals = [r for r in map(json.loads, open(sys.argv[2])) if r["type"] == "eval"]
+print(f"{sys.argv[1]:7s} top-1 by epoch: " + "  ".join(f"{r['top1']:.2f}" for r in evals))
+PYTHON
+        cp $runs/$run/metrics.jsonl "$OUT/growth_$run.jsonl"
+    done
+    grep -E "^top-1|function" "$OUT/growth.log"
+    return $status
+}
+
+# Issue 7 on B/16 and issue 6's eval throughput: train on the ImageNet-like set, grow to
+# 1024/4096 tokens, the loss on the same images before and after, training continued, and the
+# grown model's speed.
+stage_b16growth() {
+    local runs=/tmp/tokenformer-b16growth
+    rm -rf $runs && mkdir -p $runs
+    make_big_imagenet
+    local common=(--config configs/tokenformer_b16.yaml --data $big --set model.classes=10 --set data.workers=15
+                  --set schedule.batch=256 --set schedule.micro_batch=256 --set run.log_every=25
+                  --set run.eval_every=0 --set run.ckpt_every=0 --set run.keep_checkpoints=1)
+    {
+        $build/tokenformer train "${common[@]}" --out $runs/b16 --max-steps 100 &&
+        $build/tokenformer eval --ckpt $runs/b16/model.safetensors --data $big --split train --batch 256 &&
+        $build/tokenformer scale --ckpt $runs/b16/model.safetensors --state $runs/b16/state.safetensors \
+            --attn-tokens 1024 --ffn-tokens 4096 --out $runs/grown.safetensors --out-state $runs/grown_state.safetensors &&
+        $build/tokenformer eval --ckpt $runs/grown.safetensors --data $big --split train --batch 256 &&
+        $build/tokenformer train "${common[@]}" --out $runs/grown --max-steps 50 --set schedule.warmup_epochs=0 \
+            --init-from $runs/grown.safetensors --init-state $runs/grown_state.safetensors &&
+        $build/tokenformer bench train --config configs/tokenformer_b16.yaml --set model.n_attn=1024 \
+            --set model.n_ffn=4096 --batch 256 --steps 10
+    } >"$OUT/b16growth.log" 2>&1
+    local status=$?
+    grep -E "images/s|^loss|^top-1|function|img/s|GiB" "$OUT/b16growth.log" | tail -24
     return $status
 }
 

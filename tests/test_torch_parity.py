@@ -50,6 +50,12 @@ CASES = [
 ]
 
 
+# The whole B/16 (DESIGN.md's preset, 10 classes, batch 2): run when asked for (fourth argument
+# "b16"), since float64 PyTorch on 114.8M parameters takes a while on a small CPU.
+B16_CASE = {"name": "b16", "config": "configs/tokenformer_b16.yaml", "batch": 2, "seed": 3,
+            "sets": ["model.classes=10"] + OPTIMIZER_SETS}
+
+
 def relative_error(ours, reference) -> float:
     ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
     denominator = np.linalg.norm(reference)
@@ -368,13 +374,13 @@ def print_table(rows: list, worst: int = 6) -> None:
             print(f"  {check:<12} ... {len(ranked) - worst} more, all <= {ranked[worst][2]:.2e}")
 
 
-def parity(tokenformer: str, scratch: str, device: str) -> list:
+def parity(tokenformer: str, scratch: str, device: str, cases: list) -> list:
     dump = os.path.join(os.path.dirname(os.path.abspath(tokenformer)), "tf_parity_dump")
     if not os.access(dump, os.X_OK):
         return [f"parity program {dump} is missing (build the tf_parity_dump target): "
                 "parity with the PyTorch reference was not tested"]
     failures = []
-    for case in CASES:
+    for case in cases:
         print(f"\nparity case {case['name']} (device {device})")
         try:
             rows, problems = compare_case(case, scratch, dump, device)
@@ -388,15 +394,16 @@ def parity(tokenformer: str, scratch: str, device: str) -> list:
 
 
 def main() -> int:
-    if len(sys.argv) not in (3, 4):
-        print("usage: test_torch_parity.py TOKENFORMER_BINARY SCRATCH_DIR [cpu|cuda]", file=sys.stderr)
+    if len(sys.argv) not in (3, 4, 5) or sys.argv[4:] not in ([], ["b16"]):
+        print("usage: test_torch_parity.py TOKENFORMER_BINARY SCRATCH_DIR [cpu|cuda] [b16]", file=sys.stderr)
         return 2
     tokenformer, scratch = sys.argv[1], sys.argv[2]
-    device = sys.argv[3] if len(sys.argv) == 4 else "cpu"
+    device = sys.argv[3] if len(sys.argv) >= 4 else "cpu"
+    cases = CASES + ([B16_CASE] if sys.argv[4:] == ["b16"] else [])
     os.makedirs(scratch, exist_ok=True)
     torch.set_default_dtype(torch.float64)
     failures = self_test()
-    failures += parity(tokenformer, scratch, device)
+    failures += parity(tokenformer, scratch, device, cases)
     print()
     for failure in failures:
         print("FAIL " + failure)
