@@ -132,6 +132,8 @@ static void check_fmnist_recipe(const tf_config *config, const char *name) {
           "%s: lr %g min_lr %g wd %g ema %g", name, config->optimizer.lr, config->optimizer.min_lr,
           config->optimizer.weight_decay, config->optimizer.ema_decay);
     CHECK(config->schedule.warmup_epochs == 1.0f, "%s: warmup %g", name, config->schedule.warmup_epochs);
+    CHECK(config->model.drop_path == 0.0f, "%s: drop_path %g (the short demos train without)", name,
+          config->model.drop_path);
     CHECK(config->data.crop_pct == 1.0f && strcmp(config->data.root, "data/fashion-mnist") == 0,
           "%s: crop_pct %g root '%s'", name, config->data.crop_pct, config->data.root);
     CHECK(config->augment.scale_min == 0.8f && config->augment.hflip == 0.5f &&
