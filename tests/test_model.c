@@ -176,6 +176,53 @@ static void check_inference_model(void) {
     model_destroy(&inference);
 }
 
+/* The gradient hook: ranges that cover the buffer once, head first and embedding last, each final
+ * when reported (a snapshot then equals the gradient at the end of backward). */
+typedef struct {
+    const tf_model *model;
+    size_t offsets[64], counts[64];
+    float *snapshot;
+    int calls;
+} hook_record;
+
+static void record_range(void *context, size_t offset, size_t count) {
+    hook_record *record = context;
+    if (record->calls < 64) {
+        record->offsets[record->calls] = offset;
+        record->counts[record->calls] = count;
+    }
+    record->calls++;
+    memcpy(record->snapshot + offset, (const float *)record->model->grads + offset, count * sizeof(float));
+}
+
+static void check_gradient_hook(void) {
+    tf_model_config config = tiny_config(TF_POOL_AVG);
+    config.depth = 3;
+    tf_model model;
+    CHECK_OK(model_create(&model, &config, tf_cpu_backend(TF_DTYPE_F32), 3, true));
+    CHECK_OK(model_init_params(&model, 4));
+    size_t total = model.layout.total;
+    hook_record record = {.model = &model, .snapshot = calloc(total, sizeof(float))};
+    model_set_gradient_hook(&model, record_range, &record);
+    tiny_inputs inputs = make_inputs(&config, 3, 5);
+    loss_of(&model, &inputs);
+    CHECK(record.calls == config.depth + 2, "%d ranges reported for %d blocks", record.calls, config.depth);
+    size_t expected_end = total;
+    for (int i = 0; i < record.calls && i < 64; i++) {
+        CHECK(record.offsets[i] + record.counts[i] == expected_end, "range %d ends at %zu, expected %zu", i,
+              record.offsets[i] + record.counts[i], expected_end);
+        expected_end = record.offsets[i];
+    }
+    CHECK(expected_end == 0, "the last range (the embedding's) starts at 0, not %zu", expected_end);
+    float *final = malloc(total * sizeof(float));
+    model_get_grads(&model, final);
+    CHECK(memcmp(final, record.snapshot, total * sizeof(float)) == 0, "every range was final when reported");
+    free(final);
+    free(record.snapshot);
+    free_inputs(&inputs);
+    model_destroy(&model);
+}
+
 static void check_preset_counts(void) {
     static const struct {
         const char *preset;
@@ -226,6 +273,7 @@ int main(void) {
     check_gradients("cls pool", TF_POOL_CLS);
     check_fp32_matches_fp64();
     check_inference_model();
+    check_gradient_hook();
     check_preset_counts();
     check_drop_scales();
     return test_finish("test_model");

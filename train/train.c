@@ -14,7 +14,9 @@
  *
  * Data parallel (train/dist.h): one process per GPU, each with its share of every batch; the
  * gradients are summed over the ranks before the update (the loss is already scaled by 1 / global
- * batch), and the ranks agree on the loss and on stopping, so that they take the same decisions.
+ * batch): during the backward pass of a step's last micro-batch, each layer's gradients go into an
+ * all-reduce as soon as they are final, overlapping the backward of the layers below. The ranks
+ * also agree on the loss and on stopping, so that they take the same decisions.
  * Rank 0 alone writes checkpoints, metrics and log lines. */
 #include "train/train.h"
 
@@ -45,6 +47,7 @@ typedef struct {
     tf_train_options options;
     tf_dist *dist;        /* the process group (world size 1 without a launcher) */
     bool stop_requested;  /* some rank got SIGINT/SIGTERM: all stop after this step */
+    tf_status reduce_status; /* the first failure of an all-reduce started from the gradient hook */
     const tf_backend *backend;
     tf_dataset train_set, val_set;
     tf_loader *train_loader, *val_loader;
@@ -349,14 +352,22 @@ static tf_status check_step(tf_trainer *trainer, double loss, const tf_step_resu
     return TF_OK;
 }
 
-/* Sums the gradients over the ranks, and makes every rank see the same mean loss and the same
+/* The model's gradient hook on the last micro-batch: one layer's gradients into the all-reduce. */
+static void reduce_gradient_range(void *context, size_t offset, size_t count) {
+    tf_trainer *trainer = context;
+    if (trainer->reduce_status != TF_OK) return;
+    trainer->reduce_status = dist_all_reduce_sum_f32_range(trainer->dist, (float *)trainer->model.grads, offset, count);
+}
+
+/* Waits for the gradient all-reduces, and makes every rank see the same mean loss and the same
  * stop request, so that all skip a non-finite step or stop after this one together. */
 static tf_status reduce_over_ranks(tf_trainer *trainer, double *loss_sum) {
     if (trainer->world_size == 1) {
         trainer->stop_requested = stop_signal != 0;
         return TF_OK;
     }
-    TF_TRY(dist_all_reduce_sum_f32(trainer->dist, (float *)trainer->model.grads, trainer->model.layout.total));
+    TF_TRY(trainer->reduce_status);
+    TF_TRY(dist_all_reduce_wait(trainer->dist));
     double agreed[2] = {*loss_sum, stop_signal ? 1.0 : 0.0};
     TF_TRY(dist_all_reduce_host_f64(trainer->dist, agreed, 2, TF_DIST_SUM));
     *loss_sum = agreed[0];
@@ -368,6 +379,9 @@ static tf_status train_step(tf_trainer *trainer, tf_log_interval *interval) {
     model_zero_grads(&trainer->model);
     double loss_sum = 0.0;
     for (int micro = 0; micro < trainer->accumulation; micro++) {
+        bool last = micro == trainer->accumulation - 1;
+        if (trainer->world_size > 1)
+            model_set_gradient_hook(&trainer->model, last ? reduce_gradient_range : NULL, trainer);
         double loss;
         TF_TRY(train_micro_batch(trainer, micro, &loss));
         loss_sum += loss;

@@ -314,6 +314,19 @@ static tf_status cross_entropy(tf_model *model, const float *targets, int batch,
     return backend->synchronize();
 }
 
+void model_set_gradient_hook(tf_model *model, void (*ready)(void *context, size_t offset, size_t count),
+                             void *context) {
+    model->gradient_ready = ready;
+    model->gradient_ready_context = context;
+}
+
+/* The gradient range of tensors first..last (layout order, contiguous) is final. */
+static void gradients_ready(tf_model *model, int first, int last) {
+    if (!model->gradient_ready) return;
+    const tf_tensor_info *begin = &model->layout.tensors[first], *end = &model->layout.tensors[last];
+    model->gradient_ready(model->gradient_ready_context, begin->offset, end->offset + end->count - begin->offset);
+}
+
 tf_status model_backward(tf_model *model, const float *targets, int batch, float loss_scale, double *mean_loss) {
     if (!model->training) return tf_fail(TF_ERR_RUNTIME, "model_backward on a model made without training");
     TF_TRY(cross_entropy(model, targets, batch, loss_scale, true, model->host_losses));
@@ -322,9 +335,15 @@ tf_status model_backward(tf_model *model, const float *targets, int batch, float
     *mean_loss = sum / batch;
 
     const void *scales = model->forward_dropped ? model->drop_scales : NULL;
+    const tf_param_layout *layout = &model->layout;
     head_backward(model, batch);
-    for (int block = model->config.depth - 1; block >= 0; block--) block_backward(model, block, batch, scales);
+    gradients_ready(model, layout->fc_norm_weight, layout->count - 1);
+    for (int block = model->config.depth - 1; block >= 0; block--) {
+        block_backward(model, block, batch, scales);
+        gradients_ready(model, layout->keys[block][0], layout->values[block][TF_PATTENTIONS_PER_BLOCK - 1]);
+    }
     embed_backward(model, batch);
+    gradients_ready(model, 0, layout->keys[0][0] - 1);
     return model->backend->synchronize();
 }
 

@@ -107,6 +107,10 @@ typedef struct {
 
     bool forward_dropped; /* the last forward used drop_scales, so backward uses them too */
     tf_op_profile *profile; /* NULL unless profiling (model_profile_start) */
+    /* Called by model_backward() as each range of the gradient buffer becomes final (see
+     * model_set_gradient_hook); NULL for none. */
+    void (*gradient_ready)(void *context, size_t offset, size_t count);
+    void *gradient_ready_context;
     float *host_losses;   /* host [max_batch] */
 
     /* The two arenas the buffers above are carved from. */
@@ -170,6 +174,14 @@ static inline const char *tf_op_class_name(tf_op_class op) {
                                                          "layer norms", "other"};
     return names[op];
 }
+
+/* Asks model_backward() to call ready(context, offset, count) for each range of the gradient
+ * buffer (elements) as soon as the backward pass has finished writing it: the head's, then each
+ * block's from the last to the first, then the embedding's; together they cover the buffer once.
+ * The data-parallel trainer starts each range's all-reduce there, overlapping it with the
+ * backward of the blocks below. ready NULL turns it off. */
+void model_set_gradient_hook(tf_model *model, void (*ready)(void *context, size_t offset, size_t count),
+                             void *context);
 
 /* Draws per-sample drop-path scales for one micro-batch: for block l the rate is
  * drop_path * l / (depth - 1) (timm's linspace); a sample is kept with 1 - rate and then scaled by
