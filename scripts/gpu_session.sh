@@ -185,6 +185,34 @@ PYTHON
     return $status
 }
 
+# The same growth, continued at a lower peak learning rate (2e-4, warmup 0) with the optimizer
+# state carried and with a fresh optimizer: what the carried state itself contributes.
+stage_growth_lr() {
+    local data=/tmp/tokenformer-fmnist runs=/tmp/tokenformer-growth-lr
+    local config=(--config configs/fmnist_micro.yaml --data $data --set run.log_every=100)
+    local continued=(--set schedule.warmup_epochs=0 --set optimizer.lr=2e-4 --init-from $runs/grown.safetensors)
+    rm -rf $runs && mkdir -p $runs
+    {
+        $build/tokenformer prepare fashion-mnist --source .deps/fashion-mnist --out $data &&
+        $build/tokenformer train "${config[@]}" --out $runs/small3 &&
+        $build/tokenformer scale --ckpt $runs/small3/model.safetensors --state $runs/small3/state.safetensors \
+            --factor 2 --out $runs/grown.safetensors --out-state $runs/grown_state.safetensors &&
+        $build/tokenformer train "${config[@]}" --out $runs/carried "${continued[@]}" \
+            --init-state $runs/grown_state.safetensors &&
+        $build/tokenformer train "${config[@]}" --out $runs/fresh "${continued[@]}"
+    } >"$OUT/growth_lr.log" 2>&1
+    local status=$?
+    for run in small3 carried fresh; do
+        $python - $run $runs/$run/metrics.jsonl <<'PYTHON'
+import json, sys
+evals = [r for r in map(json.loads, open(sys.argv[2])) if r["type"] == "eval"]
+print(f"{sys.argv[1]:7s} top-1 by epoch: " + "  ".join(f"{r['top1']:.2f}" for r in evals))
+PYTHON
+        cp $runs/$run/metrics.jsonl "$OUT/growth_lr_$run.jsonl"
+    done
+    return $status
+}
+
 # Issue 7 on B/16 and issue 6's eval throughput: train on the ImageNet-like set, grow to
 # 1024/4096 tokens, the loss on the same images before and after, training continued, and the
 # grown model's speed.
