@@ -25,7 +25,6 @@ Prints one line per comparison and exits 1 on any failure.
 import math
 import os
 import random
-import subprocess
 import sys
 
 import numpy as np
@@ -33,24 +32,16 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testlib import failures, report, run_program  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTO = os.path.join(HERE, "data", "twowings_320x240.jpg")
 BICUBIC = Image.BICUBIC
 
-failures = []
-
-
-def report(name, ok, detail):
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
-    if not ok:
-        failures.append(name)
-
 
 def run_tool(*args, stdin=None):
-    result = subprocess.run([TOOL, *map(str, args)], input=stdin, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"image_tool {' '.join(map(str, args))} failed: {result.stderr.strip()}")
-    return result.stdout
+    return run_program(TOOL, *args, stdin=stdin)
 
 
 def save_ppm(image, name):

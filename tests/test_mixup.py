@@ -20,26 +20,17 @@ Prints one line per comparison and exits 1 on any failure.
 
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 import torch
 
-failures = []
-
-
-def report(name, ok, detail):
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
-    if not ok:
-        failures.append(name)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testlib import failures, report, run_program  # noqa: E402
 
 
 def run_tool(*args, stdin=None):
-    result = subprocess.run([TOOL, *map(str, args)], input=stdin, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"mixup_tool {' '.join(map(str, args))} failed: {result.stderr.strip()}")
-    return result.stdout
+    return run_program(TOOL, *args, stdin=stdin)
 
 
 def parse_mix(line):
