@@ -13,13 +13,16 @@
  * The bias epilogue adds a vector along the rows of cuBLASLt's output (length n), which is our
  * bias added to every row of C.
  *
- * Descriptors and the heuristic's algorithm are cached per (shape, transposes, output type,
- * bias, pointer alignment) in a small table, so a shape is planned once (at warm-up). */
+ * Descriptors and the algorithm are cached per (shape, transposes, output type, bias, pointer
+ * alignment) in a small table, so a shape is planned once (at warm-up). The heuristic's first
+ * choice is not always the fastest on our shapes (M ~ 10^5 rows against N, K of 768-3072), so
+ * the first call of a shape times the heuristic's top candidates on the call's own operands and
+ * keeps the fastest (tune_plan). */
 #include "kernels/cuda/cuda_common.cuh"
 
 #include <string.h>
 
-enum { MATMUL_PLAN_CAPACITY = 1024 };
+enum { MATMUL_PLAN_CAPACITY = 1024, MATMUL_CANDIDATES = 8, MATMUL_TIMED_RUNS = 3 };
 
 typedef struct {
     int m, n, k;
@@ -30,9 +33,12 @@ typedef struct {
 typedef struct {
     matmul_key key;
     bool usable; /* false when planning failed (the failure is recorded once) */
+    bool tuned;  /* algo is the fastest of the candidates, timed on a first call */
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t layout_a, layout_b, layout_c; /* cuBLASLt's A (our b), B (our a), C = D */
     cublasLtMatmulAlgo_t algo;
+    cublasLtMatmulAlgo_t candidates[MATMUL_CANDIDATES]; /* the heuristic's order, best guess first */
+    int candidate_count;
 } matmul_plan;
 
 static matmul_plan plans[MATMUL_PLAN_CAPACITY];
@@ -56,7 +62,7 @@ static bool set_desc(cublasLtMatmulDesc_t op, cublasLtMatmulDescAttributes_t att
                         (int)attribute, MATMUL_SHAPE_ARGS(*key));
 }
 
-/* Descriptors for one key and the heuristic's best algorithm. */
+/* Descriptors for one key and the heuristic's candidate algorithms. */
 static bool plan_matmul(matmul_plan *plan) {
     const matmul_key *key = &plan->key;
     cudaDataType_t c_type = key->master_output ? CUDA_R_32F : CUDA_R_16BF;
@@ -106,12 +112,12 @@ static bool plan_matmul(matmul_plan *plan) {
               CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                                                 &align_c, sizeof align_c),
                            MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key));
-    cublasLtMatmulHeuristicResult_t result;
+    cublasLtMatmulHeuristicResult_t results[MATMUL_CANDIDATES];
     int returned = 0;
     if (ok)
         ok = CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(cuda_ctx.lt, plan->op, plan->layout_a, plan->layout_b,
-                                                         plan->layout_c, plan->layout_c, preference, 1, &result,
-                                                         &returned),
+                                                         plan->layout_c, plan->layout_c, preference, MATMUL_CANDIDATES,
+                                                         results, &returned),
                           MATMUL_SHAPE_FORMAT " alignments A %d B %d C %d", MATMUL_SHAPE_ARGS(*key), key->align_a,
                           key->align_b, key->align_c);
     cublasLtMatmulPreferenceDestroy(preference);
@@ -122,8 +128,74 @@ static bool plan_matmul(matmul_plan *plan) {
                             key->align_b, key->align_c);
         return false;
     }
-    plan->algo = result.algo;
+    for (int i = 0; i < returned; i++)
+        if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates[plan->candidate_count++] = results[i].algo;
+    plan->algo = results[0].algo;
+    plan->tuned = plan->candidate_count <= 1;
     return true;
+}
+
+static bool launch_matmul(const matmul_plan *plan, void *c, const void *a, const void *b, bool accumulate) {
+    float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    return CUBLAS_CHECK(cublasLtMatmul(cuda_ctx.lt, plan->op, &alpha, b, plan->layout_a, a, plan->layout_b, &beta, c,
+                                       plan->layout_c, c, plan->layout_c, &plan->algo, cuda_ctx.lt_workspace,
+                                       cuda_ctx.lt_workspace_bytes, cuda_ctx.stream),
+                        MATMUL_SHAPE_FORMAT " accumulate=%d a=%p b=%p c=%p", MATMUL_SHAPE_ARGS(plan->key),
+                        (int)accumulate, a, b, c);
+}
+
+/* Milliseconds of one run of a candidate (the mean of MATMUL_TIMED_RUNS after one untimed), or
+ * a negative number when it fails to launch (it is then not chosen; the failure is not an error
+ * of the run, so it is not recorded). */
+static float time_candidate(const matmul_plan *plan, const cublasLtMatmulAlgo_t *algo, void *c, const void *a,
+                            const void *b, cudaEvent_t start, cudaEvent_t stop) {
+    float alpha = 1.0f, beta = 0.0f;
+    for (int run = 0; run <= MATMUL_TIMED_RUNS; run++) {
+        if (run == 1) cudaEventRecord(start, cuda_ctx.stream);
+        if (cublasLtMatmul(cuda_ctx.lt, plan->op, &alpha, b, plan->layout_a, a, plan->layout_b, &beta, c,
+                           plan->layout_c, c, plan->layout_c, algo, cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes,
+                           cuda_ctx.stream) != CUBLAS_STATUS_SUCCESS)
+            return -1.0f;
+    }
+    cudaEventRecord(stop, cuda_ctx.stream);
+    float ms = 0.0f;
+    if (cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess)
+        return -1.0f;
+    return ms / MATMUL_TIMED_RUNS;
+}
+
+/* Times the candidates on this call's operands and keeps the fastest. The runs write C with
+ * beta = 0: harmless when the call overwrites C anyway, and into a scratch copy of C's size when
+ * the call accumulates into it (parameter gradients: at most a few MB). Bias pointers are set
+ * already. Failing to tune keeps the heuristic's first choice. */
+static void tune_plan(matmul_plan *plan, void *c, const void *a, const void *b, bool accumulate) {
+    plan->tuned = true;
+    void *target = c, *scratch = NULL;
+    if (accumulate) {
+        size_t bytes = (size_t)plan->key.m * plan->key.n * (plan->key.master_output ? sizeof(float) : sizeof(bf16));
+        if (cudaMalloc(&scratch, bytes) != cudaSuccess) {
+            cudaGetLastError(); /* out of memory here is not a failure of the run: keep the heuristic's choice */
+            return;
+        }
+        target = scratch;
+    }
+    cudaEvent_t start, stop;
+    if (cudaEventCreate(&start) == cudaSuccess) {
+        if (cudaEventCreate(&stop) == cudaSuccess) {
+            float best = -1.0f;
+            for (int i = 0; i < plan->candidate_count; i++) {
+                float ms = time_candidate(plan, &plan->candidates[i], target, a, b, start, stop);
+                if (ms >= 0.0f && (best < 0.0f || ms < best)) {
+                    best = ms;
+                    plan->algo = plan->candidates[i];
+                }
+            }
+            cudaEventDestroy(stop);
+        }
+        cudaEventDestroy(start);
+    }
+    cudaGetLastError(); /* a candidate that failed to launch leaves nothing behind */
+    if (scratch) cudaFree(scratch);
 }
 
 static matmul_plan *find_plan(const matmul_key *key) {
@@ -165,11 +237,7 @@ extern "C" void cuda_matmul(void *c, const void *a, const void *b, const tf_matm
     if (!plan || !plan->usable) return;
     if (key.bias && !set_desc(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &desc->bias, sizeof desc->bias, &key))
         return;
-    float alpha = 1.0f, beta = desc->accumulate ? 1.0f : 0.0f;
-    CUBLAS_CHECK(cublasLtMatmul(cuda_ctx.lt, plan->op, &alpha, b, plan->layout_a, a, plan->layout_b, &beta, c,
-                                plan->layout_c, c, plan->layout_c, &plan->algo, cuda_ctx.lt_workspace,
-                                cuda_ctx.lt_workspace_bytes, cuda_ctx.stream),
-                 MATMUL_SHAPE_FORMAT " accumulate=%d a=%p b=%p c=%p", MATMUL_SHAPE_ARGS(key), (int)desc->accumulate, a,
-                 b, c);
+    if (!plan->tuned) tune_plan(plan, c, a, b, desc->accumulate);
+    launch_matmul(plan, c, a, b, desc->accumulate);
     if (cuda_ctx.debug_sync) LAUNCH_CHECK("cublasLtMatmul", MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(key));
 }
