@@ -111,12 +111,14 @@ struct tf_backend {
     /* ---- Pattention normalisation (DESIGN.md section 2), one row per token ----
      * forward: r = sqrt(sum_j A_j^2 + eps), Z = tau A / r, S = GELU(Z) (exact erf GELU).
      * s, a: compute [rows, n]; row_norm: master [rows], receives r.
-     * backward: with dZ = dS GELU'(Z),  dA = tau / r (dZ - A (A . dZ) / r^2).
-     * da may be the same buffer as ds. */
+     * backward: with dZ = dS GELU'(Z),  dA = tau / r (dZ - A (A . dZ) / r^2); it also writes S
+     * again (from A and the kept r, bit for bit what forward wrote), which the value-token
+     * gradient needs: reading A once for both is cheaper than a second forward pass.
+     * da may be the same buffer as ds; s is another. */
     void (*pattention_norm_forward)(void *s, void *row_norm, const void *a, int rows, int n, float tau,
                                     float eps);
-    void (*pattention_norm_backward)(void *da, const void *ds, const void *a, const void *row_norm, int rows,
-                                     int n, float tau);
+    void (*pattention_norm_backward)(void *da, void *s, const void *ds, const void *a, const void *row_norm,
+                                     int rows, int n, float tau);
 
     /* ---- multi-head softmax attention, not causal, scale 1/sqrt(head_dim) ----
      * q, k, v, out: compute [batch * tokens, heads * head_dim]; head h is columns

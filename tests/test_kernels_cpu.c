@@ -294,8 +294,10 @@ static void test_pattention_norm_case(int rows, int n, float tau, float eps) {
     expect_close_f64(what, row_norm, expected_norm, rows, F64_BOUND);
 
     /* Backward against finite differences of sum(w * S). */
-    double *w = random_input(count, 1.0), *da = new_f64(count);
-    f64->pattention_norm_backward(da, w, a, row_norm, rows, n, tau);
+    double *w = random_input(count, 1.0), *da = new_f64(count), *recomputed_s = new_f64(count);
+    f64->pattention_norm_backward(da, recomputed_s, w, a, row_norm, rows, n, tau);
+    snprintf(what, sizeof what, "pattention_norm backward %dx%d: S again, as forward wrote it", rows, n);
+    expect_equal_f64(what, recomputed_s, s, count);
     pattention_context context = {s, new_f64(rows), a, w, rows, n, tau, eps};
     double *numeric = numerical_gradient(a, count, pattention_objective, &context);
     snprintf(what, sizeof what, "pattention_norm backward %dx%d eps=%g: dA vs finite diff", rows, n, eps);
@@ -303,7 +305,7 @@ static void test_pattention_norm_case(int rows, int n, float tau, float eps) {
 
     /* In place: da is ds. */
     double *in_place = copy_f64(w, count);
-    f64->pattention_norm_backward(in_place, in_place, a, row_norm, rows, n, tau);
+    f64->pattention_norm_backward(in_place, recomputed_s, in_place, a, row_norm, rows, n, tau);
     snprintf(what, sizeof what, "pattention_norm backward %dx%d: in place (da == ds)", rows, n);
     expect_equal_f64(what, in_place, da, count);
 
@@ -314,10 +316,12 @@ static void test_pattention_norm_case(int rows, int n, float tau, float eps) {
     expect_f32_close(what, s32, s, count, F32_BOUND);
     snprintf(what, sizeof what, "pattention_norm %dx%d fp32 vs fp64: row norms", rows, n);
     expect_f32_close(what, norm32, row_norm, rows, F32_BOUND);
-    float *da32 = to_f32(w, count);
-    f32->pattention_norm_backward(da32, da32, a32, norm32, rows, n, tau);
+    float *da32 = to_f32(w, count), *recomputed_s32 = new_f32(count);
+    f32->pattention_norm_backward(da32, recomputed_s32, da32, a32, norm32, rows, n, tau);
     snprintf(what, sizeof what, "pattention_norm %dx%d fp32 vs fp64: dA (in place)", rows, n);
     expect_f32_close(what, da32, da, count, F32_BOUND);
+    snprintf(what, sizeof what, "pattention_norm backward %dx%d fp32: S again, as forward wrote it", rows, n);
+    expect_equal_f64(what, to_f64(recomputed_s32, count), to_f64(s32, count), count);
 }
 
 /* The fp32 GELU (libmvec's vector erfc where available) element by element over a wide range:

@@ -330,9 +330,21 @@ static void pattention_norm_case(int rows, int n, bool in_place) {
     pair *target = in_place ? &ds : &da;
     if (!in_place) pair_poison(&da);
     target->name = "dA";
-    cpu->pattention_norm_backward(target->cpu, ds.cpu, a.cpu, r.cpu, rows, n, tau);
-    gpu->pattention_norm_backward(target->gpu, ds.gpu, a.gpu, r.gpu, rows, n, tau);
+    /* Backward writes S again: the very bits forward wrote, on each backend. */
+    size_t count = (size_t)rows * n;
+    float *forward_s = xmalloc(count * sizeof(float)), *recomputed_s = xmalloc(count * sizeof(float));
+    gpu->download(forward_s, s.gpu, TF_DTYPE_BF16, count);
+    pair_poison(&s);
+    cpu->pattention_norm_backward(target->cpu, s.cpu, ds.cpu, a.cpu, r.cpu, rows, n, tau);
+    gpu->pattention_norm_backward(target->gpu, s.gpu, ds.gpu, a.gpu, r.gpu, rows, n, tau);
     op_compare(&c, target, BF16_LIMIT);
+    s.name = "S (backward)";
+    op_compare(&c, &s, BF16_LIMIT);
+    gpu->download(recomputed_s, s.gpu, TF_DTYPE_BF16, count);
+    if (memcmp(forward_s, recomputed_s, count * sizeof(float)) != 0)
+        op_fail(&c, "backward's S differs from forward's S on the GPU (it must be the same bits)");
+    free(forward_s);
+    free(recomputed_s);
     pair_free(&a);
     pair_free(&s);
     pair_free(&r);

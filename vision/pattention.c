@@ -10,7 +10,8 @@
  *   dA = norm backward of dS (kernels.h gives the formula)
  *   dK += dA^T X, dX = dA K
  * A and the row norms are kept from forward; S is recomputed from them in backward (model.h
- * says why). The normalisation and GELU are one fused row operation. */
+ * says why), by the same row pass that computes dA. The normalisation and GELU are one fused
+ * row operation. */
 #include "vision/layers.h"
 
 #include <math.h>
@@ -52,18 +53,14 @@ void pattention_backward(tf_model *model, int block, int which, void *d_in, bool
     model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(d_scores, d_out, model_param(model, values),
                     &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
-    /* S again; the row norms it rewrites are the ones forward wrote. */
+    /* dA in place of dS, and S again (forward's, from the kept A and row norms) into probs. */
     model_op_class(model, TF_OP_PATTENTION_NORM);
-    backend->pattention_norm_forward(model->probs, cache->row_norm, cache->scores, rows, n,
-                                     pattention_tau(model, block, which), model->config.eps);
+    backend->pattention_norm_backward(d_scores, model->probs, d_scores, cache->scores, cache->row_norm, rows, n,
+                                      pattention_tau(model, block, which));
     model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(model_grad(model, values), model->probs, d_out,
                     &(tf_matmul_desc){.m = n, .n = dim, .k = rows, .transpose_a = true, .accumulate = true,
                                       .master_output = true});
-    model_op_class(model, TF_OP_PATTENTION_NORM);
-    backend->pattention_norm_backward(d_scores, d_scores, cache->scores, cache->row_norm, rows, n,
-                                      pattention_tau(model, block, which));
-    model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(model_grad(model, keys), d_scores, in,
                     &(tf_matmul_desc){.m = n, .n = dim, .k = rows, .transpose_a = true, .accumulate = true,
                                       .master_output = true});

@@ -144,8 +144,8 @@ void CPU_FN(matmul)(void *c, const void *a, const void *b, const tf_matmul_desc 
 
 void CPU_FN(pattention_norm_forward)(void *s, void *row_norm, const void *a, int rows, int n, float tau,
                                      float eps);
-void CPU_FN(pattention_norm_backward)(void *da, const void *ds, const void *a, const void *row_norm, int rows,
-                                      int n, float tau);
+void CPU_FN(pattention_norm_backward)(void *da, void *s, const void *ds, const void *a, const void *row_norm,
+                                      int rows, int n, float tau);
 
 void CPU_FN(attention_forward)(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                                int tokens, int heads, int head_dim);

@@ -1,7 +1,7 @@
 /* The Pattention normalisation (DESIGN.md section 2): between A = X K^T and out = S V, each row
  * of scores is scaled to a fixed norm and passed through GELU:
  *   r = sqrt(sum_j A_j^2 + eps),  Z = tau A / r,  S = GELU(Z)  (exact erf GELU).
- * The row norms r are kept for backward, which recomputes Z from A rather than storing it.
+ * The row norms r are kept for backward, which recomputes Z and S from A rather than storing them.
  * Row sums are accumulated in double in both builds. */
 #include "kernels/cpu/cpu_real.h"
 
@@ -35,22 +35,24 @@ void CPU_FN(pattention_norm_forward)(void *s_buffer, void *row_norm_buffer, cons
  *        = tau / r (dZ_i - A_i (A . dZ) / r^2),
  * where r^2 includes eps. GELU'(z) = Phi(z) + z phi(z) (cpu_real.h). Two passes per row: the
  * first writes dZ into da and sums A . dZ (in double), the second finishes dA in place. Each
- * element of ds is read before the same element of da is written, so da may be ds. */
-void CPU_FN(pattention_norm_backward)(void *da_buffer, const void *ds_buffer, const void *a_buffer,
+ * element of ds is read before the same element of da is written, so da may be ds. The first
+ * pass also writes S with forward's expression and the kept r, so it is forward's S exactly. */
+void CPU_FN(pattention_norm_backward)(void *da_buffer, void *s_buffer, const void *ds_buffer, const void *a_buffer,
                                       const void *row_norm_buffer, int rows, int n, float tau) {
-    real *da = da_buffer;
+    real *da = da_buffer, *s = s_buffer;
     const real *ds = ds_buffer, *a = a_buffer, *row_norm = row_norm_buffer;
 #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++) {
         const real *a_row = a + (size_t)row * n;
         const real *ds_row = ds + (size_t)row * n;
-        real *da_row = da + (size_t)row * n;
+        real *da_row = da + (size_t)row * n, *s_row = s + (size_t)row * n;
         real r = row_norm[row];
         real scale = (real)tau / r;
         double a_dot_dz = 0.0;
 #pragma omp simd reduction(+ : a_dot_dz)
         for (int j = 0; j < n; j++) {
             real dz = ds_row[j] * cpu_gelu_derivative(scale * a_row[j]);
+            s_row[j] = cpu_gelu(scale * a_row[j]);
             da_row[j] = dz;
             a_dot_dz += (double)a_row[j] * (double)dz;
         }

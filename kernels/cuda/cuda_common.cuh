@@ -267,8 +267,8 @@ void cuda_cutmix_images(void *images, int batch, int channels, int size, int y0,
 void cuda_matmul(void *c, const void *a, const void *b, const tf_matmul_desc *desc);
 /* pattention_norm.cu */
 void cuda_pattention_norm_forward(void *s, void *row_norm, const void *a, int rows, int n, float tau, float eps);
-void cuda_pattention_norm_backward(void *da, const void *ds, const void *a, const void *row_norm, int rows, int n,
-                                   float tau);
+void cuda_pattention_norm_backward(void *da, void *s, const void *ds, const void *a, const void *row_norm, int rows,
+                                   int n, float tau);
 /* attention.cu */
 void cuda_attention_forward(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                             int tokens, int heads, int head_dim);

@@ -7,7 +7,10 @@
  * With dZ = dS GELU'(Z), GELU'(z) = Phi(z) + z phi(z):
  *   dA_j = sum_i dZ_i dZ_i/dA_j = tau / r (dZ_j - A_j (A . dZ) / r^2).
  * One pass reads the row (A and dS) into registers and reduces A . dZ across the warp; the
- * second writes dA from the same registers, so dA may be the dS buffer itself.
+ * second writes dA from the same registers, so dA may be the dS buffer itself. Backward also
+ * writes S = GELU(tau A / r) again, from the kept r: the same float operations as forward, so
+ * the same bits, for the value-token gradient, at the cost of one write instead of a separate
+ * pass that reads A again.
  *
  * The row is held in registers as 16-byte chunks of 8 bf16, spread over one to eight warps
  * (row kernels, cuda_common.cuh). Rows whose width is not a multiple of 8, or wider than 8192,
@@ -56,8 +59,8 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_ker
 }
 
 template <int CHUNKS, int WARPS>
-__global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_kernel(bf16 *da, const bf16 *ds,
-                                                                                       const bf16 *a,
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_kernel(bf16 *da, bf16 *s,
+                                                                                       const bf16 *ds, const bf16 *a,
                                                                                        const float *row_norm,
                                                                                        int rows, int n, float tau) {
     __shared__ float scratch[8];
@@ -76,23 +79,27 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_ke
     }
     float r = active ? row_norm[row] : 1.0f, scale = tau / r;
     float dz[CHUNKS * 8];
+    uint4 raw_s[CHUNKS];
     float dot = 0.0f;
 #pragma unroll
     for (int c = 0; c < CHUNKS; c++) {
-        float x[8], g[8];
+        float x[8], g[8], recomputed[8];
         bf16x8_unpack(raw_a[c], x);
         bf16x8_unpack(raw_ds[c], g);
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             dz[c * 8 + i] = g[i] * gelu_erf_derivative(x[i] * scale);
+            recomputed[i] = gelu_erf(x[i] * scale);
             dot = fmaf(x[i], dz[c * 8 + i], dot);
         }
+        raw_s[c] = bf16x8_pack(recomputed);
     }
     /* Every read of the row happened above, before any write below: da may be ds. */
     dot = row_sum<WARPS>(dot, scratch);
     if (!active) return;
     float coefficient = dot / (r * r);
     uint4 *da_row = reinterpret_cast<uint4 *>(da + (size_t)row * n);
+    uint4 *s_row = reinterpret_cast<uint4 *>(s + (size_t)row * n);
 #pragma unroll
     for (int c = 0; c < CHUNKS; c++) {
         int index = c * 32 * WARPS + t;
@@ -102,6 +109,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_ke
 #pragma unroll
             for (int i = 0; i < 8; i++) out[i] = scale * (dz[c * 8 + i] - x[i] * coefficient);
             da_row[index] = bf16x8_pack(out);
+            s_row[index] = raw_s[c];
         }
     }
 }
@@ -126,7 +134,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_pla
 }
 
 __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_plain_kernel(
-    bf16 *da, const bf16 *ds, const bf16 *a, const float *row_norm, int rows, int n, float tau) {
+    bf16 *da, bf16 *s, const bf16 *ds, const bf16 *a, const float *row_norm, int rows, int n, float tau) {
     int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     const bf16 *a_row = a + (size_t)row * n, *ds_row = ds + (size_t)row * n;
@@ -144,6 +152,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_pl
         float x = bf16_load(a_row + j);
         float dz = bf16_load(ds_row + j) * gelu_erf_derivative(x * scale);
         bf16_store(da + (size_t)row * n + j, scale * (dz - x * coefficient));
+        bf16_store(s + (size_t)row * n + j, gelu_erf(x * scale));
     }
 }
 
@@ -168,19 +177,20 @@ extern "C" void cuda_pattention_norm_forward(void *s, void *row_norm, const void
     LAUNCH_CHECK("pattention_norm_forward_kernel", PATTENTION_SHAPE);
 }
 
-extern "C" void cuda_pattention_norm_backward(void *da, const void *ds, const void *a, const void *row_norm,
-                                              int rows, int n, float tau) {
+extern "C" void cuda_pattention_norm_backward(void *da, void *s, const void *ds, const void *a,
+                                              const void *row_norm, int rows, int n, float tau) {
     if (rows <= 0 || n <= 0) return;
     cudaStream_t stream = cuda_ctx.stream;
-    bf16 *da_ = (bf16 *)da;
+    bf16 *da_ = (bf16 *)da, *s_ = (bf16 *)s;
     const bf16 *ds_ = (const bf16 *)ds, *a_ = (const bf16 *)a;
     const float *r_ = (const float *)row_norm;
-    row_layout layout = plan_row(n, is_aligned16(da) && is_aligned16(ds) && is_aligned16(a));
+    row_layout layout = plan_row(n, is_aligned16(da) && is_aligned16(s) && is_aligned16(ds) && is_aligned16(a));
     unsigned grid = row_grid(rows, layout);
 #define BACKWARD_CASE(C, W)                                                                                        \
-    pattention_norm_backward_kernel<C, W><<<grid, ROW_BLOCK_THREADS, 0, stream>>>(da_, ds_, a_, r_, rows, n, tau);
+    pattention_norm_backward_kernel<C, W>                                                                          \
+        <<<grid, ROW_BLOCK_THREADS, 0, stream>>>(da_, s_, ds_, a_, r_, rows, n, tau);
 #define BACKWARD_PLAIN                                                                                             \
-    pattention_norm_backward_plain_kernel<<<grid, ROW_BLOCK_THREADS, 0, stream>>>(da_, ds_, a_, r_, rows, n, tau);
+    pattention_norm_backward_plain_kernel<<<grid, ROW_BLOCK_THREADS, 0, stream>>>(da_, s_, ds_, a_, r_, rows, n, tau);
     ROW_LAYOUT_SWITCH(layout, BACKWARD_CASE, BACKWARD_PLAIN)
 #undef BACKWARD_CASE
 #undef BACKWARD_PLAIN
