@@ -14,6 +14,7 @@
 #include "common/config.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "common/path.h"
 #include "common/rng.h"
 #include "common/timer.h"
 #include "dataloader/decode.h"
@@ -56,12 +57,6 @@ static tf_status write_file(const char *path, const void *data, size_t size) {
         done += (size_t)wrote;
     }
     if (close(fd) != 0) return tf_fail(TF_ERR_RUNTIME, "%s: close failed: %s", path, strerror(errno));
-    return TF_OK;
-}
-
-static tf_status make_directory(const char *path) {
-    if (mkdir(path, 0755) != 0 && errno != EEXIST)
-        return tf_fail(TF_ERR_RUNTIME, "%s: cannot create directory: %s", path, strerror(errno));
     return TF_OK;
 }
 
@@ -119,17 +114,17 @@ static tf_status start_output(const char *out, char *temporary) {
     int written = snprintf(temporary, TF_PATH_MAX, "%s.tmp", out);
     if (written < 0 || written >= TF_PATH_MAX) return tf_fail(TF_ERR_USAGE, "--out %s: path too long", out);
     TF_TRY(remove_tree(temporary));
-    return make_directory(temporary);
+    return path_make_directories(temporary); /* with its parents: --out data/fmnist may name a new data/ */
 }
 
 static tf_status make_class_folders(const char *temporary, const char *split, const char *const *classes,
                                     int class_count) {
     char path[TF_PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/%s", temporary, split);
-    TF_TRY(make_directory(path));
+    TF_TRY(path_make_directories(path));
     for (int c = 0; c < class_count; c++) {
         snprintf(path, sizeof path, "%s/%s/%s", temporary, split, classes[c]);
-        TF_TRY(make_directory(path));
+        TF_TRY(path_make_directories(path));
     }
     return TF_OK;
 }

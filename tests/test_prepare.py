@@ -122,7 +122,8 @@ def make_photos(directory):
 def test_imagenet_like(binary, scratch):
     photos = os.path.join(scratch, "photos")
     make_photos(photos)
-    outs = [os.path.join(scratch, name) for name in ("inet-a", "inet-b", "inet-c")]
+    # The third lies under folders that do not exist yet: prepare creates them, as mkdir -p would.
+    outs = [os.path.join(scratch, name) for name in ("inet-a", "inet-b", os.path.join("new", "parent", "inet-c"))]
     for out, seed in zip(outs, ("3", "3", "4")):
         code, text = run(binary, "prepare", "imagenet-like", "--out", out, "--count", "100", "--seed", seed,
                          "--source", photos)
