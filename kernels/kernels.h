@@ -131,26 +131,34 @@ struct tf_backend {
                                int heads, int head_dim);
 
     /* ---- LayerNorm over the last dimension, biased variance ----
-     * out = (x - mean) * rstd (* weight + bias). weight, bias: compute [dim] or both NULL
-     * (non-parametric). mean, rstd: master [rows]. */
+     * The residual stream (the tokens between blocks) is a master buffer: in bf16 its rounding at
+     * each of the 2 x depth adds accumulates, and put B/16's attention gradients 1.5x further from
+     * float64 than PyTorch's autocast, which keeps it in fp32. Everything read by a GEMM is compute.
+     * out = xhat (* weight + bias) with xhat = (x - mean) * rstd. x: master [rows, dim];
+     * out: compute; weight, bias: compute [dim] or both NULL (non-parametric); rstd: master
+     * [rows]; mean: master [rows] or NULL (backward does not need it). */
     void (*layernorm_forward)(void *out, void *mean, void *rstd, const void *x, const void *weight,
                               const void *bias, int rows, int dim, float eps);
     /* Residual add fused with the next (non-parametric) LayerNorm:
      * residual_out = residual_in + scale[row / rows_per_sample] * branch;
-     * ln_out = LayerNorm(residual_out). sample_scale: master [rows / rows_per_sample] (drop path:
-     * 0 or 1/keep_prob per sample) or NULL for 1. */
+     * ln_out = LayerNorm(residual_out). residual_in, residual_out: master (residual_out may be
+     * residual_in: the stream updated in place); branch, ln_out: compute; sample_scale: master
+     * [rows / rows_per_sample] (drop path: 0 or 1/keep_prob per sample) or NULL for 1. */
     void (*residual_layernorm_forward)(void *residual_out, void *ln_out, void *mean, void *rstd,
                                        const void *residual_in, const void *branch,
                                        const void *sample_scale, int rows, int dim, int rows_per_sample,
                                        float eps);
-    /* dx += d LayerNorm / dx (dout); dweight, dbias (master, accumulated) may be NULL when weight is. */
-    void (*layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *x,
-                               const void *mean, const void *rstd, const void *weight, int rows, int dim);
+    /* dx += d LayerNorm / dx (dout), from xhat (compute: the output of a non-parametric forward,
+     * which its caller keeps anyway, so the residual stream itself is not kept for backward) and
+     * rstd. dx, dout: compute; dweight, dbias (master, accumulated) may be NULL when weight is. */
+    void (*layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
+                               const void *rstd, const void *weight, int rows, int dim);
 
     /* ---- residual connection with drop path ----
-     * forward: out = residual_in + scale[row / rows_per_sample] * branch (scale NULL: 1).
-     * backward: dbranch = scale[row / rows_per_sample] * dout (the residual's own gradient passes
-     * through unchanged, so it needs no operation). */
+     * forward: out = residual_in + scale[row / rows_per_sample] * branch (scale NULL: 1);
+     * out, residual_in: master (out may be residual_in); branch: compute.
+     * backward: dbranch = scale[row / rows_per_sample] * dout, both compute (the residual's own
+     * gradient passes through unchanged, so it needs no operation). */
     void (*residual_forward)(void *out, const void *residual_in, const void *branch, const void *sample_scale,
                              int rows, int dim, int rows_per_sample);
     void (*residual_backward)(void *dbranch, const void *dout, const void *sample_scale, int rows, int dim,
@@ -162,7 +170,8 @@ struct tf_backend {
      * (channel, y, x) order so that it matches a conv weight [dim, channels, patch, patch]. */
     void (*patch_im2col)(void *patches, const void *images, int batch, int channels, int size, int patch);
     /* x[b, 0] = cls + pos[0]; x[b, 1 + i] = patch_tokens[b, i] + pos[1 + i].
-     * x: compute [batch, 1 + patches, dim]; cls: compute [dim]; pos: compute [1 + patches, dim]. */
+     * x: master [batch, 1 + patches, dim] (the residual stream); patch_tokens, cls [dim], pos
+     * [1 + patches, dim]: compute. */
     void (*tokens_forward)(void *x, const void *patch_tokens, const void *cls, const void *pos, int batch,
                            int patches, int dim);
     /* dpatch_tokens (compute) = dx of the patch positions; dcls, dpos: master, accumulated. */
@@ -171,7 +180,8 @@ struct tf_backend {
 
     /* ---- head ----
      * pool: out[b] = mean over tokens 1..tokens-1 of x[b] (TF_POOL_AVG) or x[b, 0] (TF_POOL_CLS).
-     * x: compute [batch, tokens, dim]; out: compute [batch, dim]. backward overwrites all of dx. */
+     * forward: x, out [batch, dim]: master (the residual stream, and the head LayerNorm's input).
+     * backward: dx [batch, tokens, dim], dout: compute; it overwrites all of dx. */
     void (*token_pool_forward)(void *out, const void *x, int batch, int tokens, int dim, tf_pool pool);
     void (*token_pool_backward)(void *dx, const void *dout, int batch, int tokens, int dim, tf_pool pool);
     /* dbias (master, accumulated) += column sums of dout (compute [rows, dim]). */

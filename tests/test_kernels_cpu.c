@@ -542,13 +542,24 @@ static void test_layernorm_case(int rows, int dim, bool parametric) {
     expect_close_f64(what, mean, expected_mean, rows, F64_BOUND);
     expect_close_f64(what, rstd, expected_rstd, rows, F64_BOUND);
 
-    /* Backward: dx is accumulated into, so start from random values and subtract them. */
+    /* mean is optional: without it, the same out and rstd. */
+    double *out_no_mean = new_f64(count), *rstd_no_mean = new_f64(rows);
+    f64->layernorm_forward(out_no_mean, NULL, rstd_no_mean, x, weight, bias, rows, dim, eps);
+    snprintf(what, sizeof what, "layernorm forward %s %dx%d: mean NULL, same out and rstd", kind, rows, dim);
+    expect_equal_f64(what, out_no_mean, out, count);
+    expect_equal_f64(what, rstd_no_mean, rstd, rows);
+
+    /* Backward reads xhat, the non-parametric forward's output (for a parametric LayerNorm the
+     * caller keeps it by such a pass). dx is accumulated into, so start from random values and
+     * subtract them. */
+    double *xhat = new_f64(count);
+    f64->layernorm_forward(xhat, NULL, new_f64(rows), x, NULL, NULL, rows, dim, eps);
     double *w = random_input(count, 1.0), *dx0 = random_input(count, 1.0), *dx = copy_f64(dx0, count);
     double *dweight0 = parametric ? random_input(dim, 1.0) : NULL,
            *dbias0 = parametric ? random_input(dim, 1.0) : NULL;
     double *dweight = parametric ? copy_f64(dweight0, dim) : NULL,
            *dbias = parametric ? copy_f64(dbias0, dim) : NULL;
-    f64->layernorm_backward(dx, dweight, dbias, w, x, mean, rstd, weight, rows, dim);
+    f64->layernorm_backward(dx, dweight, dbias, w, xhat, rstd, weight, rows, dim);
     for (size_t i = 0; i < count; i++)
         dx[i] -= dx0[i];
     layernorm_context context = {
@@ -570,11 +581,11 @@ static void test_layernorm_case(int rows, int dim, bool parametric) {
     double *once = new_f64(count), *twice = new_f64(count);
     double *dweight_once = new_f64(dim), *dweight_twice = new_f64(dim);
     double *dbias_once = new_f64(dim), *dbias_twice = new_f64(dim);
-    f64->layernorm_backward(once, parametric ? dweight_once : NULL, parametric ? dbias_once : NULL, w, x,
-                            mean, rstd, weight, rows, dim);
+    f64->layernorm_backward(once, parametric ? dweight_once : NULL, parametric ? dbias_once : NULL, w, xhat,
+                            rstd, weight, rows, dim);
     for (int call = 0; call < 2; call++)
         f64->layernorm_backward(twice, parametric ? dweight_twice : NULL, parametric ? dbias_twice : NULL, w,
-                                x, mean, rstd, weight, rows, dim);
+                                xhat, rstd, weight, rows, dim);
     for (size_t i = 0; i < count; i++)
         once[i] *= 2;
     for (int j = 0; j < dim; j++)
@@ -598,9 +609,10 @@ static void test_layernorm_case(int rows, int dim, bool parametric) {
     snprintf(what, sizeof what, "layernorm %s %dx%d fp32 vs fp64: mean, rstd", kind, rows, dim);
     expect_f32_close(what, mean32, mean, rows, F32_BOUND);
     expect_f32_close(what, rstd32, rstd, rows, F32_BOUND);
-    float *dx32 = new_f32(count), *dweight32 = new_f32(dim), *dbias32 = new_f32(dim);
+    float *dx32 = new_f32(count), *dweight32 = new_f32(dim), *dbias32 = new_f32(dim), *xhat32 = new_f32(count);
+    f32->layernorm_forward(xhat32, NULL, new_f32(rows), x32, NULL, NULL, rows, dim, eps);
     f32->layernorm_backward(dx32, parametric ? dweight32 : NULL, parametric ? dbias32 : NULL,
-                            to_f32(w, count), x32, mean32, rstd32, weight32, rows, dim);
+                            to_f32(w, count), xhat32, rstd32, weight32, rows, dim);
     for (size_t i = 0; i < count; i++)
         once[i] /= 2;
     snprintf(what, sizeof what, "layernorm backward %s %dx%d fp32 vs fp64: dx", kind, rows, dim);
@@ -664,7 +676,7 @@ static void test_residual_layernorm(bool with_scale) {
     /* The model's backward chain through it (layernorm_backward, then residual_backward for the
      * branch) against finite differences of sum(w * ln_out) with respect to the branch. */
     double *w = random_input(count, 1.0), *dsum = new_f64(count), *dbranch = new_f64(count);
-    f64->layernorm_backward(dsum, NULL, NULL, w, residual_out, mean, rstd, NULL, rows, dim);
+    f64->layernorm_backward(dsum, NULL, NULL, w, ln_out, rstd, NULL, rows, dim);
     f64->residual_backward(dbranch, dsum, scale, rows, dim, rows_per_sample);
     residual_layernorm_context context = {new_f64(count),
                                           new_f64(count),

@@ -30,7 +30,18 @@ TOLERANCE = 1e-4
 # logits, loss and gradients are checked at DESIGN.md's bf16 bound. The AdamW step works on the fp32
 # master weights with the dump's own gradients and keeps the fp32 bound.
 BF16_TOLERANCE = 1e-2
-AUTOCAST_FACTOR = 1.5
+# Whole-model bf16 gradients are about 1% off float64 in PyTorch's own autocast too, so on CUDA
+# they are held to autocast's error on the same inputs (autocast_errors): each tensor within
+# AUTOCAST_TENSOR_FACTOR times autocast's error for it (or BF16_TOLERANCE), which catches a broken
+# tensor; and the mean and worst over all tensors within AUTOCAST_MEAN_FACTOR and
+# AUTOCAST_WORST_FACTOR times autocast's, which catches a systematic loss of precision. The
+# per-tensor errors of the small cases are noisy: over seeds 2-7 of cls_pool, the same code's
+# ratio to autocast ranged past 1.5 on one to three tensors in two seeds of six, while the mean
+# stayed steady. Our earlier bf16 residual stream (autocast keeps it fp32) had B/16's mean at
+# 1.36x and worst at 1.47x autocast's; with the fp32 stream both are within 1.03x.
+AUTOCAST_TENSOR_FACTOR = 2.0
+AUTOCAST_MEAN_FACTOR = 1.25
+AUTOCAST_WORST_FACTOR = 1.5
 
 # Two configurations. The first is the CPU demo model made shallower; the second exercises the
 # other paths: cls pooling, two heads, token counts that differ from each other and from dim, a
@@ -309,14 +320,19 @@ def compare_case(case: dict, scratch: str, dump: str, device: str):
     bound = TOLERANCE if device == "cpu" else BF16_TOLERANCE
     autocast = autocast_errors(config, params, as_torch, logits, loss) if device == "cuda" else {}
     rows = [("logits", "output.logits", relative_error(bundle["output.logits"], logits.detach()),
-             max(bound, AUTOCAST_FACTOR * autocast.get("logits", 0.0))),
+             max(bound, AUTOCAST_TENSOR_FACTOR * autocast.get("logits", 0.0))),
             ("loss", "output.loss", relative_error(bundle["output.loss"], loss.detach().reshape(1)), bound)]
-    rows += [("grad", name, relative_error(bundle["grad." + name], t.grad),
-              max(bound, AUTOCAST_FACTOR * autocast.get(name, 0.0)))
-             for name, t in params.items()]
+    grads = {name: relative_error(bundle["grad." + name], t.grad) for name, t in params.items()}
+    rows += [("grad", name, error, max(bound, AUTOCAST_TENSOR_FACTOR * autocast.get(name, 0.0)))
+             for name, error in grads.items()]
     if autocast:
-        worst = max((v, k) for k, v in autocast.items())
-        print(f"  PyTorch bf16 autocast on the GPU, same inputs, against float64: worst {worst[1]} {worst[0]:.2e}")
+        theirs = [autocast[name] for name in grads]
+        worst = max((autocast[name], name) for name in grads)
+        print(f"  PyTorch bf16 autocast on the GPU, same inputs, against float64: gradients' mean "
+              f"{sum(theirs) / len(theirs):.2e}, worst {worst[1]} {worst[0]:.2e}")
+        rows += [("grad mean", "(all gradient tensors)", sum(grads.values()) / len(grads),
+                  AUTOCAST_MEAN_FACTOR * sum(theirs) / len(theirs)),
+                 ("grad worst", "(all gradient tensors)", max(grads.values()), AUTOCAST_WORST_FACTOR * worst[0])]
     adamw_rows, adamw_problems = compare_adamw(params, bundle, bundle_meta)
     return rows + adamw_rows, problems + adamw_problems
 
@@ -324,7 +340,7 @@ def compare_case(case: dict, scratch: str, dump: str, device: str):
 def autocast_errors(config, params: dict, as_torch, logits64, loss64) -> dict:
     """What bf16 costs PyTorch itself: the reference model run under torch.autocast(bfloat16) on
     the GPU with the same parameters and inputs, each output's relative error against float64.
-    Our CUDA results may be off by AUTOCAST_FACTOR times that (or BF16_TOLERANCE, the larger):
+    Our CUDA results are held to multiples of these (see AUTOCAST_TENSOR_FACTOR):
     bf16 training is held to what bf16 training in the framework achieves."""
     if not torch.cuda.is_available():
         return {}

@@ -6,7 +6,9 @@
  *
  * LayerNorms are non-parametric. Each residual add is fused with the LayerNorm that follows it:
  * the first add with LN(x'), the second with the next block's first LN, so LN(x) of block 0 is the
- * only standalone one. Drop path multiplies a branch per sample by 0 or 1/keep (model_drop_scales). */
+ * only standalone one. The residual stream x is one fp32 buffer updated in place (kernels.h says
+ * why fp32); backward needs only the LayerNorms' outputs. Drop path multiplies a branch per sample
+ * by 0 or 1/keep (model_drop_scales). */
 #include "vision/layers.h"
 
 #include <stddef.h>
@@ -26,8 +28,8 @@ void block_forward(tf_model *model, int block, int batch, const void *drop_scale
 
     model_op_class(model, TF_OP_LAYERNORM);
     if (block == 0)
-        backend->layernorm_forward(cache->ln1, cache->ln1_mean, cache->ln1_rstd, model->residual[0], NULL, NULL,
-                                   rows, dim, TF_LAYERNORM_EPS);
+        backend->layernorm_forward(cache->ln1, NULL, cache->ln1_rstd, model->residual, NULL, NULL, rows, dim,
+                                   TF_LAYERNORM_EPS);
     pattention_forward(model, block, TF_PATT_Q, cache->q, cache->ln1, rows);
     pattention_forward(model, block, TF_PATT_K, cache->k, cache->ln1, rows);
     pattention_forward(model, block, TF_PATT_V, cache->v, cache->ln1, rows);
@@ -36,22 +38,19 @@ void block_forward(tf_model *model, int block, int batch, const void *drop_scale
                                config->heads, dim / config->heads);
     pattention_forward(model, block, TF_PATT_O, model->branch, cache->attention, rows);
     model_op_class(model, TF_OP_LAYERNORM);
-    backend->residual_layernorm_forward(cache->residual_mid, cache->ln2, cache->ln2_mean, cache->ln2_rstd,
-                                        model->residual[block], model->branch,
-                                        branch_scales(model, drop_scales, block, 0, batch), rows, dim, tokens,
-                                        TF_LAYERNORM_EPS);
+    backend->residual_layernorm_forward(model->residual, cache->ln2, NULL, cache->ln2_rstd, model->residual,
+                                        model->branch, branch_scales(model, drop_scales, block, 0, batch), rows, dim,
+                                        tokens, TF_LAYERNORM_EPS);
 
     pattention_forward(model, block, TF_PATT_FFN, model->branch, cache->ln2, rows);
     const void *ffn_scales = branch_scales(model, drop_scales, block, 1, batch);
     model_op_class(model, TF_OP_LAYERNORM);
     if (block + 1 < config->depth) {
         tf_block_cache *next = &model->blocks[block + 1];
-        backend->residual_layernorm_forward(model->residual[block + 1], next->ln1, next->ln1_mean, next->ln1_rstd,
-                                            cache->residual_mid, model->branch, ffn_scales, rows, dim, tokens,
-                                            TF_LAYERNORM_EPS);
+        backend->residual_layernorm_forward(model->residual, next->ln1, NULL, next->ln1_rstd, model->residual,
+                                            model->branch, ffn_scales, rows, dim, tokens, TF_LAYERNORM_EPS);
     } else {
-        backend->residual_forward(model->residual[block + 1], cache->residual_mid, model->branch, ffn_scales, rows,
-                                  dim, tokens);
+        backend->residual_forward(model->residual, model->residual, model->branch, ffn_scales, rows, dim, tokens);
     }
 }
 
@@ -71,14 +70,14 @@ void block_backward(tf_model *model, int block, int batch, const void *drop_scal
     tf_block_cache *cache = &model->blocks[block];
     int tokens = model->tokens, rows = batch * tokens, dim = config->dim;
 
-    /* FFN branch: residual[block + 1] = residual_mid + s * P_ffn(LN(residual_mid)). */
+    /* FFN branch: x'' = x' + s * P_ffn(LN(x')). */
     const void *d_ffn = branch_gradient(model, branch_scales(model, drop_scales, block, 1, batch), rows);
     pattention_backward(model, block, TF_PATT_FFN, model->d_ln, false, d_ffn, cache->ln2, rows);
     model_op_class(model, TF_OP_LAYERNORM);
-    backend->layernorm_backward(model->d_residual, NULL, NULL, model->d_ln, cache->residual_mid, cache->ln2_mean,
-                                cache->ln2_rstd, NULL, rows, dim);
+    backend->layernorm_backward(model->d_residual, NULL, NULL, model->d_ln, cache->ln2, cache->ln2_rstd, NULL, rows,
+                                dim);
 
-    /* Attention branch: residual_mid = residual[block] + s * P_o(MHSA(P_q(y), P_k(y), P_v(y))). */
+    /* Attention branch: x' = x + s * P_o(MHSA(P_q(y), P_k(y), P_v(y))), y = LN(x). */
     const void *d_out = branch_gradient(model, branch_scales(model, drop_scales, block, 0, batch), rows);
     pattention_backward(model, block, TF_PATT_O, model->d_attention, false, d_out, cache->attention, rows);
     model_op_class(model, TF_OP_ATTENTION);
@@ -89,6 +88,6 @@ void block_backward(tf_model *model, int block, int batch, const void *drop_scal
     pattention_backward(model, block, TF_PATT_K, model->d_ln, true, model->d_k, cache->ln1, rows);
     pattention_backward(model, block, TF_PATT_V, model->d_ln, true, model->d_v, cache->ln1, rows);
     model_op_class(model, TF_OP_LAYERNORM);
-    backend->layernorm_backward(model->d_residual, NULL, NULL, model->d_ln, model->residual[block], cache->ln1_mean,
-                                cache->ln1_rstd, NULL, rows, dim);
+    backend->layernorm_backward(model->d_residual, NULL, NULL, model->d_ln, cache->ln1, cache->ln1_rstd, NULL, rows,
+                                dim);
 }

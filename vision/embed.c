@@ -15,7 +15,7 @@ void embed_forward(tf_model *model, int batch) {
     backend->matmul(model->patch_tokens, model->patch_rows, model_param(model, layout->patch_weight),
                     &(tf_matmul_desc){.m = batch * model->patches, .n = config->dim, .k = patch_size,
                                       .transpose_b = true, .bias = model_param(model, layout->patch_bias)});
-    backend->tokens_forward(model->residual[0], model->patch_tokens, model_param(model, layout->cls_token),
+    backend->tokens_forward(model->residual, model->patch_tokens, model_param(model, layout->cls_token),
                             model_param(model, layout->pos_embed), batch, model->patches, config->dim);
 }
 

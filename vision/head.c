@@ -9,11 +9,15 @@ void head_forward(tf_model *model, int batch) {
     const tf_param_layout *layout = &model->layout;
     model_op_class(model, TF_OP_OTHER);
 
-    backend->token_pool_forward(model->pooled, model->residual[config->depth], batch, model->tokens, config->dim,
-                                config->pool);
-    backend->layernorm_forward(model->head_ln, model->head_ln_mean, model->head_ln_rstd, model->pooled,
+    backend->token_pool_forward(model->pooled, model->residual, batch, model->tokens, config->dim, config->pool);
+    backend->layernorm_forward(model->head_ln, NULL, model->head_ln_rstd, model->pooled,
                                model_param(model, layout->fc_norm_weight), model_param(model, layout->fc_norm_bias),
                                batch, config->dim, TF_LAYERNORM_EPS);
+    /* fc_norm's backward reads its normalised input, which the parametric output is not: a second,
+     * non-parametric pass over [batch, dim] keeps it (it rewrites the same rstd). */
+    if (model->training)
+        backend->layernorm_forward(model->head_xhat, NULL, model->head_ln_rstd, model->pooled, NULL, NULL, batch,
+                                   config->dim, TF_LAYERNORM_EPS);
     /* fp32 logits, so the loss and its gradient see them unrounded; the bias then is the master one. */
     backend->matmul(model->logits, model->head_ln, model_param(model, layout->head_weight),
                     &(tf_matmul_desc){.m = batch, .n = config->classes, .k = config->dim, .transpose_b = true,
@@ -36,8 +40,7 @@ void head_backward(tf_model *model, int batch) {
     /* layernorm_backward adds into its dx, and d_pooled has no other contribution. */
     backend->zero(model->d_pooled, (size_t)batch * dim * tf_dtype_size(backend->compute_dtype));
     backend->layernorm_backward(model->d_pooled, model_grad(model, layout->fc_norm_weight),
-                                model_grad(model, layout->fc_norm_bias), model->d_head_ln, model->pooled,
-                                model->head_ln_mean, model->head_ln_rstd, model_param(model, layout->fc_norm_weight),
-                                batch, dim);
+                                model_grad(model, layout->fc_norm_bias), model->d_head_ln, model->head_xhat,
+                                model->head_ln_rstd, model_param(model, layout->fc_norm_weight), batch, dim);
     backend->token_pool_backward(model->d_residual, model->d_pooled, batch, model->tokens, dim, config->pool);
 }

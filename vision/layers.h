@@ -23,6 +23,7 @@ const void *model_param(const tf_model *model, int tensor);
 const void *model_master_param(const tf_model *model, int tensor);
 void *model_grad(const tf_model *model, int tensor);
 
+/* images -> model->residual (the tokens, fp32). */
 void embed_forward(tf_model *model, int batch);
 /* Reads model->d_residual (d loss / d tokens). */
 void embed_backward(tf_model *model, int batch);
@@ -33,13 +34,14 @@ void pattention_forward(tf_model *model, int block, int which, void *out, const 
 void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,
                          const void *in, int rows);
 
-/* Block `block` from model->residual[block] to model->residual[block + 1]. drop_scales: the
- * master buffer [depth, 2, batch], or NULL. */
+/* Block `block`: model->residual (its input) becomes its output, in place; it also writes the
+ * next block's LN(x) (or, for the last block, nothing more). drop_scales: the master buffer
+ * [depth, 2, batch], or NULL. */
 void block_forward(tf_model *model, int block, int batch, const void *drop_scales);
-/* model->d_residual: d loss / d residual[block + 1] on entry, d loss / d residual[block] on return. */
+/* model->d_residual: d loss / d the block's output on entry, d loss / d its input on return. */
 void block_backward(tf_model *model, int block, int batch, const void *drop_scales);
 
-/* residual[depth] -> logits. */
+/* model->residual (the last block's output) -> logits. */
 void head_forward(tf_model *model, int batch);
 /* d_logits -> d_residual (overwritten) and the head's gradients. */
 void head_backward(tf_model *model, int batch);

@@ -29,7 +29,6 @@ static void plan_block_cache(tf_block_cache *cache, const tf_model_config *confi
                              arena *master) {
     size_t dim = (size_t)config->dim;
     cache->ln1 = arena_take(compute, rows * dim);
-    cache->ln1_mean = arena_take(master, rows);
     cache->ln1_rstd = arena_take(master, rows);
     for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++) {
         size_t n = (size_t)(which == TF_PATT_FFN ? config->n_ffn : config->n_attn);
@@ -41,9 +40,7 @@ static void plan_block_cache(tf_block_cache *cache, const tf_model_config *confi
     cache->v = arena_take(compute, rows * dim);
     cache->attention = arena_take(compute, rows * dim);
     cache->attention_lse = arena_take(master, rows * (size_t)config->heads);
-    cache->residual_mid = arena_take(compute, rows * dim);
     cache->ln2 = arena_take(compute, rows * dim);
-    cache->ln2_mean = arena_take(master, rows);
     cache->ln2_rstd = arena_take(master, rows);
 }
 
@@ -60,6 +57,7 @@ static void plan_backward(tf_model *model, size_t rows, size_t patch_rows, size_
     model->d_attention = arena_take(compute, rows * dim);
     model->d_scores = arena_take(compute, rows * max_tokens);
     model->d_pooled = arena_take(compute, batch * dim);
+    model->head_xhat = arena_take(compute, batch * dim);
     model->d_head_ln = arena_take(compute, batch * dim);
     model->d_logits = arena_take(compute, batch * (size_t)config->classes);
     model->d_patch_tokens = arena_take(compute, patch_rows * dim);
@@ -82,9 +80,7 @@ static void plan_buffers(tf_model *model, arena *compute, arena *master) {
     model->images = arena_take(compute, batch * image);
     model->patch_rows = arena_take(compute, patch_rows * patch_size);
     model->patch_tokens = arena_take(compute, patch_rows * dim);
-    /* Without training a block's input is not needed after it ran: two buffers take turns. */
-    for (int l = 0; l <= config->depth; l++)
-        model->residual[l] = model->training || l < 2 ? arena_take(compute, rows * dim) : model->residual[l % 2];
+    model->residual = arena_take(master, rows * dim);
     for (int l = 0; l < config->depth; l++) {
         if (model->training || l == 0)
             plan_block_cache(&model->blocks[l], config, rows, compute, master);
@@ -93,9 +89,8 @@ static void plan_buffers(tf_model *model, arena *compute, arena *master) {
     }
     model->branch = arena_take(compute, rows * dim);
     model->probs = arena_take(compute, rows * max_tokens);
-    model->pooled = arena_take(compute, batch * dim);
+    model->pooled = arena_take(master, batch * dim);
     model->head_ln = arena_take(compute, batch * dim);
-    model->head_ln_mean = arena_take(master, batch);
     model->head_ln_rstd = arena_take(master, batch);
     model->logits = arena_take(master, batch * (size_t)config->classes);
     model->drop_scales = arena_take(master, (size_t)config->depth * 2 * batch);
@@ -130,10 +125,9 @@ tf_status model_create(tf_model *model, const tf_model_config *config, const tf_
     model->tokens = 1 + model->patches;
     TF_TRY(param_layout_build(&model->layout, config));
 
-    model->residual = calloc((size_t)config->depth + 1, sizeof *model->residual);
     model->blocks = calloc((size_t)config->depth, sizeof *model->blocks);
     model->host_losses = calloc((size_t)max_batch, sizeof *model->host_losses);
-    if (!model->residual || !model->blocks || !model->host_losses) return tf_fail(TF_ERR_RUNTIME, "out of memory for the model tables");
+    if (!model->blocks || !model->host_losses) return tf_fail(TF_ERR_RUNTIME, "out of memory for the model tables");
 
     size_t master_size = tf_dtype_size(backend->master_dtype), compute_size = tf_dtype_size(backend->compute_dtype);
     size_t total = model->layout.total;
@@ -147,7 +141,7 @@ tf_status model_create(tf_model *model, const tf_model_config *config, const tf_
     arena compute = {0, 0, compute_size}, master = {0, 0, master_size};
     plan_buffers(model, &compute, &master);
     TF_TRY(backend->alloc(&model->compute_arena, compute.used, "activations"));
-    TF_TRY(backend->alloc(&model->master_arena, master.used, "activation statistics"));
+    TF_TRY(backend->alloc(&model->master_arena, master.used, "activations (master dtype)"));
     model->compute_arena_bytes = compute.used;
     model->master_arena_bytes = master.used;
     compute = (arena){(uintptr_t)model->compute_arena, 0, compute_size};
@@ -165,7 +159,6 @@ void model_destroy(tf_model *model) {
         backend->free(model->compute_arena);
         backend->free(model->master_arena);
     }
-    free(model->residual);
     free(model->blocks);
     free(model->host_losses);
     param_layout_free(&model->layout);

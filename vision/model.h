@@ -55,14 +55,14 @@ typedef struct {
     void *row_norm; /* master [rows] */
 } tf_pattention_cache;
 
-/* What one block keeps from forward for backward. Its input is model->residual[l]. */
+/* What one block keeps from forward for backward. The residual stream itself is not kept: the
+ * LayerNorms' backward needs only their outputs (xhat) and rstd. */
 typedef struct {
-    void *ln1, *ln1_mean, *ln1_rstd;           /* LN(x) and its statistics */
+    void *ln1, *ln1_rstd;                      /* LN(x): compute [rows, dim]; rstd master [rows] */
     tf_pattention_cache patt[TF_PATTENTIONS_PER_BLOCK];
     void *q, *k, *v;                           /* compute [rows, dim] */
     void *attention, *attention_lse;           /* softmax attention output; lse master [B, H, T] */
-    void *residual_mid;                        /* x + drop_path(P_o(attention)) */
-    void *ln2, *ln2_mean, *ln2_rstd;
+    void *ln2, *ln2_rstd;                      /* LN(x + drop_path(P_o(attention))) */
 } tf_block_cache;
 
 typedef struct {
@@ -85,11 +85,13 @@ typedef struct {
     void *images;       /* compute [B, C, S, S]: normalised */
     void *patch_rows;   /* compute [B * patches, C p p] */
     void *patch_tokens; /* compute [B * patches, dim] */
-    void **residual;    /* depth + 1 buffers, compute [B * tokens, dim] */
+    void *residual;     /* master [B * tokens, dim]: the residual stream, updated in place by each block */
     tf_block_cache *blocks;
     void *branch;       /* compute [B * tokens, dim]: P_o or FFN output before the residual add */
     void *probs;        /* compute [B * tokens, max(n_attn, n_ffn)]: S of the Pattention at hand */
-    void *pooled, *head_ln, *head_ln_mean, *head_ln_rstd;
+    void *pooled;       /* master [B, dim] */
+    void *head_ln, *head_ln_rstd;
+    void *head_xhat;    /* compute [B, dim]: fc_norm's normalised input, for its backward (training) */
     void *logits;       /* master [B, classes]: the softmax of bf16 logits would be 1% off */
     void *drop_scales;  /* master [depth, 2, B] */
     void *targets;      /* master [B, classes] */

@@ -158,8 +158,8 @@ void CPU_FN(layernorm_forward)(void *out, void *mean, void *rstd, const void *x,
 void CPU_FN(residual_layernorm_forward)(void *residual_out, void *ln_out, void *mean, void *rstd,
                                         const void *residual_in, const void *branch, const void *sample_scale,
                                         int rows, int dim, int rows_per_sample, float eps);
-void CPU_FN(layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *x,
-                                const void *mean, const void *rstd, const void *weight, int rows, int dim);
+void CPU_FN(layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
+                                const void *rstd, const void *weight, int rows, int dim);
 
 void CPU_FN(residual_forward)(void *out, const void *residual_in, const void *branch,
                               const void *sample_scale, int rows, int dim, int rows_per_sample);

@@ -3,10 +3,11 @@
  *   xhat = (x - mean) rstd,  out = xhat (* weight + bias).
  * The block LayerNorms are non-parametric and come fused with the residual add before them
  * (residual_layernorm_forward); the head's fc_norm has weight and bias. Row statistics are summed
- * in double (two passes, so no cancellation in the variance) and kept for backward. */
+ * in double (two passes, so no cancellation in the variance); rstd is kept for backward, which
+ * reads xhat (the caller keeps it) rather than x. */
 #include "kernels/cpu/cpu_real.h"
 
-/* Normalises one row and stores its statistics; out may be x. */
+/* Normalises one row and stores its statistics (mean_out may be NULL); out may be x. */
 static void normalize_row(real *out, real *mean_out, real *rstd_out, const real *x, const real *weight,
                           const real *bias, int dim, float eps) {
     double sum = 0.0;
@@ -20,7 +21,7 @@ static void normalize_row(real *out, real *mean_out, real *rstd_out, const real 
         squares += ((double)x[j] - mean) * ((double)x[j] - mean);
     real rstd = (real)(1.0 / sqrt(squares / dim + (double)eps));
     real mean_real = (real)mean;
-    *mean_out = mean_real;
+    if (mean_out) *mean_out = mean_real;
     *rstd_out = rstd;
     if (weight) {
 #pragma omp simd
@@ -39,8 +40,8 @@ void CPU_FN(layernorm_forward)(void *out_buffer, void *mean_buffer, void *rstd_b
     const real *x = x_buffer;
 #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++)
-        normalize_row(out + (size_t)row * dim, mean + row, rstd + row, x + (size_t)row * dim, weight, bias,
-                      dim, eps);
+        normalize_row(out + (size_t)row * dim, mean ? mean + row : NULL, rstd + row, x + (size_t)row * dim, weight,
+                      bias, dim, eps);
 }
 
 /* residual_out = residual_in + scale[sample] branch, then its non-parametric LayerNorm.
@@ -62,42 +63,41 @@ void CPU_FN(residual_layernorm_forward)(void *residual_out_buffer, void *ln_out_
 #pragma omp simd
         for (int j = 0; j < dim; j++)
             sum_row[j] = in_row[j] + scale * branch_row[j];
-        normalize_row(ln_out + offset, mean + row, rstd + row, sum_row, NULL, NULL, dim, eps);
+        normalize_row(ln_out + offset, mean ? mean + row : NULL, rstd + row, sum_row, NULL, NULL, dim, eps);
     }
 }
 
-/* Backward. With g = dout (* weight) the gradient reaching xhat, and xhat = (x - mean) rstd,
+/* Backward, from xhat = (x - mean) rstd as forward computed it (for the blocks, their LayerNorm
+ * output). With g = dout (* weight) the gradient reaching xhat,
  *   dx = rstd (g - mean_j(g) - xhat mean_j(g xhat)),
  *   dweight += sum_rows dout xhat,  dbias += sum_rows dout.
  * dx is accumulated (+=), as the residual stream's gradient arrives there too. The parameter
  * gradients are column sums, done in a second pass split by columns so that threads do not
  * write the same elements. */
 void CPU_FN(layernorm_backward)(void *dx_buffer, void *dweight_buffer, void *dbias_buffer,
-                                const void *dout_buffer, const void *x_buffer, const void *mean_buffer,
-                                const void *rstd_buffer, const void *weight_buffer, int rows, int dim) {
+                                const void *dout_buffer, const void *xhat_buffer, const void *rstd_buffer,
+                                const void *weight_buffer, int rows, int dim) {
     real *dx = dx_buffer, *dweight = dweight_buffer, *dbias = dbias_buffer;
-    const real *dout = dout_buffer, *x = x_buffer, *mean = mean_buffer, *rstd = rstd_buffer;
+    const real *dout = dout_buffer, *xhat = xhat_buffer, *rstd = rstd_buffer;
     const real *weight = weight_buffer;
 #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++) {
         size_t offset = (size_t)row * dim;
-        const real *dout_row = dout + offset, *x_row = x + offset;
+        const real *dout_row = dout + offset, *xhat_row = xhat + offset;
         real *dx_row = dx + offset;
-        real row_mean = mean[row], row_rstd = rstd[row];
+        real row_rstd = rstd[row];
         double sum_g = 0.0, sum_g_xhat = 0.0;
 #pragma omp simd reduction(+ : sum_g, sum_g_xhat)
         for (int j = 0; j < dim; j++) {
             real g = weight ? dout_row[j] * weight[j] : dout_row[j];
-            real xhat = (x_row[j] - row_mean) * row_rstd;
             sum_g += g;
-            sum_g_xhat += (double)g * (double)xhat;
+            sum_g_xhat += (double)g * (double)xhat_row[j];
         }
         real mean_g = (real)(sum_g / dim), mean_g_xhat = (real)(sum_g_xhat / dim);
 #pragma omp simd
         for (int j = 0; j < dim; j++) {
             real g = weight ? dout_row[j] * weight[j] : dout_row[j];
-            real xhat = (x_row[j] - row_mean) * row_rstd;
-            dx_row[j] += row_rstd * (g - mean_g - xhat * mean_g_xhat);
+            dx_row[j] += row_rstd * (g - mean_g - xhat_row[j] * mean_g_xhat);
         }
     }
     if (!dweight && !dbias) return;
@@ -108,11 +108,10 @@ void CPU_FN(layernorm_backward)(void *dx_buffer, void *dweight_buffer, void *dbi
         double sum_dout_xhat[COLUMN_BLOCK] = {0}, sum_dout[COLUMN_BLOCK] = {0};
         for (int row = 0; row < rows; row++) {
             const real *dout_row = dout + (size_t)row * dim + column0,
-                       *x_row = x + (size_t)row * dim + column0;
-            real row_mean = mean[row], row_rstd = rstd[row];
+                       *xhat_row = xhat + (size_t)row * dim + column0;
 #pragma omp simd
             for (int j = 0; j < width; j++) {
-                sum_dout_xhat[j] += (double)dout_row[j] * (double)((x_row[j] - row_mean) * row_rstd);
+                sum_dout_xhat[j] += (double)dout_row[j] * (double)xhat_row[j];
                 sum_dout[j] += dout_row[j];
             }
         }

@@ -109,15 +109,26 @@ __device__ __forceinline__ uint4 bf16x8_pack(const float in[8]) {
     return raw;
 }
 
+/* The same unit, 8 elements, of an fp32 buffer (the residual stream): chunk `index` of a row is
+ * two 16-byte loads or stores. */
+__device__ __forceinline__ void f32x8_load(const float *row, int index, float out[8]) {
+    const float4 *p = reinterpret_cast<const float4 *>(row) + 2 * index;
+    float4 a = p[0], b = p[1];
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+    out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+
+__device__ __forceinline__ void f32x8_store(float *row, int index, const float in[8]) {
+    float4 *p = reinterpret_cast<float4 *>(row) + 2 * index;
+    p[0] = make_float4(in[0], in[1], in[2], in[3]);
+    p[1] = make_float4(in[4], in[5], in[6], in[7]);
+}
+
 __device__ __forceinline__ float bf16_load(const bf16 *p) {
     return __bfloat162float(*p);
 }
 __device__ __forceinline__ void bf16_store(bf16 *p, float v) {
     *p = __float2bfloat16(v);
-}
-/* Rounds to bf16 and back: the value a bf16 buffer would hold. */
-__device__ __forceinline__ float bf16_round(float v) {
-    return __bfloat162float(__float2bfloat16(v));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -281,8 +292,8 @@ void cuda_layernorm_forward(void *out, void *mean, void *rstd, const void *x, co
 void cuda_residual_layernorm_forward(void *residual_out, void *ln_out, void *mean, void *rstd,
                                      const void *residual_in, const void *branch, const void *sample_scale,
                                      int rows, int dim, int rows_per_sample, float eps);
-void cuda_layernorm_backward(void *dx, void *dweight, void *dbias, const void *dout, const void *x,
-                             const void *mean, const void *rstd, const void *weight, int rows, int dim);
+void cuda_layernorm_backward(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
+                             const void *rstd, const void *weight, int rows, int dim);
 /* residual.cu */
 void cuda_residual_forward(void *out, const void *residual_in, const void *branch, const void *sample_scale,
                            int rows, int dim, int rows_per_sample);

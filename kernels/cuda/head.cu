@@ -1,5 +1,6 @@
 /* The head's pooling and the bias gradient of every linear layer.
- *   pool forward:  out[b] = mean of x[b, 1..tokens-1] (TF_POOL_AVG) or x[b, 0] (TF_POOL_CLS)
+ *   pool forward:  out[b] = mean of x[b, 1..tokens-1] (TF_POOL_AVG) or x[b, 0] (TF_POOL_CLS),
+ *                  fp32 in and out (the residual stream and the head LayerNorm's input)
  *   pool backward: dx[b, t] = dout[b] / (tokens - 1) for t >= 1 and 0 at t = 0 (avg), or
  *                  dout[b] at t = 0 and 0 elsewhere (cls); all of dx is written.
  *   bias backward: dbias (fp32, accumulated) += column sums of dout: blocks of columns x slabs of
@@ -7,19 +8,19 @@
 #include "kernels/cuda/cuda_common.cuh"
 
 /* One thread per (b, d): the mean over tokens (coalesced along d). */
-__global__ void token_pool_forward_kernel(bf16 *out, const bf16 *x, int batch, int tokens, int dim, int cls) {
+__global__ void token_pool_forward_kernel(float *out, const float *x, int batch, int tokens, int dim, int cls) {
     size_t count = (size_t)batch * dim;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
         size_t b = i / dim;
         int d = (int)(i % dim);
-        const bf16 *sample = x + b * tokens * dim + d;
+        const float *sample = x + b * tokens * dim + d;
         if (cls) {
             out[i] = sample[0];
             continue;
         }
         float sum = 0.0f;
-        for (int t = 1; t < tokens; t++) sum += bf16_load(sample + (size_t)t * dim);
-        bf16_store(out + i, tokens > 1 ? sum / (tokens - 1) : 0.0f);
+        for (int t = 1; t < tokens; t++) sum += sample[(size_t)t * dim];
+        out[i] = tokens > 1 ? sum / (tokens - 1) : 0.0f;
     }
 }
 
@@ -41,7 +42,7 @@ extern "C" void cuda_token_pool_forward(void *out, const void *x, int batch, int
     if (batch <= 0 || dim <= 0) return;
     size_t count = (size_t)batch * dim;
     token_pool_forward_kernel<<<grid_for(count, 256), 256, 0, cuda_ctx.stream>>>(
-        (bf16 *)out, (const bf16 *)x, batch, tokens, dim, pool == TF_POOL_CLS);
+        (float *)out, (const float *)x, batch, tokens, dim, pool == TF_POOL_CLS);
     LAUNCH_CHECK("token_pool_forward_kernel", "batch %d tokens %d dim %d pool %d", batch, tokens, dim, (int)pool);
 }
 

@@ -2,24 +2,25 @@
  * parametric at the head (fc_norm), with the residual add of the block fused into the next
  * LayerNorm:
  *   forward:  xhat = (x - mean) rstd,  rstd = 1 / sqrt(var + eps),  out = xhat (* w + b)
- *   residual: x = residual_in + scale[sample] branch (kept, rounded to bf16, as residual_out:
- *             the LayerNorm is of the stored value, which is what backward reads)
+ *   residual: x = residual_in + scale[sample] branch, written back as residual_out (fp32)
  *   backward: with g = dout (* w),
  *             dx += rstd (g - mean(g) - xhat mean(g xhat)),
  *             dw += sum over rows of dout xhat,  db += sum over rows of dout.
- * Statistics (mean, rstd) are fp32; the row is read once into registers (row kernels,
- * cuda_common.cuh), and the mean and variance are two reductions over those registers (no
- * E[x^2] - E[x]^2 cancellation). dw and db are summed in registers over the rows a block
- * visits, then added to the fp32 master gradients with one atomic per column per block. */
+ * x and the residual stream are fp32 (kernels.h says why), out and everything of backward bf16;
+ * backward reads xhat, not x. Statistics are fp32; the row is read once into registers (row
+ * kernels, cuda_common.cuh: chunks of 8 elements), and the mean and variance are two reductions
+ * over those registers (no E[x^2] - E[x]^2 cancellation). dw and db are summed in registers over
+ * the rows a block visits, then added to the fp32 master gradients with one atomic per column
+ * per block. */
 #include "kernels/cuda/cuda_common.cuh"
 
 typedef struct {
     bf16 *out;
-    float *mean, *rstd;
-    const bf16 *x; /* the input, or residual_in */
+    float *mean, *rstd; /* mean may be NULL */
+    const float *x;     /* the input, or residual_in */
     const bf16 *branch;
     const float *sample_scale;
-    bf16 *residual_out;
+    float *residual_out;
     int rows_per_sample;
     const bf16 *weight, *bias;
     int rows, dim;
@@ -33,16 +34,20 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_forward_kernel(la
     bool active = row < args.rows;
     int chunks = args.dim >> 3;
     size_t row_offset = (size_t)row * args.dim;
-    const uint4 *x_row = reinterpret_cast<const uint4 *>(args.x + row_offset);
+    const float *x_row = args.x + row_offset;
     float x[CHUNKS][8];
 #pragma unroll
     for (int c = 0; c < CHUNKS; c++) {
         int index = c * 32 * WARPS + t;
-        bf16x8_unpack(active && index < chunks ? x_row[index] : make_uint4(0, 0, 0, 0), x[c]);
+        if (active && index < chunks)
+            f32x8_load(x_row, index, x[c]);
+        else
+#pragma unroll
+            for (int i = 0; i < 8; i++) x[c][i] = 0.0f;
     }
     if (RESIDUAL) {
         const uint4 *branch_row = reinterpret_cast<const uint4 *>(args.branch + row_offset);
-        uint4 *residual_row = reinterpret_cast<uint4 *>(args.residual_out + row_offset);
+        float *residual_row = args.residual_out + row_offset;
         float scale = active && args.sample_scale ? args.sample_scale[row / args.rows_per_sample] : 1.0f;
 #pragma unroll
         for (int c = 0; c < CHUNKS; c++) {
@@ -51,8 +56,8 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_forward_kernel(la
                 float branch[8];
                 bf16x8_unpack(branch_row[index], branch);
 #pragma unroll
-                for (int i = 0; i < 8; i++) x[c][i] = bf16_round(fmaf(scale, branch[i], x[c][i]));
-                residual_row[index] = bf16x8_pack(x[c]);
+                for (int i = 0; i < 8; i++) x[c][i] = fmaf(scale, branch[i], x[c][i]);
+                f32x8_store(residual_row, index, x[c]);
             }
         }
     }
@@ -76,7 +81,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_forward_kernel(la
     float rstd = rsqrtf(row_sum<WARPS>(squares, scratch_var) / args.dim + args.eps);
     if (!active) return;
     if (t == 0) {
-        args.mean[row] = mean;
+        if (args.mean) args.mean[row] = mean;
         args.rstd[row] = rstd;
     }
     uint4 *out_row = reinterpret_cast<uint4 *>(args.out + row_offset);
@@ -104,30 +109,29 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_forward_plain_ker
     int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= args.rows) return;
     size_t row_offset = (size_t)row * args.dim;
-    const bf16 *x = args.x + row_offset;
+    const float *x = args.x + row_offset;
     if (args.branch) {
         float scale = args.sample_scale ? args.sample_scale[row / args.rows_per_sample] : 1.0f;
         for (int j = lane; j < args.dim; j += 32)
-            bf16_store(args.residual_out + row_offset + j,
-                       fmaf(scale, bf16_load(args.branch + row_offset + j), bf16_load(x + j)));
+            args.residual_out[row_offset + j] = fmaf(scale, bf16_load(args.branch + row_offset + j), x[j]);
         __syncwarp(); /* the sums below read what the lanes stored */
         x = args.residual_out + row_offset;
     }
     float sum = 0.0f;
-    for (int j = lane; j < args.dim; j += 32) sum += bf16_load(x + j);
+    for (int j = lane; j < args.dim; j += 32) sum += x[j];
     float mean = warp_sum(sum) / args.dim;
     float squares = 0.0f;
     for (int j = lane; j < args.dim; j += 32) {
-        float d = bf16_load(x + j) - mean;
+        float d = x[j] - mean;
         squares = fmaf(d, d, squares);
     }
     float rstd = rsqrtf(warp_sum(squares) / args.dim + args.eps);
     if (lane == 0) {
-        args.mean[row] = mean;
+        if (args.mean) args.mean[row] = mean;
         args.rstd[row] = rstd;
     }
     for (int j = lane; j < args.dim; j += 32) {
-        float y = (bf16_load(x + j) - mean) * rstd;
+        float y = (x[j] - mean) * rstd;
         if (args.weight) y = fmaf(y, bf16_load(args.weight + j), bf16_load(args.bias + j));
         bf16_store(args.out + row_offset + j, y);
     }
@@ -162,7 +166,7 @@ extern "C" void cuda_layernorm_forward(void *out, void *mean, void *rstd, const 
     args.out = (bf16 *)out;
     args.mean = (float *)mean;
     args.rstd = (float *)rstd;
-    args.x = (const bf16 *)x;
+    args.x = (const float *)x;
     args.weight = (const bf16 *)weight;
     args.bias = (const bf16 *)bias;
     args.rows = rows;
@@ -181,10 +185,10 @@ extern "C" void cuda_residual_layernorm_forward(void *residual_out, void *ln_out
     args.out = (bf16 *)ln_out;
     args.mean = (float *)mean;
     args.rstd = (float *)rstd;
-    args.x = (const bf16 *)residual_in;
+    args.x = (const float *)residual_in;
     args.branch = (const bf16 *)branch;
     args.sample_scale = (const float *)sample_scale;
-    args.residual_out = (bf16 *)residual_out;
+    args.residual_out = (float *)residual_out;
     args.rows_per_sample = rows_per_sample > 0 ? rows_per_sample : 1;
     args.rows = rows;
     args.dim = dim;
@@ -198,8 +202,8 @@ extern "C" void cuda_residual_layernorm_forward(void *residual_out, void *ln_out
 typedef struct {
     bf16 *dx;
     float *dweight, *dbias;
-    const bf16 *dout, *x;
-    const float *mean, *rstd;
+    const bf16 *dout, *xhat;
+    const float *rstd;
     const bf16 *weight;
     int rows, dim;
 } layernorm_backward_args;
@@ -229,19 +233,19 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_backward_kernel(l
         for (int c = 0; c < CHUNKS; c++) {
             int index = c * 32 * WARPS + t;
             bool load = active && index < chunks;
-            bf16x8_unpack(load ? reinterpret_cast<const uint4 *>(args.x + row_offset)[index] : make_uint4(0, 0, 0, 0),
+            bf16x8_unpack(load ? reinterpret_cast<const uint4 *>(args.xhat + row_offset)[index]
+                               : make_uint4(0, 0, 0, 0),
                           x[c]);
             bf16x8_unpack(load ? reinterpret_cast<const uint4 *>(args.dout + row_offset)[index]
                                : make_uint4(0, 0, 0, 0),
                           dy[c]);
         }
-        float mean = active ? args.mean[row] : 0.0f, rstd = active ? args.rstd[row] : 0.0f;
+        float rstd = active ? args.rstd[row] : 0.0f;
         float sum_g = 0.0f, sum_gx = 0.0f;
 #pragma unroll
         for (int c = 0; c < CHUNKS; c++)
 #pragma unroll
             for (int i = 0; i < 8; i++) {
-                x[c][i] = (x[c][i] - mean) * rstd; /* now xhat */
                 float g = AFFINE ? dy[c][i] * w[c][i] : dy[c][i];
                 sum_g += g;
                 sum_gx = fmaf(g, x[c][i], sum_gx);
@@ -288,17 +292,17 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_backward_plain_ke
     int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= args.rows) return;
     size_t row_offset = (size_t)row * args.dim;
-    float mean = args.mean[row], rstd = args.rstd[row];
+    float rstd = args.rstd[row];
     float sum_g = 0.0f, sum_gx = 0.0f;
     for (int j = lane; j < args.dim; j += 32) {
-        float xhat = (bf16_load(args.x + row_offset + j) - mean) * rstd;
+        float xhat = bf16_load(args.xhat + row_offset + j);
         float g = bf16_load(args.dout + row_offset + j) * (args.weight ? bf16_load(args.weight + j) : 1.0f);
         sum_g += g;
         sum_gx = fmaf(g, xhat, sum_gx);
     }
     float mean_g = warp_sum(sum_g) / args.dim, mean_gx = warp_sum(sum_gx) / args.dim;
     for (int j = lane; j < args.dim; j += 32) {
-        float xhat = (bf16_load(args.x + row_offset + j) - mean) * rstd;
+        float xhat = bf16_load(args.xhat + row_offset + j);
         float dy = bf16_load(args.dout + row_offset + j);
         float g = dy * (args.weight ? bf16_load(args.weight + j) : 1.0f);
         bf16 *dx = args.dx + row_offset + j;
@@ -310,14 +314,13 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_backward_plain_ke
     }
 }
 
-extern "C" void cuda_layernorm_backward(void *dx, void *dweight, void *dbias, const void *dout, const void *x,
-                                        const void *mean, const void *rstd, const void *weight, int rows, int dim) {
+extern "C" void cuda_layernorm_backward(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
+                                        const void *rstd, const void *weight, int rows, int dim) {
     if (rows <= 0 || dim <= 0) return;
     layernorm_backward_args args = {};
     args.dx = (bf16 *)dx;
     args.dout = (const bf16 *)dout;
-    args.x = (const bf16 *)x;
-    args.mean = (const float *)mean;
+    args.xhat = (const bf16 *)xhat;
     args.rstd = (const float *)rstd;
     args.rows = rows;
     args.dim = dim;
@@ -327,7 +330,7 @@ extern "C" void cuda_layernorm_backward(void *dx, void *dweight, void *dbias, co
         args.dweight = (float *)dweight;
         args.dbias = (float *)dbias;
     }
-    bool aligned = is_aligned16(dx) && is_aligned16(dout) && is_aligned16(x) && (!weight || is_aligned16(weight));
+    bool aligned = is_aligned16(dx) && is_aligned16(dout) && is_aligned16(xhat) && (!weight || is_aligned16(weight));
     /* With a weight gradient, blocks stride over rows to sum dw, db in registers; the grid
      * fills the GPU a few times over. The plain kernel ignores a weight without gradients. */
     row_layout layout = plan_row(dim, aligned && (affine || weight == NULL));

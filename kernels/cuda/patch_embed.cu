@@ -3,7 +3,8 @@
  *           channels * patch * patch], patches in row-major order, each row in (channel, y, x)
  *           order, matching a conv weight [dim, channels, patch, patch]; the GEMM with that
  *           weight (and bias) follows in the model.
- *   tokens: x[b, 0] = cls + pos[0], x[b, 1 + i] = patch_tokens[b, i] + pos[1 + i].
+ *   tokens: x[b, 0] = cls + pos[0], x[b, 1 + i] = patch_tokens[b, i] + pos[1 + i], x in fp32
+ *           (it starts the residual stream).
  *   backward: dpatch_tokens = dx of the patch positions (a strided copy); dpos[t] += sum over
  *           the batch of dx[b, t], dcls += sum over the batch of dx[b, 0] (fp32, one thread per
  *           element, no atomics). */
@@ -56,7 +57,7 @@ extern "C" void cuda_patch_im2col(void *patches, const void *images, int batch, 
 }
 
 /* One thread per element of x. */
-__global__ void tokens_forward_kernel(bf16 *x, const bf16 *patch_tokens, const bf16 *cls, const bf16 *pos,
+__global__ void tokens_forward_kernel(float *x, const bf16 *patch_tokens, const bf16 *cls, const bf16 *pos,
                                       int patches, int dim, size_t count) {
     int tokens = patches + 1;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
@@ -65,11 +66,11 @@ __global__ void tokens_forward_kernel(bf16 *x, const bf16 *patch_tokens, const b
         int t = (int)(row % tokens);
         size_t b = row / tokens;
         float value = t == 0 ? bf16_load(cls + d) : bf16_load(patch_tokens + (b * patches + t - 1) * dim + d);
-        bf16_store(x + i, value + bf16_load(pos + (size_t)t * dim + d));
+        x[i] = value + bf16_load(pos + (size_t)t * dim + d);
     }
 }
 
-__global__ void tokens_forward_vector_kernel(bf16 *x, const bf16 *patch_tokens, const bf16 *cls, const bf16 *pos,
+__global__ void tokens_forward_vector_kernel(float *x, const bf16 *patch_tokens, const bf16 *cls, const bf16 *pos,
                                              int patches, int dim, size_t chunk_count) {
     int tokens = patches + 1, dim_chunks = dim / 8;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < chunk_count;
@@ -86,7 +87,7 @@ __global__ void tokens_forward_vector_kernel(bf16 *x, const bf16 *patch_tokens, 
         bf16x8_unpack(reinterpret_cast<const uint4 *>(pos + (size_t)t * dim)[d_chunk], position);
 #pragma unroll
         for (int j = 0; j < 8; j++) value[j] += position[j];
-        reinterpret_cast<uint4 *>(x)[i] = bf16x8_pack(value);
+        f32x8_store(x + i * 8, 0, value);
     }
 }
 
@@ -96,10 +97,10 @@ extern "C" void cuda_tokens_forward(void *x, const void *patch_tokens, const voi
     size_t count = (size_t)batch * (patches + 1) * dim;
     if (dim % 8 == 0 && is_aligned16(x) && is_aligned16(patch_tokens) && is_aligned16(cls) && is_aligned16(pos))
         tokens_forward_vector_kernel<<<grid_for(count / 8, 256), 256, 0, cuda_ctx.stream>>>(
-            (bf16 *)x, (const bf16 *)patch_tokens, (const bf16 *)cls, (const bf16 *)pos, patches, dim, count / 8);
+            (float *)x, (const bf16 *)patch_tokens, (const bf16 *)cls, (const bf16 *)pos, patches, dim, count / 8);
     else
         tokens_forward_kernel<<<grid_for(count, 256), 256, 0, cuda_ctx.stream>>>(
-            (bf16 *)x, (const bf16 *)patch_tokens, (const bf16 *)cls, (const bf16 *)pos, patches, dim, count);
+            (float *)x, (const bf16 *)patch_tokens, (const bf16 *)cls, (const bf16 *)pos, patches, dim, count);
     LAUNCH_CHECK("tokens_forward_kernel", "batch %d patches %d dim %d", batch, patches, dim);
 }
 
