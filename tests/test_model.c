@@ -147,8 +147,8 @@ static void check_fp32_matches_fp64(void) {
     model_destroy(&model64);
 }
 
-/* A model made without training (one set of block buffers shared by all blocks, two residual
- * buffers taking turns) computes the same logits as a training one. */
+/* A model made without training (one set of block buffers shared by all blocks, no backward
+ * buffers) computes the same logits as a training one. */
 static void check_inference_model(void) {
     tf_model_config config = tiny_config(TF_POOL_AVG);
     config.depth = 3;
