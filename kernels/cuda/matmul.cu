@@ -135,13 +135,13 @@ static bool plan_matmul(matmul_plan *plan) {
     return true;
 }
 
-static bool launch_matmul(const matmul_plan *plan, void *c, const void *a, const void *b, bool accumulate) {
+/* C = op(A) op(B) (+ C with accumulate) with the given algorithm, on the one stream. */
+static cublasStatus_t run_matmul(const matmul_plan *plan, const cublasLtMatmulAlgo_t *algo, void *c, const void *a,
+                                 const void *b, bool accumulate) {
     float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    return CUBLAS_CHECK(cublasLtMatmul(cuda_ctx.lt, plan->op, &alpha, b, plan->layout_a, a, plan->layout_b, &beta, c,
-                                       plan->layout_c, c, plan->layout_c, &plan->algo, cuda_ctx.lt_workspace,
-                                       cuda_ctx.lt_workspace_bytes, cuda_ctx.stream),
-                        MATMUL_SHAPE_FORMAT " accumulate=%d a=%p b=%p c=%p", MATMUL_SHAPE_ARGS(plan->key),
-                        (int)accumulate, a, b, c);
+    return cublasLtMatmul(cuda_ctx.lt, plan->op, &alpha, b, plan->layout_a, a, plan->layout_b, &beta, c,
+                          plan->layout_c, c, plan->layout_c, algo, cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes,
+                          cuda_ctx.stream);
 }
 
 /* Milliseconds of one run of a candidate (the mean of MATMUL_TIMED_RUNS after one untimed), or
@@ -149,13 +149,9 @@ static bool launch_matmul(const matmul_plan *plan, void *c, const void *a, const
  * of the run, so it is not recorded). */
 static float time_candidate(const matmul_plan *plan, const cublasLtMatmulAlgo_t *algo, void *c, const void *a,
                             const void *b, cudaEvent_t start, cudaEvent_t stop) {
-    float alpha = 1.0f, beta = 0.0f;
     for (int run = 0; run <= MATMUL_TIMED_RUNS; run++) {
         if (run == 1) cudaEventRecord(start, cuda_ctx.stream);
-        if (cublasLtMatmul(cuda_ctx.lt, plan->op, &alpha, b, plan->layout_a, a, plan->layout_b, &beta, c,
-                           plan->layout_c, c, plan->layout_c, algo, cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes,
-                           cuda_ctx.stream) != CUBLAS_STATUS_SUCCESS)
-            return -1.0f;
+        if (run_matmul(plan, algo, c, a, b, false) != CUBLAS_STATUS_SUCCESS) return -1.0f;
     }
     cudaEventRecord(stop, cuda_ctx.stream);
     float ms = 0.0f;
@@ -238,6 +234,8 @@ extern "C" void cuda_matmul(void *c, const void *a, const void *b, const tf_matm
     if (key.bias && !set_desc(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &desc->bias, sizeof desc->bias, &key))
         return;
     if (!plan->tuned) tune_plan(plan, c, a, b, desc->accumulate);
-    launch_matmul(plan, c, a, b, desc->accumulate);
+    CUBLAS_CHECK(run_matmul(plan, &plan->algo, c, a, b, desc->accumulate),
+                 MATMUL_SHAPE_FORMAT " accumulate=%d a=%p b=%p c=%p", MATMUL_SHAPE_ARGS(key), (int)desc->accumulate, a,
+                 b, c);
     if (cuda_ctx.debug_sync) LAUNCH_CHECK("cublasLtMatmul", MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(key));
 }
