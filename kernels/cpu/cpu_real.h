@@ -111,12 +111,16 @@ static inline float cpu_normal_cdf(float z) {
 }
 #endif
 
-/* GELU(z) = z Phi(z),  GELU'(z) = Phi(z) + z phi(z),  phi(z) = exp(-z^2 / 2) / sqrt(2 pi). */
-static inline real cpu_gelu(real z) {
-    return z * cpu_normal_cdf(z);
+/* GELU(z) = z Phi(z),  GELU'(z) = Phi(z) + z phi(z),  phi(z) = exp(-z^2 / 2) / sqrt(2 pi).
+ * Backward needs both: it computes Phi once and calls the _from_cdf forms. */
+static inline real cpu_gelu_from_cdf(real z, real cdf) {
+    return z * cdf;
 }
-static inline real cpu_gelu_derivative(real z) {
-    return cpu_normal_cdf(z) + z * (real)CPU_INV_SQRT_2PI * cpu_exp((real)-0.5 * z * z);
+static inline real cpu_gelu_derivative_from_cdf(real z, real cdf) {
+    return cdf + z * (real)CPU_INV_SQRT_2PI * cpu_exp((real)-0.5 * z * z);
+}
+static inline real cpu_gelu(real z) {
+    return cpu_gelu_from_cdf(z, cpu_normal_cdf(z));
 }
 
 /* ---- the operations of this build (see kernels/kernels.h for what each does) ---- */

@@ -51,8 +51,9 @@ void CPU_FN(pattention_norm_backward)(void *da_buffer, void *s_buffer, const voi
         double a_dot_dz = 0.0;
 #pragma omp simd reduction(+ : a_dot_dz)
         for (int j = 0; j < n; j++) {
-            real dz = ds_row[j] * cpu_gelu_derivative(scale * a_row[j]);
-            s_row[j] = cpu_gelu(scale * a_row[j]);
+            real z = scale * a_row[j], cdf = cpu_normal_cdf(z);
+            real dz = ds_row[j] * cpu_gelu_derivative_from_cdf(z, cdf);
+            s_row[j] = cpu_gelu_from_cdf(z, cdf);
             da_row[j] = dz;
             a_dot_dz += (double)a_row[j] * (double)dz;
         }

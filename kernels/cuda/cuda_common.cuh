@@ -169,13 +169,23 @@ __device__ __forceinline__ float block_max(float v, float *scratch) {
 }
 
 /* Exact (erf) GELU and its derivative: GELU(z) = z Phi(z), GELU'(z) = Phi(z) + z phi(z). */
+/* Exact (erf) GELU through the standard normal CDF Phi: GELU(z) = z Phi(z), GELU'(z) = Phi(z) +
+ * z phi(z). A pass that needs both computes Phi once and calls the _from_cdf forms, which give
+ * the same bits as gelu_erf and gelu_erf_derivative. */
+__device__ __forceinline__ float normal_cdf(float z) {
+    return 0.5f * (1.0f + erff(z * 0.70710678118654752f));
+}
+__device__ __forceinline__ float gelu_erf_from_cdf(float z, float cdf) {
+    return z * cdf;
+}
+__device__ __forceinline__ float gelu_erf_derivative_from_cdf(float z, float cdf) {
+    return cdf + z * (0.39894228040143268f * __expf(-0.5f * z * z));
+}
 __device__ __forceinline__ float gelu_erf(float z) {
-    return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+    return gelu_erf_from_cdf(z, normal_cdf(z));
 }
 __device__ __forceinline__ float gelu_erf_derivative(float z) {
-    float cdf = 0.5f * (1.0f + erff(z * 0.70710678118654752f));
-    float pdf = 0.39894228040143268f * __expf(-0.5f * z * z);
-    return cdf + z * pdf;
+    return gelu_erf_derivative_from_cdf(z, normal_cdf(z));
 }
 
 /* ---- row kernels ----

@@ -88,8 +88,9 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_ke
         bf16x8_unpack(raw_ds[c], g);
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            dz[c * 8 + i] = g[i] * gelu_erf_derivative(x[i] * scale);
-            recomputed[i] = gelu_erf(x[i] * scale);
+            float z = x[i] * scale, cdf = normal_cdf(z);
+            dz[c * 8 + i] = g[i] * gelu_erf_derivative_from_cdf(z, cdf);
+            recomputed[i] = gelu_erf_from_cdf(z, cdf);
             dot = fmaf(x[i], dz[c * 8 + i], dot);
         }
         raw_s[c] = bf16x8_pack(recomputed);
@@ -149,10 +150,10 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_pl
     dot = warp_sum(dot);
     float coefficient = dot / (r * r);
     for (int j = lane; j < n; j += 32) {
-        float x = bf16_load(a_row + j);
-        float dz = bf16_load(ds_row + j) * gelu_erf_derivative(x * scale);
+        float x = bf16_load(a_row + j), z = x * scale, cdf = normal_cdf(z);
+        float dz = bf16_load(ds_row + j) * gelu_erf_derivative_from_cdf(z, cdf);
         bf16_store(da + (size_t)row * n + j, scale * (dz - x * coefficient));
-        bf16_store(s + (size_t)row * n + j, gelu_erf(x * scale));
+        bf16_store(s + (size_t)row * n + j, gelu_erf_from_cdf(z, cdf));
     }
 }
 
