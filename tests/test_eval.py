@@ -62,8 +62,10 @@ def run(command, expect=0):
 # ---- data and a trained checkpoint -------------------------------------------------------------
 
 def prepare_and_train(binary, scratch):
-    """Prepares Fashion-MNIST into scratch and trains a small model; returns (data root, run dir),
-    or None when the data set is not installed."""
+    """Empties scratch, prepares Fashion-MNIST into it and trains a small model; returns (data
+    root, run dir), or None when the data set is not installed."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(scratch)
     data = os.path.join(scratch, "fashion-mnist")
     if run([binary, "prepare", "fashion-mnist", "--out", data]).returncode != 0:
         print("cannot prepare Fashion-MNIST (apt-get install dataset-fashion-mnist)")
@@ -278,8 +280,6 @@ def test_bad_inputs(binary, scratch, data, checkpoint):
 
 def main():
     binary, scratch = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
-    shutil.rmtree(scratch, ignore_errors=True)
-    os.makedirs(scratch)
     prepared = prepare_and_train(binary, scratch)
     if prepared is None:
         return 1

@@ -167,8 +167,6 @@ def test_refusals(binary, scratch, checkpoint, paths):
 
 def main():
     binary, scratch = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
-    shutil.rmtree(scratch, ignore_errors=True)
-    os.makedirs(scratch)
     prepared = prepare_and_train(binary, scratch)
     if prepared is None:
         return 1

@@ -48,8 +48,9 @@ typedef struct {
 } tf_op_profile;
 
 /* What one Pattention keeps from forward for backward: A and its row norms. S = GELU(norm(A)) is
- * recomputed in backward from them (by the row pass that reads A for dA) rather than kept: kept, it would double
- * the Pattention activations, which are most of a step's memory (7.4 GB of B/16 at batch 256). */
+ * recomputed in backward from them (by the row pass that reads A for dA) rather than kept: kept,
+ * it would double the Pattention activations, which are most of a step's memory (7.4 GB of B/16
+ * at batch 256). */
 typedef struct {
     void *scores;   /* compute [rows, n]: A = X K^T */
     void *row_norm; /* master [rows] */
