@@ -85,6 +85,17 @@ stage_bench() {
     return $status
 }
 
+# Inference alone (issue 6): the kernel benchmark's attention lines and B/16 `bench infer`.
+stage_infer() {
+    {
+        timeout 120 $build/bench_kernels_cuda
+        $build/tokenformer bench infer --config configs/tokenformer_b16.yaml --batch 512 --steps 30 --warmup 3
+    } >"$OUT/infer.log" 2>&1
+    local status=$?
+    grep -E "attention|img/s|ms" "$OUT/infer.log" | tail -24
+    return $status
+}
+
 stage_demo() {
     local data=/tmp/tokenformer-fmnist run=/tmp/tokenformer-runs/fmnist_tiny
     rm -rf $run
