@@ -20,24 +20,13 @@ import sys
 import numpy as np
 from PIL import Image
 
+from testlib import check, exit_status
+
 PHOTOS = [
     "/usr/share/backgrounds/mate/nature/Garden.jpg",
     "/usr/share/backgrounds/mate/nature/LadyBird.jpg",
     "/usr/share/backgrounds/mate/nature/FreshFlower.jpg",
 ]
-
-passed = 0
-failed = 0
-
-
-def check(condition, message):
-    global passed, failed
-    if condition:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL: " + message, flush=True)
-
 
 def run(arguments, **kwargs):
     return subprocess.run(arguments, capture_output=True, **kwargs)
@@ -219,8 +208,7 @@ def main():
     test_other_formats(decoder, sources, scratch)
     test_warning_is_accepted(decoder, sources, scratch)
     test_bad_files(decoder, sources, scratch)
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return exit_status("test_decode")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 
 import numpy as np
@@ -30,6 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference"))
 import tokenformer_torch as ref  # noqa: E402
+from testlib import check, exit_status, run_command  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,22 +41,9 @@ SMALL = ["model.depth=2", "model.dim=48", "model.heads=2", "model.n_attn=48", "m
          "data.train_limit=2048", "data.val_limit=500", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
          "optimizer.lr=2e-3", "optimizer.ema_decay=0.99"]
 
-failures = []
-
-
-def check(condition, message):
-    print(("  ok   " if condition else "  FAIL ") + message)
-    if not condition:
-        failures.append(message)
-
-
 def run(command, expect=0):
     """Runs the binary; stdout and stderr apart (predict --json prints JSON on stdout, logs on stderr)."""
-    result = subprocess.run([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if expect is not None and result.returncode != expect:
-        print(f"  command: {' '.join(map(str, command))[:300]}")
-        print(f"  exit {result.returncode}; stdout: {result.stdout[-1500:]}\n  stderr: {result.stderr[-1500:]}")
-    return result
+    return run_command(command, expect, separate_stderr=True)
 
 
 # ---- data and a trained checkpoint -------------------------------------------------------------
@@ -308,8 +295,7 @@ def main():
 
     test_bad_inputs(binary, scratch, data, checkpoint)
     shutil.rmtree(data, ignore_errors=True)
-    print(f"test_eval: {len(failures)} failure(s)")
-    return 1 if failures else 0
+    return exit_status("test_eval")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testlib import failures, report, run_program  # noqa: E402
+from testlib import exit_status, report, run_program  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTO = os.path.join(HERE, "data", "twowings_320x240.jpg")
@@ -455,8 +455,7 @@ def main():
     test_flip_chw(images)
     test_ops(images)
 
-    print(f"{'FAILED' if failures else 'PASSED'}: {len(failures)} failure(s)")
-    return 1 if failures else 0
+    return exit_status("test_image_pil")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testlib import failures, report, run_program  # noqa: E402
+from testlib import exit_status, report, run_program  # noqa: E402
 
 
 def run_tool(*args, stdin=None):
@@ -259,11 +259,7 @@ def main():
     check_box_rule()
     check_recipe_statistics()
     check_other_settings()
-    if failures:
-        print(f"{len(failures)} failed")
-        return 1
-    print("all passed")
-    return 0
+    return exit_status("test_mixup")
 
 
 if __name__ == "__main__":

@@ -24,18 +24,11 @@ import sys
 
 from PIL import Image
 
+from testlib import check, exit_status
+
 BINARY = os.path.abspath(sys.argv[1])
 SCRATCH = os.path.abspath(sys.argv[2])
 TEMPORARY = "/tmp/tokenformer-plot-*"
-
-failures = []
-
-
-def check(condition, message):
-    print(("  ok   " if condition else "  FAIL ") + message)
-    if not condition:
-        failures.append(message)
-
 
 def plot(*args, env=None):
     return subprocess.run([BINARY, "plot", *args], capture_output=True, text=True, env=env)
@@ -175,11 +168,7 @@ def main():
     check_errors()
     left = set(glob.glob(TEMPORARY)) - before
     check(not left, f"no temporary directory left behind ({sorted(left)})")
-    if failures:
-        print(f"{len(failures)} failed")
-        return 1
-    print("all passed")
-    return 0
+    return exit_status("test_plot")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_eval import (REPO, TIE, bad_checkpoints, check, checkpoint_crop_pct, failures,  # noqa: E402
-                       prepare_and_train, ref, reference_inputs, reference_logits, run)
+from test_eval import (REPO, TIE, bad_checkpoints, checkpoint_crop_pct, prepare_and_train, ref,  # noqa: E402
+                       reference_inputs, reference_logits, run)
+from testlib import check, exit_status  # noqa: E402
 
 PHOTO = os.path.join(REPO, "tests/data/twowings_320x240.jpg")
 
@@ -180,8 +181,7 @@ def main():
     test_batches_and_text(binary, scratch, checkpoint, paths)
     test_refusals(binary, scratch, checkpoint, paths)
     shutil.rmtree(data, ignore_errors=True)
-    print(f"test_predict: {len(failures)} failure(s)")
-    return 1 if failures else 0
+    return exit_status("test_predict")
 
 
 if __name__ == "__main__":

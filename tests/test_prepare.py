@@ -20,21 +20,9 @@ import sys
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
+from testlib import check, exit_status
+
 CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
-
-passed = 0
-failed = 0
-
-
-def check(condition, message):
-    global passed, failed
-    if condition:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL: " + message, flush=True)
-    return condition
-
 
 def run(binary, *arguments):
     result = subprocess.run([binary] + list(arguments), capture_output=True, text=True)
@@ -175,8 +163,7 @@ def main():
     data = test_imagenet_like(binary, scratch)
     if data:
         test_bench_loader(binary, data)
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return exit_status("test_prepare")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from testlib import check, exit_status
+
 # Bytes per element, and the numpy type that holds an element's bits.
 DTYPE_BITS = {
     "BOOL": (1, "u1"), "U8": (1, "u1"), "I8": (1, "u1"), "F8_E5M2": (1, "u1"), "F8_E4M3": (1, "u1"),
@@ -31,18 +33,6 @@ DTYPE_BITS = {
 # The numpy type of an element's value, where numpy has one.
 DTYPE_VALUES = {"BOOL": "?", "U8": "u1", "I8": "i1", "I16": "<i2", "U16": "<u2", "F16": "<f2", "I32": "<i4",
                 "U32": "<u4", "F32": "<f4", "I64": "<i8", "U64": "<u8", "F64": "<f8"}
-
-failures = 0
-checks = 0
-
-
-def check(condition, message):
-    global failures, checks
-    checks += 1
-    if not condition:
-        failures += 1
-        print("FAIL: " + message, file=sys.stderr)
-    return condition
 
 
 def fnv1a64(data):
@@ -329,8 +319,7 @@ def main():
         check(report["metadata"] == KNOWN_METADATA, "ours: metadata read back")
     tensors = check_their_files(tool, scratch)
     check_broken_files(tool, scratch, tensors)
-    print("test_safetensors_format: %d checks, %d failed" % (checks, failures))
-    return 1 if failures else 0
+    return exit_status("test_safetensors_format")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference"))
 import tokenformer_torch as reference  # noqa: E402
+from testlib import check, exit_status, failures, run_command as run  # noqa: E402
 
 BINARY = os.path.abspath(sys.argv[1])
 SCRATCH = os.path.abspath(sys.argv[2])
@@ -38,23 +38,6 @@ DATA = os.path.join(SCRATCH, "fashion-mnist")
 SMALL = ["model.depth=2", "model.dim=48", "model.heads=2", "model.n_attn=48", "model.n_ffn=96",
          "data.train_limit=2048", "data.val_limit=500", "schedule.epochs=1", "schedule.warmup_epochs=0.5",
          "run.log_every=1", "optimizer.ema_decay=0.99", "optimizer.lr=2e-3"]
-
-failures = []
-
-
-def check(condition, message):
-    print(("  ok   " if condition else "  FAIL ") + message)
-    if not condition:
-        failures.append(message)
-
-
-def run(command, expect=0):
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if result.returncode != expect:
-        print(" ".join(command))
-        print(result.stdout[-3000:])
-    return result
-
 
 def train_command(out, extra=()):
     command = [BINARY, "train", "--config", os.path.join(REPO, "configs/fmnist_micro.yaml"), "--data", DATA,
@@ -225,8 +208,7 @@ def main():
     test_refusals(original)
     test_continue(first_run, grown, grown_state, original, state)
     shutil.rmtree(DATA, ignore_errors=True)
-    print(f"test_scale_end_to_end: {len(failures)} failure(s)")
-    return 1 if failures else 0
+    return exit_status("test_scale_end_to_end")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from testlib import check, exit_status, run_command as run
+
 BINARY = os.path.abspath(sys.argv[1])
 SCRATCH = os.path.abspath(sys.argv[2])
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,28 +32,12 @@ SMALL = ["model.depth=2", "model.dim=48", "model.heads=2", "model.n_attn=48", "m
          "data.train_limit=2048", "data.val_limit=500", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
          "run.log_every=1", "run.ckpt_every=5", "optimizer.ema_decay=0.99", "optimizer.lr=2e-3"]
 
-failures = []
-
-
-def check(condition, message):
-    print(("  ok   " if condition else "  FAIL ") + message)
-    if not condition:
-        failures.append(message)
-
-
 def train_command(run, extra=()):
     command = [BINARY, "train", "--config", os.path.join(REPO, "configs/fmnist_micro.yaml"), "--data", DATA,
                "--out", run, "--device", "cpu"]
     for assignment in SMALL:
         command += ["--set", assignment]
     return command + list(extra)
-
-
-def run(command, expect=0):
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if result.returncode != expect:
-        print(result.stdout[-3000:])
-    return result
 
 
 def records(run_dir, kind):
@@ -224,8 +210,7 @@ def main():
     test_refusals()
     test_inspect_presets()
     shutil.rmtree(DATA, ignore_errors=True)
-    print(f"test_train: {len(failures)} failure(s)")
-    return 1 if failures else 0
+    return exit_status("test_train")
 
 
 if __name__ == "__main__":
