@@ -16,6 +16,7 @@ OUT=${OUT:-/tmp/tokenformer-gpu}
 mkdir -p "$OUT"
 deps=/tmp/tokenformer-deps
 build=build-gpu
+fmnist=/tmp/tokenformer-fmnist # Fashion-MNIST as an ImageFolder tree (prepare)
 python=${PYTHON:-python3}
 
 stage_fetch() {
@@ -97,12 +98,12 @@ stage_infer() {
 }
 
 stage_demo() {
-    local data=/tmp/tokenformer-fmnist run=/tmp/tokenformer-runs/fmnist_tiny
+    local run=/tmp/tokenformer-runs/fmnist_tiny
     rm -rf $run
     {
-        $build/tokenformer prepare fashion-mnist --source .deps/fashion-mnist --out $data &&
-            $build/tokenformer train --config configs/fmnist_tiny.yaml --data $data --out $run &&
-            $build/tokenformer eval --ckpt $run/model.safetensors --data $data
+        $build/tokenformer prepare fashion-mnist --source .deps/fashion-mnist --out $fmnist &&
+            $build/tokenformer train --config configs/fmnist_tiny.yaml --data $fmnist --out $run &&
+            $build/tokenformer eval --ckpt $run/model.safetensors --data $fmnist
     } >"$OUT/demo.log" 2>&1
     local status=$?
     grep -E "img/s|top-1|error" "$OUT/demo.log" | tail -15
@@ -164,34 +165,50 @@ PYTHON
     return $status
 }
 
-# Issue 7 on fmnist_micro: 3 epochs, grow to twice the tokens (zero keys, n_norm kept, optimizer
-# state carried), 3 more epochs; against the small model and the large one trained 6 epochs.
-stage_growth() {
-    local data=/tmp/tokenformer-fmnist runs=/tmp/tokenformer-growth
-    local config=(--config configs/fmnist_micro.yaml --data $data --set run.log_every=100)
-    rm -rf $runs && mkdir -p $runs
-    {
-        $build/tokenformer prepare fashion-mnist --source .deps/fashion-mnist --out $data &&
-        $build/tokenformer train "${config[@]}" --out $runs/small3 &&
+# The growth stages' model: fmnist_micro.
+micro_config=(--config configs/fmnist_micro.yaml --data $fmnist --set run.log_every=100)
+
+# fmnist_micro trained 3 epochs into $1/small3, then grown to twice the tokens (zero keys, n_norm
+# kept, optimizer state carried) into $1/grown.safetensors and $1/grown_state.safetensors.
+train_and_grow_micro() {
+    local runs=$1
+    $build/tokenformer prepare fashion-mnist --source .deps/fashion-mnist --out $fmnist &&
+        $build/tokenformer train "${micro_config[@]}" --out $runs/small3 &&
         $build/tokenformer scale --ckpt $runs/small3/model.safetensors --state $runs/small3/state.safetensors \
-            --factor 2 --out $runs/grown.safetensors --out-state $runs/grown_state.safetensors &&
-        $build/tokenformer eval --ckpt $runs/small3/model.safetensors --data $data &&
-        $build/tokenformer eval --ckpt $runs/grown.safetensors --data $data &&
-        $build/tokenformer train "${config[@]}" --out $runs/grown3 --set schedule.warmup_epochs=0 \
-            --init-from $runs/grown.safetensors --init-state $runs/grown_state.safetensors &&
-        $build/tokenformer train "${config[@]}" --out $runs/small6 --set schedule.epochs=6 &&
-        $build/tokenformer train "${config[@]}" --out $runs/large6 --set schedule.epochs=6 \
-            --set model.n_attn=192 --set model.n_ffn=768
-    } >"$OUT/growth.log" 2>&1
-    local status=$?
-    for run in small3 grown3 small6 large6; do
+            --factor 2 --out $runs/grown.safetensors --out-state $runs/grown_state.safetensors
+}
+
+# Per run of $1: its validation top-1 by epoch, and its metrics.jsonl kept as $OUT/$2_<run>.jsonl.
+report_runs() {
+    local runs=$1 prefix=$2
+    shift 2
+    for run in "$@"; do
         $python - $run $runs/$run/metrics.jsonl <<'PYTHON'
 import json, sys
 evals = [r for r in map(json.loads, open(sys.argv[2])) if r["type"] == "eval"]
 print(f"{sys.argv[1]:7s} top-1 by epoch: " + "  ".join(f"{r['top1']:.2f}" for r in evals))
 PYTHON
-        cp $runs/$run/metrics.jsonl "$OUT/growth_$run.jsonl"
+        cp $runs/$run/metrics.jsonl "$OUT/${prefix}_$run.jsonl"
     done
+}
+
+# Issue 7 on fmnist_micro: 3 epochs, grow to twice the tokens (zero keys, n_norm kept, optimizer
+# state carried), 3 more epochs; against the small model and the large one trained 6 epochs.
+stage_growth() {
+    local runs=/tmp/tokenformer-growth
+    rm -rf $runs && mkdir -p $runs
+    {
+        train_and_grow_micro $runs &&
+        $build/tokenformer eval --ckpt $runs/small3/model.safetensors --data $fmnist &&
+        $build/tokenformer eval --ckpt $runs/grown.safetensors --data $fmnist &&
+        $build/tokenformer train "${micro_config[@]}" --out $runs/grown3 --set schedule.warmup_epochs=0 \
+            --init-from $runs/grown.safetensors --init-state $runs/grown_state.safetensors &&
+        $build/tokenformer train "${micro_config[@]}" --out $runs/small6 --set schedule.epochs=6 &&
+        $build/tokenformer train "${micro_config[@]}" --out $runs/large6 --set schedule.epochs=6 \
+            --set model.n_attn=192 --set model.n_ffn=768
+    } >"$OUT/growth.log" 2>&1
+    local status=$?
+    report_runs $runs growth small3 grown3 small6 large6
     grep -E "^top-1|function" "$OUT/growth.log"
     return $status
 }
@@ -199,28 +216,17 @@ PYTHON
 # The same growth, continued at a lower peak learning rate (2e-4, warmup 0) with the optimizer
 # state carried and with a fresh optimizer: what the carried state itself contributes.
 stage_growth_lr() {
-    local data=/tmp/tokenformer-fmnist runs=/tmp/tokenformer-growth-lr
-    local config=(--config configs/fmnist_micro.yaml --data $data --set run.log_every=100)
+    local runs=/tmp/tokenformer-growth-lr
     local continued=(--set schedule.warmup_epochs=0 --set optimizer.lr=2e-4 --init-from $runs/grown.safetensors)
     rm -rf $runs && mkdir -p $runs
     {
-        $build/tokenformer prepare fashion-mnist --source .deps/fashion-mnist --out $data &&
-        $build/tokenformer train "${config[@]}" --out $runs/small3 &&
-        $build/tokenformer scale --ckpt $runs/small3/model.safetensors --state $runs/small3/state.safetensors \
-            --factor 2 --out $runs/grown.safetensors --out-state $runs/grown_state.safetensors &&
-        $build/tokenformer train "${config[@]}" --out $runs/carried "${continued[@]}" \
+        train_and_grow_micro $runs &&
+        $build/tokenformer train "${micro_config[@]}" --out $runs/carried "${continued[@]}" \
             --init-state $runs/grown_state.safetensors &&
-        $build/tokenformer train "${config[@]}" --out $runs/fresh "${continued[@]}"
+        $build/tokenformer train "${micro_config[@]}" --out $runs/fresh "${continued[@]}"
     } >"$OUT/growth_lr.log" 2>&1
     local status=$?
-    for run in small3 carried fresh; do
-        $python - $run $runs/$run/metrics.jsonl <<'PYTHON'
-import json, sys
-evals = [r for r in map(json.loads, open(sys.argv[2])) if r["type"] == "eval"]
-print(f"{sys.argv[1]:7s} top-1 by epoch: " + "  ".join(f"{r['top1']:.2f}" for r in evals))
-PYTHON
-        cp $runs/$run/metrics.jsonl "$OUT/growth_lr_$run.jsonl"
-    done
+    report_runs $runs growth_lr small3 carried fresh
     return $status
 }
 
