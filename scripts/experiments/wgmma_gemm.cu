@@ -1,0 +1,413 @@
+/* A first Hopper GEMM of our own (TMA, mbarriers, wgmma, warp specialisation), the building
+ * block of the fused Pattention kernel that docs/performance.md says 10500 img/s needs, measured
+ * against cuBLASLt on the Pattention's first GEMMs at B/16 inference's 100864 rows:
+ *
+ *   C [M, N] bf16 = A [M, K] B [N, K]^T   (A: tokens, B: key tokens, both K-major, fp32 accumulate)
+ *   optionally with row_sumsq[m] += sum_n bf16(C[m, n])^2 in the epilogue: the Pattention norm's
+ *   reduction, the first step of taking the norm pass out.
+ *
+ * Persistent: one CTA per SM walks 128 x 256 output tiles (N fastest, so the CTAs running at
+ * once share A tiles and all of B stays in L2). Warp group 0 loads 128 x 64 of A and 256 x 64
+ * of B per stage with TMA (128-byte swizzle) into a 3-stage ring, running ahead into the next
+ * tile while the consumers finish one; warp groups 1 and 2 each multiply their 64 rows with
+ * wgmma m64n256k16 (accumulators in registers), release a stage when the products reading it
+ * are done, and store their 64 x 256 through shared memory with TMA (cp.async.bulk.tensor), so
+ * that the next tile's products start while the store drains.
+ *
+ * Measured on the H100 (docs/performance.md): non-persistent with direct stores 417-424 TFLOP/s;
+ * as here 660 (N 3072) and 680 (N 768) against cuBLASLt's 751 and 739, C bit-identical to
+ * cuBLASLt's; the row sums of squares cost 6-10% more and agree to 2.3e-7.
+ *
+ * nvcc -O3 -gencode arch=compute_90a,code=sm_90a wgmma_gemm.cu -lcublasLt -o wgmma_gemm && ./wgmma_gemm */
+#include <cublasLt.h>
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cstdio>
+#include <cstdlib>
+#include <cstdint>
+#include <cmath>
+#include <vector>
+
+#define CK(x)                                                                                                      \
+    do {                                                                                                           \
+        int e_ = (int)(x);                                                                                         \
+        if (e_ != 0) {                                                                                             \
+            printf("error %d at %s:%d\n", e_, __FILE__, __LINE__);                                                 \
+            exit(1);                                                                                               \
+        }                                                                                                          \
+    } while (0)
+
+enum { BM = 128, BN = 256, BK = 64, STAGES = 3, THREADS = 384 };
+enum { A_STAGE_BYTES = BM * BK * 2, B_STAGE_BYTES = BN * BK * 2, STAGE_BYTES = A_STAGE_BYTES + B_STAGE_BYTES };
+enum { C_TILE_BYTES = 64 * BN * 2 };
+enum { SMEM_BYTES = STAGES * STAGE_BYTES + 2 * C_TILE_BYTES + 1024 /* alignment */ + 2 * STAGES * 8 };
+
+typedef __nv_bfloat16 bf16;
+
+/* ---- PTX wrappers ---- */
+__device__ __forceinline__ uint32_t smem_address(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void barrier_init(uint64_t *bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count));
+}
+__device__ __forceinline__ void barrier_expect_bytes(uint64_t *bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void barrier_arrive(uint64_t *bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
+}
+__device__ __forceinline__ void barrier_wait(uint64_t *bar, int parity) {
+    asm volatile("{\n.reg .pred done;\nwait_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra wait_%=;\n}\n" ::"r"(smem_address(bar)),
+                 "r"(parity)
+                 : "memory");
+}
+/* TMA: the box at (inner, outer) of the tensor map into shared memory, completing on bar. */
+__device__ __forceinline__ void tma_load_2d(void *dst, const CUtensorMap *map, int inner, int outer, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                 ::"r"(smem_address(dst)), "l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_address(bar))
+                 : "memory");
+}
+/* Shared-memory matrix descriptor of a K-major tile with 128-byte swizzle: rows of 64 bf16
+ * (128 bytes), 8-row groups 1024 bytes apart. */
+__device__ __forceinline__ uint64_t smem_descriptor(const void *p) {
+    uint64_t address = smem_address(p);
+    return ((address & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, const void *src, int inner, int outer) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];"
+                 ::"l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_address(src))
+                 : "memory");
+}
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+template <int R> __device__ __forceinline__ void registers_decrease() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R));
+}
+template <int R> __device__ __forceinline__ void registers_increase() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R));
+}
+
+/* D (64 x 256, fp32, 128 registers a thread) += A (64 x 16, shared) B^T (256 x 16, shared). */
+__device__ __forceinline__ void wgmma_m64n256k16(float d[128], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+                 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+                   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+/* Keeps the accumulators in registers across the asm statements (they are "+f" operands). */
+__device__ __forceinline__ void fence_accumulators(float d[128]) {
+#pragma unroll
+    for (int i = 0; i < 128; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <bool ROW_SUMSQ>
+__global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant__ CUtensorMap map_a,
+                                                          const __grid_constant__ CUtensorMap map_b,
+                                                          const __grid_constant__ CUtensorMap map_c,
+                                                          float *row_sumsq, int M, int N, int K) {
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    uint8_t *c_tiles = smem + STAGES * STAGE_BYTES; /* per consumer: 64 x 256 bf16 as 4 swizzled 64 x 64 boxes */
+    uint64_t *full = (uint64_t *)(c_tiles + 2 * C_TILE_BYTES), *empty = full + STAGES;
+    int group = threadIdx.x / 128, n_tiles = N / BN, tiles = (M / BM) * n_tiles, k_tiles = K / BK;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            barrier_init(&full[s], 1);
+            barrier_init(&empty[s], 2);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (group == 0) { /* producer: runs ahead across tiles, as far as the ring allows */
+        registers_decrease<40>();
+        if (threadIdx.x == 0) {
+            int it = 0;
+            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+                int m0 = (tile / n_tiles) * BM, n0 = (tile % n_tiles) * BN;
+                for (int kt = 0; kt < k_tiles; kt++, it++) {
+                    int s = it % STAGES;
+                    if (it >= STAGES) barrier_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
+                    uint8_t *a = smem + s * STAGE_BYTES, *b = a + A_STAGE_BYTES;
+                    barrier_expect_bytes(&full[s], STAGE_BYTES);
+                    tma_load_2d(a, &map_a, kt * BK, m0, &full[s]);
+                    tma_load_2d(b, &map_b, kt * BK, n0, &full[s]);
+                }
+            }
+        }
+        return;
+    }
+    registers_increase<232>();
+    int consumer = group - 1, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+    bool leader = threadIdx.x % 128 == 0;
+    uint8_t *c_tile = c_tiles + consumer * C_TILE_BYTES;
+    float d[128];
+    int it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int m0 = (tile / n_tiles) * BM, n0 = (tile % n_tiles) * BN;
+        for (int kt = 0; kt < k_tiles; kt++, it++) {
+            int s = it % STAGES;
+            barrier_wait(&full[s], (it / STAGES) & 1);
+            const uint8_t *a = smem + s * STAGE_BYTES + consumer * (64 * BK * 2), *b = smem + s * STAGE_BYTES + A_STAGE_BYTES;
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < BK / 16; k++)
+                wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
+            wgmma_commit();
+            /* One group in flight: the previous k tile's products are done, so its stage is free. */
+            wgmma_wait<1>();
+            fence_accumulators(d);
+            if (kt > 0 && leader) barrier_arrive(&empty[(it - 1) % STAGES]);
+        }
+        wgmma_wait<0>();
+        fence_accumulators(d);
+        if (leader) barrier_arrive(&empty[(it - 1) % STAGES]);
+
+        /* Epilogue: the previous tile's store has read c_tile; fill it and store it with TMA. */
+        if (leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        named_barrier_sync(1 + consumer, 128);
+        /* Accumulator fragment of m64nN: thread (warp w, lane l) holds rows 16 w + l / 4 and that + 8,
+         * columns 8 i + 2 (l % 4) + {0, 1}: d[4 i + {0, 1}] on the first row, d[4 i + {2, 3}] on the second.
+         * In a 64 x 64 box with 128-byte swizzle, 16-byte chunk j of row r sits at chunk j ^ (r % 8). */
+        int r = warp * 16 + lane / 4;
+        float sum_top = 0.0f, sum_bottom = 0.0f;
+#pragma unroll
+        for (int i = 0; i < BN / 8; i++) {
+            __nv_bfloat162 top = __floats2bfloat162_rn(d[4 * i], d[4 * i + 1]);
+            __nv_bfloat162 bottom = __floats2bfloat162_rn(d[4 * i + 2], d[4 * i + 3]);
+            int box = i / 8, chunk = i % 8, within = 4 * (lane % 4);
+            uint8_t *box_base = c_tile + box * 8192;
+            *reinterpret_cast<__nv_bfloat162 *>(box_base + r * 128 + ((chunk ^ (r % 8)) * 16) + within) = top;
+            *reinterpret_cast<__nv_bfloat162 *>(box_base + (r + 8) * 128 + ((chunk ^ ((r + 8) % 8)) * 16) + within) =
+                bottom;
+            if (ROW_SUMSQ) {
+                float2 t = __bfloat1622float2(top), b = __bfloat1622float2(bottom);
+                sum_top += t.x * t.x + t.y * t.y;
+                sum_bottom += b.x * b.x + b.y * b.y;
+            }
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        named_barrier_sync(1 + consumer, 128);
+        if (leader) {
+            for (int box = 0; box < BN / 64; box++)
+                tma_store_2d(&map_c, c_tile + box * 8192, n0 + 64 * box, m0 + 64 * consumer);
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
+        if (ROW_SUMSQ) {
+            for (int o = 1; o < 4; o <<= 1) {
+                sum_top += __shfl_xor_sync(0xffffffffu, sum_top, o);
+                sum_bottom += __shfl_xor_sync(0xffffffffu, sum_bottom, o);
+            }
+            if (lane % 4 == 0) {
+                atomicAdd(&row_sumsq[m0 + consumer * 64 + r], sum_top);
+                atomicAdd(&row_sumsq[m0 + consumer * 64 + r + 8], sum_bottom);
+            }
+        }
+    }
+    if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+/* ---- host ---- */
+typedef CUresult (*encode_tiled_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                                    const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+/* A row-major [rows, cols] bf16 matrix, read in boxes of box_rows x 64 with 128-byte swizzle. */
+static CUtensorMap tensor_map(encode_tiled_fn encode, const bf16 *base, int rows, int cols, int box_rows) {
+    /* box: 64 columns (128 bytes, the swizzle span) by box_rows */
+    CUtensorMap map;
+    cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)cols * 2};
+    cuuint32_t box[2] = {BK, (cuuint32_t)box_rows}, element_strides[2] = {1, 1};
+    CK(encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box, element_strides,
+              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+    return map;
+}
+
+__global__ void fill(bf16 *x, size_t count, uint32_t seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed * 0x9E3779B9u;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        h *= 3266489917u;
+        h ^= h >> 16;
+        x[i] = __float2bfloat16(((h & 0xffffff) / 16777216.0f - 0.5f) * scale);
+    }
+}
+
+/* cuBLASLt's row-major C = A B^T, the fastest of its top 8 algorithms (as gemm_experiments.cu). */
+struct lt_gemm {
+    cublasLtHandle_t lt;
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatmulAlgo_t algos[8];
+    int count = 0, best = 0;
+    void *workspace;
+    size_t workspace_bytes = 32u << 20;
+    lt_gemm(int M, int N, int K) {
+        CK(cublasLtCreate(&lt));
+        CK(cudaMalloc(&workspace, workspace_bytes));
+        CK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+        cublasOperation_t t = CUBLAS_OP_T, n = CUBLAS_OP_N;
+        CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t));
+        CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &n, sizeof n));
+        CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, K, N, K));
+        CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, K, M, K));
+        CK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, N, M, N));
+        cublasLtMatmulPreference_t preference;
+        CK(cublasLtMatmulPreferenceCreate(&preference));
+        uint64_t bytes = workspace_bytes;
+        CK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &bytes,
+                                                sizeof bytes));
+        cublasLtMatmulHeuristicResult_t results[8];
+        CK(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, preference, 8, results, &count));
+        for (int i = 0; i < count; i++) algos[i] = results[i].algo;
+    }
+    void run(const bf16 *A, const bf16 *B, bf16 *C, int algo) {
+        float one = 1.0f, zero = 0.0f;
+        CK(cublasLtMatmul(lt, op, &one, B, la, A, lb, &zero, C, lc, C, lc, &algos[algo], workspace, workspace_bytes, 0));
+    }
+};
+
+template <typename F> static float time_ms(F body, int reps = 20) {
+    cudaEvent_t start, stop;
+    CK(cudaEventCreate(&start));
+    CK(cudaEventCreate(&stop));
+    for (int r = 0; r < 3; r++) body();
+    CK(cudaEventRecord(start));
+    for (int r = 0; r < reps; r++) body();
+    CK(cudaEventRecord(stop));
+    CK(cudaEventSynchronize(stop));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, start, stop));
+    return ms / reps;
+}
+
+static void compare(const char *what, const bf16 *x, const bf16 *reference, size_t count) {
+    std::vector<bf16> hx(count), hr(count);
+    CK(cudaMemcpy(hx.data(), x, count * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(hr.data(), reference, count * 2, cudaMemcpyDeviceToHost));
+    double worst = 0, scale = 0, sum = 0;
+    for (size_t i = 0; i < count; i++) scale = fmax(scale, fabs((double)__bfloat162float(hr[i])));
+    for (size_t i = 0; i < count; i++) {
+        double diff = fabs((double)__bfloat162float(hx[i]) - __bfloat162float(hr[i]));
+        worst = fmax(worst, diff);
+        sum += diff;
+    }
+    printf("  %s against cuBLASLt: worst |difference| %.3e, mean %.3e (largest |value| %.3f)\n", what, worst,
+           sum / count, scale);
+}
+
+static void measure(encode_tiled_fn encode, int M, int N, int K) {
+    bf16 *A, *B, *C, *C_ref;
+    float *row_sumsq;
+    CK(cudaMalloc(&A, (size_t)M * K * 2));
+    CK(cudaMalloc(&B, (size_t)N * K * 2));
+    CK(cudaMalloc(&C, (size_t)M * N * 2));
+    CK(cudaMalloc(&C_ref, (size_t)M * N * 2));
+    CK(cudaMalloc(&row_sumsq, (size_t)M * 4));
+    fill<<<1024, 256>>>(A, (size_t)M * K, 1, 2.0f);
+    fill<<<1024, 256>>>(B, (size_t)N * K, 2, 0.2f);
+    CUtensorMap map_a = tensor_map(encode, A, M, K, BM), map_b = tensor_map(encode, B, N, K, BN);
+    CUtensorMap map_c = tensor_map(encode, C, M, N, 64);
+    CK(cudaFuncSetAttribute(gemm_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
+    CK(cudaFuncSetAttribute(gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
+    int sms;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    unsigned grid = std::min((M / BM) * (N / BN), sms);
+    double flops = 2.0 * M * N * K;
+
+    lt_gemm lt(M, N, K);
+    float lt_best = 1e30f;
+    for (int i = 0; i < lt.count; i++) {
+        float ms = time_ms([&] { lt.run(A, B, C_ref, i); });
+        if (ms < lt_best) lt_best = ms, lt.best = i;
+    }
+    lt.run(A, B, C_ref, lt.best);
+    float ours = time_ms([&] { gemm_kernel<false><<<grid, THREADS, SMEM_BYTES>>>(map_a, map_b, map_c, row_sumsq, M, N, K); });
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    float memset_ms = time_ms([&] { CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4)); });
+    float ours_sumsq = time_ms([&] {
+        CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4));
+        gemm_kernel<true><<<grid, THREADS, SMEM_BYTES>>>(map_a, map_b, map_c, row_sumsq, M, N, K);
+    });
+    CK(cudaDeviceSynchronize());
+    printf("M %d N %d K %d: cuBLASLt %.3f ms (%.0f TFLOP/s); ours %.3f ms (%.0f TFLOP/s); ours with row sums of squares "
+           "%.3f ms (memset %.3f)\n",
+           M, N, K, lt_best, flops / lt_best / 1e9, ours, flops / ours / 1e9, ours_sumsq, memset_ms);
+    compare("C", C, C_ref, (size_t)M * N);
+
+    /* The row sums of squares against the same sums over cuBLASLt's C, on the host. */
+    std::vector<bf16> h(std::min<size_t>((size_t)M, 4096) * N);
+    std::vector<float> sums(std::min(M, 4096));
+    CK(cudaMemcpy(h.data(), C_ref, h.size() * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(sums.data(), row_sumsq, sums.size() * 4, cudaMemcpyDeviceToHost));
+    double worst = 0;
+    for (size_t r = 0; r < sums.size(); r++) {
+        double s = 0;
+        for (int j = 0; j < N; j++) {
+            double v = __bfloat162float(h[r * N + j]);
+            s += v * v;
+        }
+        worst = fmax(worst, fabs(sums[r] - s) / s);
+    }
+    printf("  row sums of squares (first %zu rows) against the host's over cuBLASLt's C: worst relative %.3e\n",
+           sums.size(), worst);
+    CK(cudaFree(A));
+    CK(cudaFree(B));
+    CK(cudaFree(C));
+    CK(cudaFree(C_ref));
+    CK(cudaFree(row_sumsq));
+}
+
+int main(int argc, char **argv) {
+    encode_tiled_fn encode = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", (void **)&encode, 12000, cudaEnableDefault, &found));
+    if (found != cudaDriverEntryPointSuccess || !encode) {
+        printf("cuTensorMapEncodeTiled not found\n");
+        return 1;
+    }
+    int M = argc > 1 ? atoi(argv[1]) : 100864;
+    measure(encode, M, 3072, 768); /* FFN: 3072 key tokens */
+    measure(encode, M, 768, 768);  /* Q, K, V, O: 768 key tokens */
+    return 0;
+}
