@@ -14,9 +14,15 @@
  * are done, and store their 64 x 256 through shared memory with TMA (cp.async.bulk.tensor), so
  * that the next tile's products start while the store drains.
  *
+ * With clusters of 2 (CLUSTER = 2), the two CTAs take tiles stacked in M, each loads half of B
+ * and multicasts it to both, and a stage is free once the consumers of both CTAs released it.
+ *
  * Measured on the H100 (docs/performance.md): non-persistent with direct stores 417-424 TFLOP/s;
- * as here 660 (N 3072) and 680 (N 768) against cuBLASLt's 751 and 739, C bit-identical to
- * cuBLASLt's; the row sums of squares cost 6-10% more and agree to 2.3e-7.
+ * as here 640-660 (N 3072) and 640-680 (N 768) against cuBLASLt's 739-751 and 725-739, C
+ * bit-identical to cuBLASLt's; the row sums of squares cost 6-15% more and agree to 2.4e-7.
+ * Clusters of 2: correct, but 470-496 TFLOP/s (351-367 before the producer warp reconverged
+ * ahead of the .aligned cluster barrier and own-CTA releases went local): the cross-CTA release
+ * on a 3-stage ring, the likely cause, is the next thing to look at.
  *
  * nvcc -O3 -gencode arch=compute_90a,code=sm_90a wgmma_gemm.cu -lcublasLt -o wgmma_gemm && ./wgmma_gemm */
 #include <cublasLt.h>
@@ -83,6 +89,28 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, const void 
                  ::"l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_address(src))
                  : "memory");
 }
+__device__ __forceinline__ uint32_t cluster_rank() {
+    uint32_t rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    return rank;
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+/* Arrive on the barrier at the same shared-memory offset in CTA `cta` of the cluster. */
+__device__ __forceinline__ void barrier_arrive_in(uint64_t *bar, uint32_t cta) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_address(bar)), "r"(cta));
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+/* TMA into the same offset of every CTA in mask, each CTA's barrier at bar's offset completing. */
+__device__ __forceinline__ void tma_load_2d_multicast(void *dst, const CUtensorMap *map, int inner, int outer,
+                                                      uint64_t *bar, uint16_t mask) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%2, %3}], [%4], %5;"
+                 ::"r"(smem_address(dst)), "l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_address(bar)), "h"(mask)
+                 : "memory");
+}
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
@@ -130,13 +158,28 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], uint64_t desc_a, 
                  : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+/* A consumer is done with a stage: tell every CTA that writes it (all of the cluster). */
+template <int CLUSTER> __device__ __forceinline__ void release(uint64_t *empty_stage) {
+    if (CLUSTER == 1) barrier_arrive(empty_stage);
+    else
+        for (int cta = 0; cta < CLUSTER; cta++) {
+            if (cta == (int)cluster_rank()) barrier_arrive(empty_stage);
+            else barrier_arrive_in(empty_stage, cta);
+        }
+}
+
 /* Keeps the accumulators in registers across the asm statements (they are "+f" operands). */
 __device__ __forceinline__ void fence_accumulators(float d[128]) {
 #pragma unroll
     for (int i = 0; i < 128; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-template <bool ROW_SUMSQ>
+template <int CLUSTER, bool ROW_SUMSQ>
+__device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
+                                        const CUtensorMap *map_c, float *row_sumsq, int consumer, int rank,
+                                        int cluster, int clusters, int groups, int n_tiles, int k_tiles);
+
+template <int CLUSTER, bool ROW_SUMSQ>
 __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                                                           const __grid_constant__ CUtensorMap map_b,
                                                           const __grid_constant__ CUtensorMap map_c,
@@ -145,42 +188,62 @@ __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant_
     uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
     uint8_t *c_tiles = smem + STAGES * STAGE_BYTES; /* per consumer: 64 x 256 bf16 as 4 swizzled 64 x 64 boxes */
     uint64_t *full = (uint64_t *)(c_tiles + 2 * C_TILE_BYTES), *empty = full + STAGES;
-    int group = threadIdx.x / 128, n_tiles = N / BN, tiles = (M / BM) * n_tiles, k_tiles = K / BK;
+    int group = threadIdx.x / 128, n_tiles = N / BN, k_tiles = K / BK;
+    /* A cluster of CLUSTER CTAs takes CLUSTER tiles stacked in M with the same n0: each CTA loads
+     * 1 / CLUSTER of the B tile and multicasts it to all, so B crosses L2 once per cluster. */
+    int rank = CLUSTER > 1 ? (int)cluster_rank() : 0, cluster = blockIdx.x / CLUSTER, clusters = gridDim.x / CLUSTER;
+    int groups = (M / BM / CLUSTER) * n_tiles; /* cluster-sized groups of tiles */
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; s++) {
             barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2);
+            barrier_init(&empty[s], 2 * CLUSTER); /* both consumers of every CTA that writes the stage */
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
-    __syncthreads();
+    if (CLUSTER > 1) cluster_sync();
+    else __syncthreads();
 
     if (group == 0) { /* producer: runs ahead across tiles, as far as the ring allows */
         registers_decrease<40>();
         if (threadIdx.x == 0) {
             int it = 0;
-            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-                int m0 = (tile / n_tiles) * BM, n0 = (tile % n_tiles) * BN;
+            for (int g = cluster; g < groups; g += clusters) {
+                int m0 = ((g / n_tiles) * CLUSTER + rank) * BM, n0 = (g % n_tiles) * BN;
                 for (int kt = 0; kt < k_tiles; kt++, it++) {
                     int s = it % STAGES;
                     if (it >= STAGES) barrier_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
                     uint8_t *a = smem + s * STAGE_BYTES, *b = a + A_STAGE_BYTES;
                     barrier_expect_bytes(&full[s], STAGE_BYTES);
                     tma_load_2d(a, &map_a, kt * BK, m0, &full[s]);
-                    tma_load_2d(b, &map_b, kt * BK, n0, &full[s]);
+                    if (CLUSTER == 1) tma_load_2d(b, &map_b, kt * BK, n0, &full[s]);
+                    else
+                        tma_load_2d_multicast(b + rank * (BN / CLUSTER) * BK * 2, &map_b, kt * BK,
+                                              n0 + rank * (BN / CLUSTER), &full[s], (1 << CLUSTER) - 1);
                 }
             }
         }
-        return;
+    } else {
+        consume<CLUSTER, ROW_SUMSQ>(smem, c_tiles, full, empty, &map_c, row_sumsq, group - 1, rank, cluster, clusters,
+                                    groups, n_tiles, k_tiles);
     }
+    /* No CTA may leave while a peer can still multicast into it or arrive on its barriers. The
+     * cluster barrier is .aligned: the producer warp reconverges first. */
+    __syncwarp();
+    if (CLUSTER > 1) cluster_sync();
+}
+
+template <int CLUSTER, bool ROW_SUMSQ>
+__device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
+                                        const CUtensorMap *map_c, float *row_sumsq, int consumer, int rank,
+                                        int cluster, int clusters, int groups, int n_tiles, int k_tiles) {
     registers_increase<232>();
-    int consumer = group - 1, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+    int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
     bool leader = threadIdx.x % 128 == 0;
     uint8_t *c_tile = c_tiles + consumer * C_TILE_BYTES;
     float d[128];
     int it = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int m0 = (tile / n_tiles) * BM, n0 = (tile % n_tiles) * BN;
+    for (int g = cluster; g < groups; g += clusters) {
+        int m0 = ((g / n_tiles) * CLUSTER + rank) * BM, n0 = (g % n_tiles) * BN;
         for (int kt = 0; kt < k_tiles; kt++, it++) {
             int s = it % STAGES;
             barrier_wait(&full[s], (it / STAGES) & 1);
@@ -193,11 +256,11 @@ __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant_
             /* One group in flight: the previous k tile's products are done, so its stage is free. */
             wgmma_wait<1>();
             fence_accumulators(d);
-            if (kt > 0 && leader) barrier_arrive(&empty[(it - 1) % STAGES]);
+            if (kt > 0 && leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
         }
         wgmma_wait<0>();
         fence_accumulators(d);
-        if (leader) barrier_arrive(&empty[(it - 1) % STAGES]);
+        if (leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
 
         /* Epilogue: the previous tile's store has read c_tile; fill it and store it with TMA. */
         if (leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
@@ -226,7 +289,7 @@ __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant_
         named_barrier_sync(1 + consumer, 128);
         if (leader) {
             for (int box = 0; box < BN / 64; box++)
-                tma_store_2d(&map_c, c_tile + box * 8192, n0 + 64 * box, m0 + 64 * consumer);
+                tma_store_2d(map_c, c_tile + box * 8192, n0 + 64 * box, m0 + 64 * consumer);
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
         if (ROW_SUMSQ) {
@@ -335,6 +398,46 @@ static void compare(const char *what, const bf16 *x, const bf16 *reference, size
            sum / count, scale);
 }
 
+/* Our kernel with clusters of CLUSTER CTAs: the plain product, then with the row sums of squares
+ * (left in row_sumsq for the check that follows). */
+template <int CLUSTER>
+static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, const bf16 *C_ref, float *row_sumsq,
+                 int M, int N, int K) {
+    CUtensorMap map_a = tensor_map(encode, A, M, K, BM), map_b = tensor_map(encode, B, N, K, BN / CLUSTER);
+    CUtensorMap map_c = tensor_map(encode, C, M, N, 64);
+    CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
+    CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
+    cudaLaunchConfig_t config = {};
+    cudaLaunchAttribute attribute;
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = CLUSTER;
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.blockDim = dim3(THREADS);
+    config.dynamicSmemBytes = SMEM_BYTES;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int sms, clusters = 0;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    config.gridDim = dim3(sms / CLUSTER * CLUSTER);
+    CK(cudaOccupancyMaxActiveClusters(&clusters, gemm_kernel<CLUSTER, false>, &config));
+    config.gridDim = dim3(std::min(clusters, (M / BM / CLUSTER) * (N / BN)) * CLUSTER);
+    double flops = 2.0 * M * N * K;
+    float plain = time_ms([&] {
+        CK(cudaLaunchKernelEx(&config, gemm_kernel<CLUSTER, false>, map_a, map_b, map_c, row_sumsq, M, N, K));
+    });
+    CK(cudaDeviceSynchronize());
+    float memset_ms = time_ms([&] { CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4)); });
+    float with_sums = time_ms([&] {
+        CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4));
+        CK(cudaLaunchKernelEx(&config, gemm_kernel<CLUSTER, true>, map_a, map_b, map_c, row_sumsq, M, N, K));
+    });
+    CK(cudaDeviceSynchronize());
+    printf("  ours, clusters of %d (%u CTAs): %.3f ms (%.0f TFLOP/s); with row sums of squares %.3f ms (memset %.3f)\n",
+           CLUSTER, config.gridDim.x, plain, flops / plain / 1e9, with_sums, memset_ms);
+    compare("C", C, C_ref, (size_t)M * N);
+}
+
 static void measure(encode_tiled_fn encode, int M, int N, int K) {
     bf16 *A, *B, *C, *C_ref;
     float *row_sumsq;
@@ -345,15 +448,7 @@ static void measure(encode_tiled_fn encode, int M, int N, int K) {
     CK(cudaMalloc(&row_sumsq, (size_t)M * 4));
     fill<<<1024, 256>>>(A, (size_t)M * K, 1, 2.0f);
     fill<<<1024, 256>>>(B, (size_t)N * K, 2, 0.2f);
-    CUtensorMap map_a = tensor_map(encode, A, M, K, BM), map_b = tensor_map(encode, B, N, K, BN);
-    CUtensorMap map_c = tensor_map(encode, C, M, N, 64);
-    CK(cudaFuncSetAttribute(gemm_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
-    CK(cudaFuncSetAttribute(gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
-    int sms;
-    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    unsigned grid = std::min((M / BM) * (N / BN), sms);
     double flops = 2.0 * M * N * K;
-
     lt_gemm lt(M, N, K);
     float lt_best = 1e30f;
     for (int i = 0; i < lt.count; i++) {
@@ -361,19 +456,9 @@ static void measure(encode_tiled_fn encode, int M, int N, int K) {
         if (ms < lt_best) lt_best = ms, lt.best = i;
     }
     lt.run(A, B, C_ref, lt.best);
-    float ours = time_ms([&] { gemm_kernel<false><<<grid, THREADS, SMEM_BYTES>>>(map_a, map_b, map_c, row_sumsq, M, N, K); });
-    CK(cudaGetLastError());
-    CK(cudaDeviceSynchronize());
-    float memset_ms = time_ms([&] { CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4)); });
-    float ours_sumsq = time_ms([&] {
-        CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4));
-        gemm_kernel<true><<<grid, THREADS, SMEM_BYTES>>>(map_a, map_b, map_c, row_sumsq, M, N, K);
-    });
-    CK(cudaDeviceSynchronize());
-    printf("M %d N %d K %d: cuBLASLt %.3f ms (%.0f TFLOP/s); ours %.3f ms (%.0f TFLOP/s); ours with row sums of squares "
-           "%.3f ms (memset %.3f)\n",
-           M, N, K, lt_best, flops / lt_best / 1e9, ours, flops / ours / 1e9, ours_sumsq, memset_ms);
-    compare("C", C, C_ref, (size_t)M * N);
+    printf("M %d N %d K %d: cuBLASLt %.3f ms (%.0f TFLOP/s)\n", M, N, K, lt_best, flops / lt_best / 1e9);
+    ours<1>(encode, A, B, C, C_ref, row_sumsq, M, N, K);
+    ours<2>(encode, A, B, C, C_ref, row_sumsq, M, N, K);
 
     /* The row sums of squares against the same sums over cuBLASLt's C, on the host. */
     std::vector<bf16> h(std::min<size_t>((size_t)M, 4096) * N);
