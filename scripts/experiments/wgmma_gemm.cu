@@ -8,21 +8,21 @@
  *
  * Persistent: one CTA per SM walks 128 x 256 output tiles (N fastest, so the CTAs running at
  * once share A tiles and all of B stays in L2). Warp group 0 loads 128 x 64 of A and 256 x 64
- * of B per stage with TMA (128-byte swizzle) into a 3-stage ring, running ahead into the next
+ * of B per stage with TMA (128-byte swizzle) into a 4-stage ring, running ahead into the next
  * tile while the consumers finish one; warp groups 1 and 2 each multiply their 64 rows with
  * wgmma m64n256k16 (accumulators in registers), release a stage when the products reading it
- * are done, and store their 64 x 256 through shared memory with TMA (cp.async.bulk.tensor), so
- * that the next tile's products start while the store drains.
+ * are done, and store their 64 x 256 as four 64 x 64 boxes through two shared-memory buffers with
+ * TMA (cp.async.bulk.tensor), so that the next tile's products start while the stores drain.
  *
  * With clusters of 2 (CLUSTER = 2), the two CTAs take tiles stacked in M, each loads half of B
  * and multicasts it to both, and a stage is free once the consumers of both CTAs released it.
  *
  * Measured on the H100 (docs/performance.md): non-persistent with direct stores 417-424 TFLOP/s;
- * as here 640-660 (N 3072) and 640-680 (N 768) against cuBLASLt's 739-751 and 725-739, C
- * bit-identical to cuBLASLt's; the row sums of squares cost 6-15% more and agree to 2.4e-7.
- * Clusters of 2: correct, but 470-496 TFLOP/s (351-367 before the producer warp reconverged
- * ahead of the .aligned cluster barrier and own-CTA releases went local): the cross-CTA release
- * on a 3-stage ring, the likely cause, is the next thing to look at.
+ * persistent with a 3-stage ring and whole 64 x 256 store buffers 640-680; as here 681 (N 3072)
+ * and 677 (N 768) against cuBLASLt's 746 and 731, C bit-identical to cuBLASLt's; the row sums of
+ * squares cost 5-9% more and agree to 2.4e-7. Clusters of 2: correct, but 459-512 TFLOP/s with
+ * 3 or 4 stages alike (351-367 before the producer warp reconverged ahead of the .aligned cluster
+ * barrier and own-CTA releases went local): why is the next thing to find.
  *
  * nvcc -O3 -gencode arch=compute_90a,code=sm_90a wgmma_gemm.cu -lcublasLt -o wgmma_gemm && ./wgmma_gemm */
 #include <cublasLt.h>
@@ -44,9 +44,9 @@
         }                                                                                                          \
     } while (0)
 
-enum { BM = 128, BN = 256, BK = 64, STAGES = 3, THREADS = 384 };
+enum { BM = 128, BN = 256, BK = 64, STAGES = 4, THREADS = 384 };
 enum { A_STAGE_BYTES = BM * BK * 2, B_STAGE_BYTES = BN * BK * 2, STAGE_BYTES = A_STAGE_BYTES + B_STAGE_BYTES };
-enum { C_TILE_BYTES = 64 * BN * 2 };
+enum { BOX_BYTES = 64 * 64 * 2, C_TILE_BYTES = 2 * BOX_BYTES /* two 64 x 64 boxes in turn */ };
 enum { SMEM_BYTES = STAGES * STAGE_BYTES + 2 * C_TILE_BYTES + 1024 /* alignment */ + 2 * STAGES * 8 };
 
 typedef __nv_bfloat16 bf16;
@@ -186,7 +186,7 @@ __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant_
                                                           float *row_sumsq, int M, int N, int K) {
     extern __shared__ uint8_t smem_raw[];
     uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
-    uint8_t *c_tiles = smem + STAGES * STAGE_BYTES; /* per consumer: 64 x 256 bf16 as 4 swizzled 64 x 64 boxes */
+    uint8_t *c_tiles = smem + STAGES * STAGE_BYTES; /* per consumer: two swizzled 64 x 64 bf16 boxes */
     uint64_t *full = (uint64_t *)(c_tiles + 2 * C_TILE_BYTES), *empty = full + STAGES;
     int group = threadIdx.x / 128, n_tiles = N / BN, k_tiles = K / BK;
     /* A cluster of CLUSTER CTAs takes CLUSTER tiles stacked in M with the same n0: each CTA loads
@@ -262,35 +262,38 @@ __device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_
         fence_accumulators(d);
         if (leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
 
-        /* Epilogue: the previous tile's store has read c_tile; fill it and store it with TMA. */
-        if (leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-        named_barrier_sync(1 + consumer, 128);
-        /* Accumulator fragment of m64nN: thread (warp w, lane l) holds rows 16 w + l / 4 and that + 8,
+        /* Epilogue: the 64 x 256 result leaves as four 64 x 64 boxes through two buffers in turn,
+         * each refilled once the TMA store before the last has read it.
+         * Accumulator fragment of m64nN: thread (warp w, lane l) holds rows 16 w + l / 4 and that + 8,
          * columns 8 i + 2 (l % 4) + {0, 1}: d[4 i + {0, 1}] on the first row, d[4 i + {2, 3}] on the second.
          * In a 64 x 64 box with 128-byte swizzle, 16-byte chunk j of row r sits at chunk j ^ (r % 8). */
         int r = warp * 16 + lane / 4;
         float sum_top = 0.0f, sum_bottom = 0.0f;
 #pragma unroll
-        for (int i = 0; i < BN / 8; i++) {
-            __nv_bfloat162 top = __floats2bfloat162_rn(d[4 * i], d[4 * i + 1]);
-            __nv_bfloat162 bottom = __floats2bfloat162_rn(d[4 * i + 2], d[4 * i + 3]);
-            int box = i / 8, chunk = i % 8, within = 4 * (lane % 4);
-            uint8_t *box_base = c_tile + box * 8192;
-            *reinterpret_cast<__nv_bfloat162 *>(box_base + r * 128 + ((chunk ^ (r % 8)) * 16) + within) = top;
-            *reinterpret_cast<__nv_bfloat162 *>(box_base + (r + 8) * 128 + ((chunk ^ ((r + 8) % 8)) * 16) + within) =
-                bottom;
-            if (ROW_SUMSQ) {
-                float2 t = __bfloat1622float2(top), b = __bfloat1622float2(bottom);
-                sum_top += t.x * t.x + t.y * t.y;
-                sum_bottom += b.x * b.x + b.y * b.y;
+        for (int box = 0; box < BN / 64; box++) {
+            uint8_t *box_base = c_tile + (box % 2) * BOX_BYTES;
+            if (leader) asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+            named_barrier_sync(1 + consumer, 128);
+#pragma unroll
+            for (int chunk = 0; chunk < 8; chunk++) {
+                int i = box * 8 + chunk, within = 4 * (lane % 4);
+                __nv_bfloat162 top = __floats2bfloat162_rn(d[4 * i], d[4 * i + 1]);
+                __nv_bfloat162 bottom = __floats2bfloat162_rn(d[4 * i + 2], d[4 * i + 3]);
+                *reinterpret_cast<__nv_bfloat162 *>(box_base + r * 128 + ((chunk ^ (r % 8)) * 16) + within) = top;
+                *reinterpret_cast<__nv_bfloat162 *>(box_base + (r + 8) * 128 + ((chunk ^ ((r + 8) % 8)) * 16) +
+                                                    within) = bottom;
+                if (ROW_SUMSQ) {
+                    float2 t = __bfloat1622float2(top), b = __bfloat1622float2(bottom);
+                    sum_top += t.x * t.x + t.y * t.y;
+                    sum_bottom += b.x * b.x + b.y * b.y;
+                }
             }
-        }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        named_barrier_sync(1 + consumer, 128);
-        if (leader) {
-            for (int box = 0; box < BN / 64; box++)
-                tma_store_2d(map_c, c_tile + box * 8192, n0 + 64 * box, m0 + 64 * consumer);
-            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            named_barrier_sync(1 + consumer, 128);
+            if (leader) {
+                tma_store_2d(map_c, box_base, n0 + 64 * box, m0 + 64 * consumer);
+                asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+            }
         }
         if (ROW_SUMSQ) {
             for (int o = 1; o < 4; o <<= 1) {
