@@ -20,9 +20,11 @@
  * Measured on the H100 (docs/performance.md): non-persistent with direct stores 417-424 TFLOP/s;
  * persistent with a 3-stage ring and whole 64 x 256 store buffers 640-680; as here 681 (N 3072)
  * and 677 (N 768) against cuBLASLt's 746 and 731, C bit-identical to cuBLASLt's; the row sums of
- * squares cost 5-9% more and agree to 2.4e-7. Clusters of 2: correct, but 459-512 TFLOP/s with
- * 3 or 4 stages alike (351-367 before the producer warp reconverged ahead of the .aligned cluster
- * barrier and own-CTA releases went local): why is the next thing to find.
+ * squares cost 5-9% more and agree to 2.4e-7. Clusters of 2: 736 (N 3072) and 697 (N 768)
+ * against cuBLASLt's 756 and 742 in the same run, 0.687 / 0.178 ms with the row sums. The
+ * remote release must be a plain mbarrier.arrive.shared::cluster: with .release.cluster
+ * semantics each arrive waited for the thread's memory operations to be visible cluster-wide,
+ * and clusters of 2 ran at 441-512 TFLOP/s (with or without multicast).
  *
  * nvcc -O3 -gencode arch=compute_90a,code=sm_90a wgmma_gemm.cu -lcublasLt -o wgmma_gemm && ./wgmma_gemm */
 #include <cublasLt.h>
@@ -97,11 +99,12 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
-/* Arrive on the barrier at the same shared-memory offset in CTA `cta` of the cluster. */
+/* Arrive on the barrier at the same shared-memory offset in CTA `cta` of the cluster. Plain
+ * arrive: .release.cluster here made every k tile wait for cluster-wide visibility (-35%). */
 __device__ __forceinline__ void barrier_arrive_in(uint64_t *bar, uint32_t cta) {
     uint32_t remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_address(bar)), "r"(cta));
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 /* TMA into the same offset of every CTA in mask, each CTA's barrier at bar's offset completing. */
 __device__ __forceinline__ void tma_load_2d_multicast(void *dst, const CUtensorMap *map, int inner, int outer,
@@ -183,7 +186,7 @@ template <int CLUSTER, bool ROW_SUMSQ>
 __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                                                           const __grid_constant__ CUtensorMap map_b,
                                                           const __grid_constant__ CUtensorMap map_c,
-                                                          float *row_sumsq, int M, int N, int K) {
+                                                          float *row_sumsq, int M, int N, int K, int multicast) {
     extern __shared__ uint8_t smem_raw[];
     uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
     uint8_t *c_tiles = smem + STAGES * STAGE_BYTES; /* per consumer: two swizzled 64 x 64 bf16 boxes */
@@ -215,10 +218,13 @@ __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant_
                     uint8_t *a = smem + s * STAGE_BYTES, *b = a + A_STAGE_BYTES;
                     barrier_expect_bytes(&full[s], STAGE_BYTES);
                     tma_load_2d(a, &map_a, kt * BK, m0, &full[s]);
-                    if (CLUSTER == 1) tma_load_2d(b, &map_b, kt * BK, n0, &full[s]);
-                    else
+                    if (CLUSTER > 1 && multicast)
                         tma_load_2d_multicast(b + rank * (BN / CLUSTER) * BK * 2, &map_b, kt * BK,
                                               n0 + rank * (BN / CLUSTER), &full[s], (1 << CLUSTER) - 1);
+                    else /* every slice of B ourselves (multicast 0: the cluster's handshake alone) */
+                        for (int h = 0; h < CLUSTER; h++)
+                            tma_load_2d(b + h * (BN / CLUSTER) * BK * 2, &map_b, kt * BK, n0 + h * (BN / CLUSTER),
+                                        &full[s]);
                 }
             }
         }
@@ -405,7 +411,7 @@ static void compare(const char *what, const bf16 *x, const bf16 *reference, size
  * (left in row_sumsq for the check that follows). */
 template <int CLUSTER>
 static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, const bf16 *C_ref, float *row_sumsq,
-                 int M, int N, int K) {
+                 int M, int N, int K, int multicast = 1) {
     CUtensorMap map_a = tensor_map(encode, A, M, K, BM), map_b = tensor_map(encode, B, N, K, BN / CLUSTER);
     CUtensorMap map_c = tensor_map(encode, C, M, N, 64);
     CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
@@ -427,17 +433,17 @@ static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, 
     config.gridDim = dim3(std::min(clusters, (M / BM / CLUSTER) * (N / BN)) * CLUSTER);
     double flops = 2.0 * M * N * K;
     float plain = time_ms([&] {
-        CK(cudaLaunchKernelEx(&config, gemm_kernel<CLUSTER, false>, map_a, map_b, map_c, row_sumsq, M, N, K));
+        CK(cudaLaunchKernelEx(&config, gemm_kernel<CLUSTER, false>, map_a, map_b, map_c, row_sumsq, M, N, K, multicast));
     });
     CK(cudaDeviceSynchronize());
     float memset_ms = time_ms([&] { CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4)); });
     float with_sums = time_ms([&] {
         CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4));
-        CK(cudaLaunchKernelEx(&config, gemm_kernel<CLUSTER, true>, map_a, map_b, map_c, row_sumsq, M, N, K));
+        CK(cudaLaunchKernelEx(&config, gemm_kernel<CLUSTER, true>, map_a, map_b, map_c, row_sumsq, M, N, K, multicast));
     });
     CK(cudaDeviceSynchronize());
-    printf("  ours, clusters of %d (%u CTAs): %.3f ms (%.0f TFLOP/s); with row sums of squares %.3f ms (memset %.3f)\n",
-           CLUSTER, config.gridDim.x, plain, flops / plain / 1e9, with_sums, memset_ms);
+    printf("  ours, clusters of %d%s (%u CTAs): %.3f ms (%.0f TFLOP/s); with row sums of squares %.3f ms (memset %.3f)\n",
+           CLUSTER, CLUSTER > 1 && !multicast ? " without multicast" : "", config.gridDim.x, plain, flops / plain / 1e9, with_sums, memset_ms);
     compare("C", C, C_ref, (size_t)M * N);
 }
 
@@ -461,6 +467,7 @@ static void measure(encode_tiled_fn encode, int M, int N, int K) {
     lt.run(A, B, C_ref, lt.best);
     printf("M %d N %d K %d: cuBLASLt %.3f ms (%.0f TFLOP/s)\n", M, N, K, lt_best, flops / lt_best / 1e9);
     ours<1>(encode, A, B, C, C_ref, row_sumsq, M, N, K);
+    ours<2>(encode, A, B, C, C_ref, row_sumsq, M, N, K, 0);
     ours<2>(encode, A, B, C, C_ref, row_sumsq, M, N, K);
 
     /* The row sums of squares against the same sums over cuBLASLt's C, on the host. */
