@@ -468,6 +468,7 @@ static void measure(encode_tiled_fn encode, int M, int N, int K) {
     printf("M %d N %d K %d: cuBLASLt %.3f ms (%.0f TFLOP/s)\n", M, N, K, lt_best, flops / lt_best / 1e9);
     ours<1>(encode, A, B, C, C_ref, row_sumsq, M, N, K);
     ours<2>(encode, A, B, C, C_ref, row_sumsq, M, N, K, 0);
+    ours<4>(encode, A, B, C, C_ref, row_sumsq, M, N, K);
     ours<2>(encode, A, B, C, C_ref, row_sumsq, M, N, K);
 
     /* The row sums of squares against the same sums over cuBLASLt's C, on the host. */
