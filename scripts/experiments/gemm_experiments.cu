@@ -21,20 +21,12 @@
 #include <cstdlib>
 #include <cstring>
 
-#define CK(x)                                                                                                      \
-    do {                                                                                                           \
-        int e_ = (int)(x);                                                                                         \
-        if (e_ != 0) {                                                                                             \
-            printf("error %d at %s:%d\n", e_, __FILE__, __LINE__);                                                 \
-            exit(1);                                                                                               \
-        }                                                                                                          \
-    } while (0)
+#include "experiments.cuh"
 
 enum { ROWS = 100864, D = 768 };
 static cublasLtHandle_t lt;
 static void *workspace;
 static const size_t workspace_bytes = 32u << 20;
-static cudaEvent_t start, stop;
 
 /* Row-major D_b[m, n] = A_b[m, k] op(B_b) (+ D_b when accumulate, fp32 D), b < batch;
  * B stored [n, k] when b_transposed (key tokens), else [k, n] (value tokens); strides in elements. */
@@ -93,18 +85,6 @@ static void run(const gemm_plan &p, int algo, const void *A, const void *B, void
     float one = 1.0f;
     CK(cublasLtMatmul(lt, p.op, &one, B, p.a, A, p.b, &p.beta, Dm, p.d, Dm, p.d, &p.algos[algo], workspace,
                       workspace_bytes, stream));
-}
-
-/* Milliseconds per call of `body` over `reps` calls on the default stream. */
-template <typename F> static float time_ms(F body, int reps = 10) {
-    for (int r = 0; r < 2; r++) body();
-    CK(cudaEventRecord(start));
-    for (int r = 0; r < reps; r++) body();
-    CK(cudaEventRecord(stop));
-    CK(cudaEventSynchronize(stop));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, start, stop));
-    return ms / reps;
 }
 
 /* Keeps the fastest algorithm of the plan; returns its time. */
@@ -240,8 +220,6 @@ static void experiment_residual(curandGenerator_t generator) {
 int main(int argc, char **argv) {
     CK(cublasLtCreate(&lt));
     CK(cudaMalloc(&workspace, workspace_bytes));
-    CK(cudaEventCreate(&start));
-    CK(cudaEventCreate(&stop));
     curandGenerator_t generator;
     CK(curandCreateGenerator(&generator, CURAND_RNG_PSEUDO_DEFAULT));
     for (int i = 1; i < argc; i++) {

@@ -10,21 +10,16 @@
  * at B/16 inference's shapes (100864 rows, n 768 and 3072), with each variant's accuracy
  * against double-precision erfc over z in [-12, 12].
  *
- * nvcc -O3 -arch=sm_90 norm_experiments.cu -o norm_experiments && ./norm_experiments */
+ * nvcc -O3 -arch=sm_90 -I../.. norm_experiments.cu -o norm_experiments && ./norm_experiments
+ * (the row helpers are the backend's, from kernels/cuda/cuda_common.cuh) */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
 
-#define CK(x)                                                                                                      \
-    do {                                                                                                           \
-        cudaError_t e_ = (x);                                                                                      \
-        if (e_ != cudaSuccess) {                                                                                   \
-            printf("%s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);                                   \
-            exit(1);                                                                                               \
-        }                                                                                                          \
-    } while (0)
+#include "experiments.cuh"
+#include "kernels/cuda/cuda_common.cuh"
 
 enum { ERFF = 0, NONE = 1, ERFC = 2 };
 
@@ -50,34 +45,6 @@ __device__ __forceinline__ float cdf(float z) {
     return z < 0.0f ? half_tail : 1.0f - half_tail;
 }
 
-__device__ __forceinline__ void unpack(uint4 raw, float out[8]) {
-    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-    for (int i = 0; i < 4; i++) {
-        float2 f = __bfloat1622float2(h[i]);
-        out[2 * i] = f.x;
-        out[2 * i + 1] = f.y;
-    }
-}
-__device__ __forceinline__ uint4 pack(const float in[8]) {
-    uint4 raw;
-    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&raw);
-    for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
-    return raw;
-}
-
-template <int WARPS>
-__device__ __forceinline__ float row_sum(float v, float *scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (WARPS == 1) return v;
-    int warp = threadIdx.x >> 5, first = warp / WARPS * WARPS;
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) scratch[warp] = v;
-    __syncthreads();
-    float total = 0.0f;
-    for (int w = 0; w < WARPS; w++) total += scratch[first + w];
-    return total;
-}
-
 template <int CHUNKS, int WARPS, int VARIANT>
 __global__ __launch_bounds__(256) void forward(__nv_bfloat16 *s, float *row_norm, const __nv_bfloat16 *a, int rows,
                                                int n, float tau) {
@@ -90,7 +57,7 @@ __global__ __launch_bounds__(256) void forward(__nv_bfloat16 *s, float *row_norm
     float sum = 0.0f;
     for (int c = 0; c < CHUNKS; c++) {
         float x[8];
-        unpack(raw[c], x);
+        bf16x8_unpack(raw[c], x);
         for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
     }
     sum = row_sum<WARPS>(sum, scratch);
@@ -100,12 +67,12 @@ __global__ __launch_bounds__(256) void forward(__nv_bfloat16 *s, float *row_norm
     uint4 *s_row = reinterpret_cast<uint4 *>(s + (size_t)row * n);
     for (int c = 0; c < CHUNKS; c++) {
         float x[8];
-        unpack(raw[c], x);
+        bf16x8_unpack(raw[c], x);
         for (int i = 0; i < 8; i++) {
             float z = x[i] * scale;
             x[i] = z * cdf<VARIANT>(z);
         }
-        s_row[c * 32 * WARPS + t] = pack(x);
+        s_row[c * 32 * WARPS + t] = bf16x8_pack(x);
     }
 }
 
@@ -127,15 +94,15 @@ __global__ __launch_bounds__(256) void backward(__nv_bfloat16 *da, __nv_bfloat16
     float dz[CHUNKS * 8], dot = 0.0f;
     for (int c = 0; c < CHUNKS; c++) {
         float x[8], g[8], again[8];
-        unpack(raw_a[c], x);
-        unpack(raw_ds[c], g);
+        bf16x8_unpack(raw_a[c], x);
+        bf16x8_unpack(raw_ds[c], g);
         for (int i = 0; i < 8; i++) {
             float z = x[i] * scale, p = cdf<VARIANT>(z);
             dz[c * 8 + i] = g[i] * (p + z * (0.39894228040143268f * __expf(-0.5f * z * z)));
             again[i] = z * p;
             dot = fmaf(x[i], dz[c * 8 + i], dot);
         }
-        raw_s[c] = pack(again);
+        raw_s[c] = bf16x8_pack(again);
     }
     dot = row_sum<WARPS>(dot, scratch);
     if (!active) return;
@@ -144,9 +111,9 @@ __global__ __launch_bounds__(256) void backward(__nv_bfloat16 *da, __nv_bfloat16
     uint4 *s_row = reinterpret_cast<uint4 *>(s + (size_t)row * n);
     for (int c = 0; c < CHUNKS; c++) {
         float x[8], out[8];
-        unpack(raw_a[c], x);
+        bf16x8_unpack(raw_a[c], x);
         for (int i = 0; i < 8; i++) out[i] = scale * (dz[c * 8 + i] - x[i] * coefficient);
-        da_row[c * 32 * WARPS + t] = pack(out);
+        da_row[c * 32 * WARPS + t] = bf16x8_pack(out);
         s_row[c * 32 * WARPS + t] = raw_s[c];
     }
 }

@@ -37,14 +37,7 @@
 #include <cmath>
 #include <vector>
 
-#define CK(x)                                                                                                      \
-    do {                                                                                                           \
-        int e_ = (int)(x);                                                                                         \
-        if (e_ != 0) {                                                                                             \
-            printf("error %d at %s:%d\n", e_, __FILE__, __LINE__);                                                 \
-            exit(1);                                                                                               \
-        }                                                                                                          \
-    } while (0)
+#include "experiments.cuh"
 
 enum { BM = 128, BN = 256, BK = 64, STAGES = 4, THREADS = 384 };
 enum { A_STAGE_BYTES = BM * BK * 2, B_STAGE_BYTES = BN * BK * 2, STAGE_BYTES = A_STAGE_BYTES + B_STAGE_BYTES };
@@ -377,20 +370,6 @@ struct lt_gemm {
         CK(cublasLtMatmul(lt, op, &one, B, la, A, lb, &zero, C, lc, C, lc, &algos[algo], workspace, workspace_bytes, 0));
     }
 };
-
-template <typename F> static float time_ms(F body, int reps = 20) {
-    cudaEvent_t start, stop;
-    CK(cudaEventCreate(&start));
-    CK(cudaEventCreate(&stop));
-    for (int r = 0; r < 3; r++) body();
-    CK(cudaEventRecord(start));
-    for (int r = 0; r < reps; r++) body();
-    CK(cudaEventRecord(stop));
-    CK(cudaEventSynchronize(stop));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, start, stop));
-    return ms / reps;
-}
 
 static void compare(const char *what, const bf16 *x, const bf16 *reference, size_t count) {
     std::vector<bf16> hx(count), hr(count);
