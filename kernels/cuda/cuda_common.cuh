@@ -168,7 +168,6 @@ __device__ __forceinline__ float block_max(float v, float *scratch) {
     return warp_max(v);
 }
 
-/* Exact (erf) GELU and its derivative: GELU(z) = z Phi(z), GELU'(z) = Phi(z) + z phi(z). */
 /* Exact (erf) GELU through the standard normal CDF Phi: GELU(z) = z Phi(z), GELU'(z) = Phi(z) +
  * z phi(z). A pass that needs both computes Phi once and calls the _from_cdf forms, which give
  * the same bits as gelu_erf and gelu_erf_derivative. */

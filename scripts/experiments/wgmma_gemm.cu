@@ -363,7 +363,16 @@ struct lt_gemm {
                                                 sizeof bytes));
         cublasLtMatmulHeuristicResult_t results[8];
         CK(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, preference, 8, results, &count));
+        cublasLtMatmulPreferenceDestroy(preference);
         for (int i = 0; i < count; i++) algos[i] = results[i].algo;
+    }
+    ~lt_gemm() {
+        cublasLtMatrixLayoutDestroy(la);
+        cublasLtMatrixLayoutDestroy(lb);
+        cublasLtMatrixLayoutDestroy(lc);
+        cublasLtMatmulDescDestroy(op);
+        cudaFree(workspace);
+        cublasLtDestroy(lt);
     }
     void run(const bf16 *A, const bf16 *B, bf16 *C, int algo) {
         float one = 1.0f, zero = 0.0f;
