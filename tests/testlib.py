@@ -8,9 +8,8 @@ failures = []
 
 
 def report(name, ok, detail):
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
-    if not ok:
-        failures.append(name)
+    """check() for a named comparison with its measured detail."""
+    check(ok, f"{name}: {detail}")
 
 
 def run_program(program, *args, stdin=None):
