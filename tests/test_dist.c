@@ -37,6 +37,7 @@ static const char *const launch_variables[] = {"RANK",
                                                "LOCAL_WORLD_SIZE",
                                                "MASTER_ADDR",
                                                "MASTER_PORT",
+                                               "TORCHELASTIC_USE_AGENT_STORE",
                                                "OMPI_COMM_WORLD_RANK",
                                                "OMPI_COMM_WORLD_SIZE",
                                                "OMPI_COMM_WORLD_LOCAL_RANK",
@@ -100,6 +101,14 @@ static void test_launch_detection(void) {
     expect_launch("RANK=3 WORLD_SIZE=8 LOCAL_RANK=1 LOCAL_WORLD_SIZE=2 MASTER_ADDR=node0 MASTER_PORT=1234",
                   TF_LAUNCHER_TORCHRUN, 3, 8, 1, "node0", 1234);
     expect_launch("RANK=0 WORLD_SIZE=1", TF_LAUNCHER_TORCHRUN, 0, 1, 0, NULL, 0);
+    /* torchrun's agent holding MASTER_PORT for its own store: the rendezvous takes the next one */
+    expect_launch("RANK=1 WORLD_SIZE=2 LOCAL_RANK=1 MASTER_ADDR=h MASTER_PORT=29500 TORCHELASTIC_USE_AGENT_STORE=True",
+                  TF_LAUNCHER_TORCHRUN, 1, 2, 1, "h", 29501);
+    expect_launch("RANK=1 WORLD_SIZE=2 LOCAL_RANK=1 MASTER_ADDR=h MASTER_PORT=29500 TORCHELASTIC_USE_AGENT_STORE=False",
+                  TF_LAUNCHER_TORCHRUN, 1, 2, 1, "h", 29500);
+    expect_launch_error("RANK=1 WORLD_SIZE=2 LOCAL_RANK=1 MASTER_ADDR=h MASTER_PORT=65535 "
+                        "TORCHELASTIC_USE_AGENT_STORE=True",
+                        "--master-port", NULL);
     expect_launch_error("RANK=1", "WORLD_SIZE", NULL);
     expect_launch_error("WORLD_SIZE=2", "RANK", NULL);
     expect_launch_error("RANK=4 WORLD_SIZE=4 LOCAL_RANK=0 MASTER_ADDR=a MASTER_PORT=1", "RANK=4",
@@ -315,6 +324,7 @@ static tf_launch loopback_launch(int rank, int world_size, int port) {
                         .master_port = port};
     snprintf(launch.master_addr, sizeof launch.master_addr, "127.0.0.1");
     snprintf(launch.master_from, sizeof launch.master_from, "test");
+    snprintf(launch.port_from, sizeof launch.port_from, "test");
     return launch;
 }
 

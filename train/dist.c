@@ -394,7 +394,7 @@ static void stop_watchdog(tf_dist *dist) {
 
 /* A listening socket on every interface at port: IPv6 with IPv4 mapped where the host has IPv6,
  * plain IPv4 otherwise. SO_REUSEADDR so a restarted run can take the port of one that just ended. */
-static tf_status listen_on(int port, int backlog, int *listener) {
+static tf_status listen_on(int port, const char *port_from, int backlog, int *listener) {
     int on = 1, off = 0, error = 0;
     int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd >= 0) {
@@ -427,7 +427,7 @@ static tf_status listen_on(int port, int backlog, int *listener) {
     }
     if (fd < 0)
         return tf_fail(
-            TF_ERR_RUNTIME, "rank 0 cannot listen on TCP port %d (MASTER_PORT): %s%s", port, strerror(error),
+            TF_ERR_RUNTIME, "rank 0 cannot listen on TCP port %d (%s): %s%s", port, port_from, strerror(error),
             error == EADDRINUSE ? "; another program (another run?) holds it: choose another MASTER_PORT"
                                 : "");
     *listener = fd;
@@ -592,7 +592,7 @@ static void send_reply(int fd, tf_status status, const char *message, const void
 static tf_status rendezvous_root(tf_dist *dist, const tf_launch *launch, uint64_t fingerprint, double timeout,
                                  const void *blob, size_t blob_size) {
     int listener = -1;
-    TF_TRY(listen_on(launch->master_port, launch->world_size + STRAY_CONNECTIONS, &listener));
+    TF_TRY(listen_on(launch->master_port, launch->port_from, launch->world_size + STRAY_CONNECTIONS, &listener));
     root_state root = {.launch = launch,
                        .fingerprint = fingerprint,
                        .blob_size = blob_size,

@@ -56,14 +56,18 @@ typedef struct {
     int local_rank;                     /* index of this process on its node: its GPU */
     int local_size;                     /* processes on this node; 0 when the launcher does not say */
     char master_addr[TF_DIST_HOST_MAX]; /* rank 0's host ("" with world size 1) */
-    int master_port;
+    int master_port;      /* where rank 0 listens for the rendezvous */
     char master_from[96]; /* where the address came from, for messages: "MASTER_ADDR", ... */
+    char port_from[96];   /* where the port came from, likewise: "MASTER_PORT", ... */
 } tf_launch;
 
 /* Reads the launcher's variables. Precedence when several are present: torchrun-style variables,
  * then OpenMPI's, then Slurm's (mpirun or torchrun inside a Slurm allocation wins over the
  * allocation's own variables). Where rank 0 is:
- *   torchrun: MASTER_ADDR and MASTER_PORT (both required when WORLD_SIZE > 1);
+ *   torchrun: MASTER_ADDR and MASTER_PORT (both required when WORLD_SIZE > 1); when torchrun's
+ *             agent says it serves its own store there (TORCHELASTIC_USE_AGENT_STORE=True: static
+ *             rendezvous, and c10d in newer PyTorch), the port is taken, and rank 0 listens on
+ *             MASTER_PORT + 1;
  *   OpenMPI:  MASTER_ADDR / MASTER_PORT when set; else, when all ranks are on one node
  *             (OMPI_COMM_WORLD_LOCAL_SIZE == OMPI_COMM_WORLD_SIZE), 127.0.0.1 and port 29500;
  *             else an error saying to set them (mpirun -x MASTER_ADDR=... -x MASTER_PORT=...);

@@ -45,6 +45,8 @@ static tf_status copy_host(tf_launch *launch, const char *host, const char *from
 
 static tf_status master_port_from_env(tf_launch *launch, int fallback) {
     launch->master_port = fallback;
+    snprintf(launch->port_from, sizeof launch->port_from, "%s",
+             env_value("MASTER_PORT") ? "MASTER_PORT" : "the default port");
     TF_TRY(env_int_optional("MASTER_PORT", 1, &launch->master_port));
     if (launch->master_port > 65535)
         return tf_fail(TF_ERR_USAGE, "MASTER_PORT=%d is not a TCP port (1-65535)", launch->master_port);
@@ -92,6 +94,18 @@ static tf_status detect_torchrun(tf_launch *launch) {
     }
     TF_TRY(env_int_optional("LOCAL_RANK", 0, &launch->local_rank));
     TF_TRY(master_port_from_env(launch, TF_DIST_DEFAULT_PORT));
+    /* torchrun's agent may serve a TCP store of its own on MASTER_PORT for the workers' PyTorch
+     * process groups; it says so in this variable, and the rendezvous then takes the next port. */
+    const char *agent_store = env_value("TORCHELASTIC_USE_AGENT_STORE");
+    if (launch->world_size > 1 && agent_store && strcmp(agent_store, "True") == 0) {
+        if (launch->master_port == 65535)
+            return tf_fail(TF_ERR_USAGE,
+                           "MASTER_PORT=65535 is torchrun's store (TORCHELASTIC_USE_AGENT_STORE=True) and "
+                           "the rendezvous needs the port after it: give torchrun a lower --master-port");
+        launch->master_port++;
+        snprintf(launch->port_from, sizeof launch->port_from,
+                 "MASTER_PORT + 1; torchrun's agent serves its store on MASTER_PORT");
+    }
     return check_consistent(launch, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE");
 }
 
