@@ -1,6 +1,8 @@
 /* `tokenformer bench`: throughput of training and inference steps on synthetic input (no loader),
  * and of the loader alone (dataloader/loader_bench.c). Prints img/s, ms per step, the GEMM
- * TFLOP/s achieved and its share of the H100's measured bf16 rate, and the model's memory. */
+ * TFLOP/s achieved and its share of the H100's measured bf16 rate, and the model's memory.
+ * Under a launcher (torchrun-style variables, mpirun, srun: train/dist.h) it runs one rank per
+ * GPU, each with --batch images, and training reports what the gradient all-reduce costs. */
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "common/config.h"
@@ -8,6 +10,7 @@
 #include "common/rng.h"
 #include "common/timer.h"
 #include "dataloader/loader.h"
+#include "train/dist.h"
 #include "train/mixup.h"
 #include "train/optimizer.h"
 #include "vision/model.h"
@@ -74,119 +77,232 @@ static void synthetic_batch(const tf_model_config *config, int batch, uint8_t *p
     free(labels);
 }
 
-static tf_status run_steps(tf_model *model, tf_optimizer *optimizer, bool training, int batch, const uint8_t *pixels,
-                           const float *targets, const float *drop_scales, int steps) {
+/* One benchmark run: the model, its optimizer and a synthetic batch on this rank's GPU. With a
+ * launcher (train/dist.h) every rank runs a batch of its own, and training sums the gradients
+ * over the ranks each step as the trainer does: per layer, overlapped with the backward pass. */
+typedef struct {
+    const tf_backend *backend;
+    tf_dist *dist;
+    tf_model model;
+    tf_optimizer optimizer;
+    bool training;
+    bool reduce;              /* all-reduce the gradients of each training step over the ranks */
+    tf_status reduce_status;  /* the first failure of an all-reduce started from the gradient hook */
+    int batch;
+    uint8_t *pixels;          /* pinned host [batch, channels, size, size] */
+    float *targets;           /* host [batch, classes] */
+    float *drop_scales;       /* host [depth, 2, batch], or NULL without drop path */
+} tf_bench;
+
+/* The model's gradient hook: one layer's gradients into the all-reduce (train.c's, without the
+ * trainer). */
+static void reduce_gradient_range(void *context, size_t offset, size_t count) {
+    tf_bench *bench = context;
+    if (bench->reduce_status != TF_OK) return;
+    bench->reduce_status = dist_all_reduce_sum_f32_range(bench->dist, (float *)bench->model.grads, offset, count);
+}
+
+static tf_status run_steps(tf_bench *bench, int steps) {
+    tf_model *model = &bench->model;
+    bool reduce = bench->training && bench->reduce && dist_world_size(bench->dist) > 1;
+    model_set_gradient_hook(model, reduce ? reduce_gradient_range : NULL, bench);
     for (int step = 0; step < steps; step++) {
-        model_load_pixels(model, pixels, batch);
-        if (training) {
+        model_load_pixels(model, bench->pixels, bench->batch);
+        if (bench->training) {
             double loss;
             tf_step_result result;
             model_zero_grads(model);
-            model_forward(model, batch, drop_scales);
-            TF_TRY(model_backward(model, targets, batch, 1.0f / batch, &loss));
-            TF_TRY(optimizer_step(optimizer, model, 1e-4, 1.0f, &result));
+            model_forward(model, bench->batch, bench->drop_scales);
+            TF_TRY(model_backward(model, bench->targets, bench->batch, 1.0f / bench->batch, &loss));
+            TF_TRY(bench->reduce_status);
+            if (reduce) TF_TRY(dist_all_reduce_wait(bench->dist));
+            TF_TRY(optimizer_step(&bench->optimizer, model, 1e-4, 1.0f, &result));
         } else {
-            model_forward(model, batch, NULL);
+            model_forward(model, bench->batch, NULL);
         }
     }
-    return model->backend->synchronize();
+    model_set_gradient_hook(model, NULL, NULL);
+    return bench->backend->synchronize();
+}
+
+/* Seconds for `steps` steps, the slowest rank's (the ranks wait for each other in the
+ * all-reduces, and the throughput of all is the slowest one's). */
+static tf_status time_steps(tf_bench *bench, int steps, double *seconds) {
+    double start = tf_seconds();
+    TF_TRY(run_steps(bench, steps));
+    *seconds = tf_seconds() - start;
+    return dist_all_reduce_host_f64(bench->dist, seconds, 1, TF_DIST_MAX);
+}
+
+/* With several ranks: what the gradient all-reduce costs. Alone (the whole gradient buffer in
+ * one all-reduce, nothing else running) and exposed (the step with the per-layer all-reduces
+ * overlapping backward against the same step with none). */
+static tf_status print_communication(tf_bench *bench, int steps, double step_seconds) {
+    double compute_seconds, reduce_seconds;
+    bench->reduce = false;
+    tf_status status = time_steps(bench, steps, &compute_seconds);
+    bench->reduce = true;
+    TF_TRY(status);
+    size_t count = bench->model.layout.total;
+    double start = tf_seconds();
+    for (int i = 0; i < steps; i++) TF_TRY(dist_all_reduce_sum_f32(bench->dist, (float *)bench->model.grads, count));
+    TF_TRY(bench->backend->synchronize());
+    reduce_seconds = (tf_seconds() - start) / steps;
+    TF_TRY(dist_all_reduce_host_f64(bench->dist, &reduce_seconds, 1, TF_DIST_MAX));
+    if (!dist_is_main(bench->dist)) return TF_OK;
+    int world = dist_world_size(bench->dist);
+    double step_ms = 1e3 * step_seconds / steps, compute_ms = 1e3 * compute_seconds / steps;
+    double bytes = (double)count * sizeof(float);
+    /* Bus bandwidth as nccl-tests define it: what each link carries in a ring all-reduce. */
+    double bus = bytes / reduce_seconds * 2.0 * (world - 1) / world;
+    printf("  gradient all-reduce of %.1fM fp32 alone: %.2f ms (%.0f GB/s bus bandwidth), %.1f%% of a step\n",
+           count / 1e6, 1e3 * reduce_seconds, bus / 1e9, 100.0 * 1e3 * reduce_seconds / step_ms);
+    printf("  overlapped with backward: %.1f ms/step against %.1f ms/step with no all-reduce: %.2f ms (%.1f%%) "
+           "exposed\n",
+           step_ms, compute_ms, step_ms - compute_ms, 100.0 * (step_ms - compute_ms) / step_ms);
+    return TF_OK;
 }
 
 /* One more step with profiling marks: where its time goes, by operation class; the optimizer's
- * update is timed with marks of its own. */
-static tf_status print_profile(tf_model *model, tf_optimizer *optimizer, bool training, int batch, const uint8_t *pixels,
-                               const float *targets, const float *drop_scales) {
+ * update is timed with marks of its own. Gradients are not all-reduced in it. */
+static tf_status print_profile(tf_bench *bench) {
+    tf_model *model = &bench->model;
+    const tf_backend *backend = bench->backend;
     tf_op_profile *profile = calloc(1, sizeof *profile);
     if (!profile) return tf_fail(TF_ERR_RUNTIME, "out of memory");
     model_profile_start(model, profile);
-    model_load_pixels(model, pixels, batch);
+    model_load_pixels(model, bench->pixels, bench->batch);
     tf_status status = TF_OK;
-    if (training) {
+    if (bench->training) {
         double loss;
         model_zero_grads(model);
-        model_forward(model, batch, drop_scales);
-        status = model_backward(model, targets, batch, 1.0f / batch, &loss);
+        model_forward(model, bench->batch, bench->drop_scales);
+        status = model_backward(model, bench->targets, bench->batch, 1.0f / bench->batch, &loss);
     } else {
-        model_forward(model, batch, NULL);
+        model_forward(model, bench->batch, NULL);
     }
     if (status == TF_OK) status = model_profile_collect(model);
     double optimizer_ms = 0.0;
-    if (status == TF_OK && training) {
+    if (status == TF_OK && bench->training) {
         tf_step_result result;
-        model->backend->profile_mark(0);
-        status = optimizer_step(optimizer, model, 1e-4, 1.0f, &result);
-        model->backend->profile_mark(1);
-        if (status == TF_OK) status = model->backend->synchronize();
-        optimizer_ms = model->backend->profile_elapsed_ms(0, 1);
+        backend->profile_mark(0);
+        status = optimizer_step(&bench->optimizer, model, 1e-4, 1.0f, &result);
+        backend->profile_mark(1);
+        if (status == TF_OK) status = backend->synchronize();
+        optimizer_ms = backend->profile_elapsed_ms(0, 1);
     }
     if (status == TF_OK) {
         double total = optimizer_ms;
         for (int op = 0; op < TF_OP_CLASS_COUNT; op++) total += profile->ms[op];
-        printf("  time per operation class (one profiled %s step, %.1f ms):\n", training ? "training" : "inference",
-               total);
+        printf("  time per operation class (one profiled %s step, %.1f ms):\n",
+               bench->training ? "training" : "inference", total);
         for (int op = 0; op < TF_OP_CLASS_COUNT; op++)
             printf("    %-18s %8.2f ms %5.1f%%\n", tf_op_class_name((tf_op_class)op), profile->ms[op],
                    100.0 * profile->ms[op] / total);
-        if (training) printf("    %-18s %8.2f ms %5.1f%%\n", "optimizer", optimizer_ms, 100.0 * optimizer_ms / total);
+        if (bench->training)
+            printf("    %-18s %8.2f ms %5.1f%%\n", "optimizer", optimizer_ms, 100.0 * optimizer_ms / total);
     }
     free(profile);
     return status;
 }
 
+/* Under a launcher, one rank per GPU; every rank must run the same benchmark. */
+static tf_status open_process_group(const bench_arguments *arguments, const tf_config *config, int batch,
+                                    tf_dist **dist) {
+    tf_launch launch;
+    TF_TRY(dist_launch_detect(&launch));
+    char extra[128];
+    snprintf(extra, sizeof extra, "bench %s batch=%d steps=%d warmup=%d", arguments->mode, batch,
+             arguments->steps, arguments->warmup);
+    tf_dist_options options = {0};
+    TF_TRY(dist_config_fingerprint(config, extra, &options.fingerprint));
+    return dist_init(dist, &launch, &options);
+}
+
+static tf_status bench_open(tf_bench *bench, const tf_config *config) {
+    const tf_model_config *model_config = &config->model;
+    /* Several ranks need their GPUs: no quiet fallback to the CPU. */
+    tf_device device = dist_world_size(bench->dist) > 1 ? TF_DEVICE_CUDA : config->run.device;
+    TF_TRY(tf_backend_open(device, config->run.threads, &bench->backend));
+    TF_TRY(model_create(&bench->model, model_config, bench->backend, bench->batch, bench->training));
+    TF_TRY(model_init_params(&bench->model, config->run.seed));
+    if (bench->training) TF_TRY(optimizer_create(&bench->optimizer, &bench->model, &config->optimizer));
+    size_t image = (size_t)model_config->channels * model_config->img_size * model_config->img_size;
+    /* Pinned on CUDA, as the loader's batch ring is: a pageable copy would cost the step ~7 ms. */
+    TF_TRY(bench->backend->host_alloc((void **)&bench->pixels, (size_t)bench->batch * image));
+    bench->targets = malloc((size_t)bench->batch * model_config->classes * sizeof *bench->targets);
+    float *drop_scales = malloc((size_t)model_config->depth * 2 * bench->batch * sizeof *drop_scales);
+    if (!bench->targets || !drop_scales) {
+        free(drop_scales);
+        return tf_fail(TF_ERR_RUNTIME, "out of host memory");
+    }
+    synthetic_batch(model_config, bench->batch, bench->pixels, bench->targets);
+    tf_rng rng = tf_rng_make(0, TF_RNG_TEST, 1, 0);
+    model_drop_scales(model_config, bench->batch, &rng, drop_scales);
+    if (model_config->drop_path > 0)
+        bench->drop_scales = drop_scales;
+    else
+        free(drop_scales);
+    return TF_OK;
+}
+
+static void bench_close(tf_bench *bench) {
+    if (bench->pixels) bench->backend->host_free(bench->pixels);
+    free(bench->targets);
+    free(bench->drop_scales);
+    if (bench->optimizer.m) optimizer_destroy(&bench->optimizer, bench->backend);
+    if (bench->model.params) model_destroy(&bench->model);
+}
+
+static void print_throughput(const tf_bench *bench, const bench_arguments *arguments, const tf_config *config,
+                             double seconds) {
+    int world = dist_world_size(bench->dist);
+    double step_ms = 1e3 * seconds / arguments->steps;
+    double per_gpu = bench->batch * arguments->steps / seconds;
+    double flops = forward_flops_per_image(&config->model) * (bench->training ? 3.0 : 1.0);
+    double tflops = flops * per_gpu / 1e12;
+    printf("bench %s: %s, batch %d, %d steps after %d warm-up, device %s", bench->training ? "train" : "infer",
+           arguments->config.path, bench->batch, arguments->steps, arguments->warmup, bench->backend->name);
+    if (world > 1) printf(" x %d ranks (batch %d per rank)", world, bench->batch);
+    printf("\n  %.1f ms/step, %.1f img/s", step_ms, per_gpu * world);
+    if (world > 1) printf(" in all, %.1f img/s per GPU", per_gpu);
+    printf("\n  %.1f GFLOP/image, %.1f TFLOP/s%s = %.1f%% of %.0f TFLOP/s (H100 bf16 GEMM)\n", flops / 1e9, tflops,
+           world > 1 ? " per GPU" : "", 100.0 * tflops / H100_BF16_TFLOPS, H100_BF16_TFLOPS);
+    size_t memory = model_memory_bytes(&bench->model);
+    size_t master_bytes = bench->model.layout.total * tf_dtype_size(bench->backend->master_dtype);
+    if (bench->training) memory += (bench->optimizer.ema ? 3 : 2) * master_bytes; /* gradients, m, v, EMA */
+    printf("  model memory (parameters, %sactivations): %.2f GiB\n", bench->training ? "gradients, optimizer, " : "",
+           (double)memory / (1 << 30));
+    size_t device = bench->backend->device_memory_in_use();
+    if (device)
+        printf("  GPU memory in use at the end: %.2f GiB (everything: CUDA context, library workspaces, buffers)\n",
+               (double)device / (1 << 30));
+}
+
+static tf_status bench_measure(tf_bench *bench, const bench_arguments *arguments, const tf_config *config) {
+    TF_TRY(run_steps(bench, arguments->warmup));
+    double seconds;
+    TF_TRY(time_steps(bench, arguments->steps, &seconds));
+    if (dist_is_main(bench->dist)) print_throughput(bench, arguments, config, seconds);
+    if (bench->training && dist_world_size(bench->dist) > 1)
+        TF_TRY(print_communication(bench, arguments->steps, seconds));
+    /* The profile is rank 0's alone: it runs no collective. */
+    return dist_is_main(bench->dist) ? print_profile(bench) : TF_OK;
+}
+
 static tf_status bench_model(const bench_arguments *arguments, bool training) {
     tf_config config;
     TF_TRY(cli_config_load(&arguments->config, &config));
-    int batch = arguments->batch ? arguments->batch : config.schedule.micro_batch ? config.schedule.micro_batch : 64;
-    const tf_backend *backend;
-    TF_TRY(tf_backend_open(config.run.device, config.run.threads, &backend));
-    tf_model model;
-    tf_optimizer optimizer = {0};
-    TF_TRY(model_create(&model, &config.model, backend, batch, training));
-    TF_TRY(model_init_params(&model, config.run.seed));
-    if (training) TF_TRY(optimizer_create(&optimizer, &model, &config.optimizer));
-
-    size_t image = (size_t)config.model.channels * config.model.img_size * config.model.img_size;
-    /* Pinned on CUDA, as the loader's batch ring is: a pageable copy would cost the step ~7 ms. */
-    uint8_t *pixels;
-    TF_TRY(backend->host_alloc((void **)&pixels, (size_t)batch * image));
-    float *targets = malloc((size_t)batch * config.model.classes * sizeof *targets);
-    float *drop_scales = malloc((size_t)config.model.depth * 2 * batch * sizeof *drop_scales);
-    synthetic_batch(&config.model, batch, pixels, targets);
-    tf_rng rng = tf_rng_make(0, TF_RNG_TEST, 1, 0);
-    model_drop_scales(&config.model, batch, &rng, drop_scales);
-    const float *scales = config.model.drop_path > 0 ? drop_scales : NULL;
-
-    tf_status status = run_steps(&model, &optimizer, training, batch, pixels, targets, scales, arguments->warmup);
-    double start = tf_seconds();
-    if (status == TF_OK)
-        status = run_steps(&model, &optimizer, training, batch, pixels, targets, scales, arguments->steps);
-    double seconds = tf_seconds() - start;
-    if (status == TF_OK) {
-        double step_ms = 1e3 * seconds / arguments->steps;
-        double images_per_second = batch * arguments->steps / seconds;
-        double flops = forward_flops_per_image(&config.model) * (training ? 3.0 : 1.0);
-        double tflops = flops * images_per_second / 1e12;
-        size_t memory = model_memory_bytes(&model);
-        if (training) memory += (optimizer.ema ? 3 : 2) * model.layout.total * tf_dtype_size(backend->master_dtype);
-        printf("bench %s: %s, batch %d, %d steps after %d warm-up, device %s\n", training ? "train" : "infer",
-               arguments->config.path, batch, arguments->steps, arguments->warmup, backend->name);
-        printf("  %.1f ms/step, %.1f img/s\n", step_ms, images_per_second);
-        printf("  %.1f GFLOP/image, %.1f TFLOP/s = %.1f%% of %.0f TFLOP/s (H100 bf16 GEMM)\n", flops / 1e9, tflops,
-               100.0 * tflops / H100_BF16_TFLOPS, H100_BF16_TFLOPS);
-        printf("  model memory (parameters, %sactivations): %.2f GiB\n", training ? "gradients, optimizer, " : "",
-               (double)memory / (1 << 30));
-        size_t device = backend->device_memory_in_use();
-        if (device)
-            printf("  GPU memory in use at the end: %.2f GiB (everything: CUDA context, library workspaces, buffers)\n",
-                   (double)device / (1 << 30));
-        status = print_profile(&model, &optimizer, training, batch, pixels, targets, scales);
-    }
-    backend->host_free(pixels);
-    free(targets);
-    free(drop_scales);
-    if (training) optimizer_destroy(&optimizer, backend);
-    model_destroy(&model);
-    return status;
+    tf_bench bench = {.training = training, .reduce = true};
+    bench.batch = arguments->batch ? arguments->batch : config.schedule.micro_batch ? config.schedule.micro_batch : 64;
+    tf_status status = open_process_group(arguments, &config, bench.batch, &bench.dist);
+    if (status == TF_OK) status = bench_open(&bench, &config);
+    if (status == TF_OK) status = bench_measure(&bench, arguments, &config);
+    /* A failure on this rank stops all of them with its message (returns at world size 1). */
+    if (status != TF_OK) dist_abort(bench.dist, tf_error_message());
+    bench_close(&bench);
+    tf_status finished = dist_finish(bench.dist);
+    return status != TF_OK ? status : finished;
 }
 
 int cmd_bench(int argc, char **argv) {

@@ -8,6 +8,7 @@
 #
 #   scripts/gpu_session.sh fetch                    # here: download what the GPU machine lacks
 #   scripts/gpu_session.sh build test parity bench demo   # there: any of these, in order
+#   scripts/gpu_session.sh build multi_bench multi_train multi_eval multi_kill   # on 2 or more GPUs
 #
 # Logs of each stage go to $OUT (the device tool brings them back); the summary lines go to stdout.
 set -uo pipefail
@@ -253,6 +254,188 @@ stage_b16growth() {
     } >"$OUT/b16growth.log" 2>&1
     local status=$?
     grep -E "images/s|^loss|^top-1|function|img/s|GiB" "$OUT/b16growth.log" | tail -24
+    return $status
+}
+
+# ---- several GPUs (issue 8): run on a machine of 2 or more ------------------------------------
+
+gpus=0
+count_gpus() { gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); }
+
+# One rank per GPU with torchrun-style variables set by hand (what a cluster's own launcher does);
+# each rank is ended after 400 s, so that a hang cannot take the whole session.
+ranks_by_hand() { # PORT COMMAND...
+    local port=$1 pids=() status=0
+    shift
+    for ((rank = 0; rank < gpus; rank++)); do
+        RANK=$rank WORLD_SIZE=$gpus LOCAL_RANK=$rank LOCAL_WORLD_SIZE=$gpus MASTER_ADDR=127.0.0.1 \
+            MASTER_PORT=$port timeout 400 "$@" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    return $status
+}
+ranks_torchrun() { # PORT COMMAND...
+    local port=$1
+    shift
+    $python -m torch.distributed.run --nproc_per_node "$gpus" --master_port "$port" --no_python "$@"
+}
+ranks_mpirun() { # PORT COMMAND...
+    local port=$1
+    shift
+    mpirun --allow-run-as-root -np "$gpus" -x NCCL_NVLS_ENABLE=0 -x MASTER_PORT=$port "$@"
+}
+
+# B/16 on the ImageNet-like set, without mixup, CutMix and drop path: their draws are made per
+# micro-batch (per rank), so with them one GPU and two would see different random mixes.
+multi_common=(--config configs/tokenformer_b16.yaml --data $big --set model.classes=10 --set data.workers=15
+              --set schedule.batch=256 --set schedule.warmup_epochs=1 --set optimizer.lr=5e-4
+              --set augmentation.mixup=0 --set augmentation.cutmix=0 --set model.drop_path=0
+              --set run.log_every=1 --set run.eval_every=0 --set run.keep_checkpoints=2)
+multi_runs=/tmp/tokenformer-multi
+
+# The NCCL checks, the launchers, and bench train on 1 GPU and on all of them.
+stage_multi_bench() {
+    count_gpus
+    {
+        nvidia-smi topo -m
+        echo "== dist_allreduce_check on $gpus ranks"
+        ranks_by_hand 29510 $build/dist_allreduce_check
+        echo "dist_allreduce_check exit $?"
+        echo "== dist_allreduce_check --abort-rank 1"
+        ranks_by_hand 29511 $build/dist_allreduce_check --abort-rank 1
+        echo "dist_allreduce_check --abort-rank 1 exit $? (1 expected)"
+        echo "== launchers"
+        timeout 240 $python tests/test_dist_launchers.py $build/tokenformer /tmp/tokenformer-launchers
+        echo "== bench train, 1 GPU"
+        $build/tokenformer bench train --config configs/tokenformer_b16.yaml --batch 256 --steps 30 --warmup 5
+        echo "== bench train, $gpus GPUs"
+        ranks_by_hand 29512 $build/tokenformer bench train --config configs/tokenformer_b16.yaml --batch 256 \
+            --steps 30 --warmup 5
+    } >"$OUT/multi_bench.log" 2>&1
+    local status=$?
+    grep -E "GPU[0-9]|OK|FAIL|checks|GB/s|exit|abort|ok |SKIP|failure|== |img/s|all-reduce|overlapped|memory in use" \
+        "$OUT/multi_bench.log" | head -60
+    $python - "$OUT/multi_bench.log" <<'PYTHON'
+import re, sys
+text = open(sys.argv[1]).read()
+one = re.search(r"== bench train, 1 GPU.*?([\d.]+) img/s", text, re.S)
+many = re.search(r"== bench train, (\d+) GPUs.*?([\d.]+) img/s in all, ([\d.]+) img/s per GPU", text, re.S)
+if one and many:
+    single, world, per_gpu = float(one.group(1)), int(many.group(1)), float(many.group(3))
+    print(f"scaling 1 -> {world} GPUs: {single:.0f} -> {per_gpu:.0f} img/s per GPU, efficiency {100 * per_gpu / single:.1f}%")
+PYTHON
+    return $status
+}
+
+# 1 GPU x 256 against all GPUs x 256/gpus for 20 steps, with 1 GPU x 2 micro-batches of 128 as the
+# control (the same sum in another order: what bf16 rounding alone does to the losses).
+stage_multi_train() {
+    count_gpus
+    make_big_imagenet
+    rm -rf $multi_runs && mkdir -p $multi_runs
+    {
+        $build/tokenformer train "${multi_common[@]}" --set schedule.micro_batch=256 --out $multi_runs/one --max-steps 20
+        $build/tokenformer train "${multi_common[@]}" --set schedule.micro_batch=128 --out $multi_runs/one_accum --max-steps 20
+        ranks_by_hand 29513 $build/tokenformer train "${multi_common[@]}" --set schedule.micro_batch=$((256 / gpus)) \
+            --out $multi_runs/many --max-steps 20
+    } >"$OUT/multi_train.log" 2>&1
+    local status=$?
+    grep -E "bit-identical|differ|batch 256 =|error|failed" "$OUT/multi_train.log" | head -20
+    $python - $multi_runs <<'PYTHON'
+import json, sys
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/{run}/metrics.jsonl")) if r["type"] == "train"}
+one, accum, many = losses("one"), losses("one_accum"), losses("many")
+for name, other in (("1 GPU, 2 x 128 (control)", accum), ("several GPUs", many)):
+    steps = sorted(set(one) & set(other))
+    diffs = [abs(one[s] - other[s]) / abs(one[s]) for s in steps]
+    print(f"{name} vs 1 GPU x 256: {len(steps)} steps, first loss {other[steps[0]]:.6f} vs {one[steps[0]]:.6f}, "
+          f"last {other[steps[-1]]:.6f} vs {one[steps[-1]]:.6f}, largest relative difference {max(diffs):.2e}")
+print("losses by step (1 GPU x 256 / control / several GPUs):")
+for s in sorted(one):
+    print(f"  {s:3d} {one[s]:.6f} {accum.get(s, float('nan')):.6f} {many.get(s, float('nan')):.6f}")
+PYTHON
+    cp $multi_runs/many/metrics.jsonl "$OUT/multi_many_metrics.jsonl" 2>/dev/null
+    return $status
+}
+
+# Evaluation of the several-GPU run's checkpoint on 1 GPU and on all of them.
+stage_multi_eval() {
+    count_gpus
+    make_big_imagenet
+    local checkpoint=$multi_runs/many/model.safetensors
+    {
+        for split in train val; do
+            echo "== eval $split, 1 GPU"
+            $build/tokenformer eval --ckpt $checkpoint --data $big --split $split --batch 256
+            echo "== eval $split, $gpus GPUs"
+            ranks_by_hand 29514 $build/tokenformer eval --ckpt $checkpoint --data $big --split $split --batch 256
+        done
+    } >"$OUT/multi_eval.log" 2>&1
+    local status=$?
+    grep -E "== |^images|^top-1|^loss|error" "$OUT/multi_eval.log"
+    return $status
+}
+
+# Each launcher: kill -9 rank 1 after the checkpoint of step 10; every rank must stop with the
+# failure, and --resume under the same launcher must finish the 20 steps with the losses of the
+# uninterrupted run (stage_multi_train's "many").
+kill_and_resume() { # LAUNCHER PORT
+    local launcher=$1 port=$2 run=$multi_runs/kill_$1
+    local rank_variable=RANK
+    [[ $launcher == mpirun ]] && rank_variable=OMPI_COMM_WORLD_RANK
+    rm -rf $run
+    local train=($build/tokenformer train "${multi_common[@]}" --set schedule.micro_batch=$((256 / gpus))
+                 --set run.ckpt_every=10)
+    ranks_$launcher $port "${train[@]}" --out $run --max-steps 20 &
+    local launched=$!
+    local waited=0
+    while [[ ! -d $run/checkpoint-00000010 ]] && kill -0 $launched 2>/dev/null && ((waited < 240)); do
+        sleep 0.5
+        waited=$((waited + 1))
+    done
+    sleep 2
+    local victim=""
+    for pid in $(pgrep -f "tokenformer train"); do # the rank itself, not its launcher or timeout
+        [[ $(readlink /proc/$pid/exe) == */tokenformer ]] &&
+            tr '\0' '\n' </proc/$pid/environ 2>/dev/null | grep -qx "$rank_variable=1" && victim=$pid
+    done
+    local killed_at=$SECONDS
+    echo "$launcher: killing rank 1 (pid ${victim:-none found}) with SIGKILL"
+    [[ -n $victim ]] && kill -9 $victim
+    wait $launched
+    echo "$launcher: the launch ended with exit code $? $((SECONDS - killed_at)) s after the kill"
+    sleep 1
+    echo "$launcher: processes of the run left: $(pgrep -x tokenformer | wc -l)"
+    ranks_$launcher $((port + 2)) $build/tokenformer train --resume $run --max-steps 20
+    echo "$launcher: the resumed launch ended with exit code $?"
+    $python - $multi_runs/many/metrics.jsonl $run/metrics.jsonl $launcher <<'PYTHON'
+import json, sys
+def losses(path):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r["type"] == "train"}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+steps = sorted(set(a) & set(b))
+worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)
+print(f"{sys.argv[3]}: killed and resumed run against the uninterrupted one: steps {steps[0]}..{steps[-1]} "
+      f"({len(steps)} in common), {sum(a[s] == b[s] for s in steps)} equal, largest relative difference {worst:.2e}")
+PYTHON
+}
+
+stage_multi_kill() {
+    count_gpus
+    local launchers=(by_hand torchrun)
+    command -v mpirun >/dev/null && launchers+=(mpirun)
+    local port=29520
+    {
+        for launcher in "${launchers[@]}"; do
+            echo "== $launcher"
+            kill_and_resume $launcher $port
+            port=$((port + 10))
+        done
+    } >"$OUT/multi_kill.log" 2>&1
+    local status=$?
+    grep -E "== |killing|exit code|left|failed|disappeared|closed|against|parameters|resuming" "$OUT/multi_kill.log" | head -60
     return $status
 }
 

@@ -252,16 +252,27 @@ static tf_status open_process_group(tf_trainer *trainer) {
     return TF_OK;
 }
 
-/* Every rank holds the same weights: same init, same summed gradients, same updates. Checked at
- * every checkpoint through the parameters' sum of squares, exactly equal on all ranks. */
+/* Every rank holds the same weights: same init, same summed gradients, same updates. Checked
+ * bit for bit after setup and at every checkpoint: a 64-bit hash of the fp32 parameters must be
+ * the same on all ranks (the maxima of its halves and of their negations agree). */
 static tf_status check_replicas(tf_trainer *trainer) {
     if (trainer->world_size == 1) return TF_OK;
-    double norm = trainer->backend->sum_squares(trainer->model.params, trainer->model.layout.total);
-    double extremes[2] = {norm, -norm};
-    TF_TRY(dist_all_reduce_host_f64(trainer->dist, extremes, 2, TF_DIST_MAX));
-    if (extremes[0] != -extremes[1])
-        return tf_fail(TF_ERR_RUNTIME, "the ranks' parameters differ at step %" PRId64 " (sum of squares %.17g to %.17g)",
-                       trainer->progress.step, -extremes[1], extremes[0]);
+    size_t count = trainer->model.layout.total;
+    float *host = malloc(count * sizeof *host);
+    if (!host) return tf_fail(TF_ERR_RUNTIME, "out of host memory for the parameters' checksum");
+    trainer->backend->download(host, trainer->model.params, trainer->backend->master_dtype, count);
+    uint64_t hash = dist_hash(host, count * sizeof *host, TF_DIST_HASH_START);
+    free(host);
+    int64_t high = (int64_t)(hash >> 32), low = (int64_t)(hash & 0xffffffffu);
+    int64_t extremes[4] = {high, low, -high, -low};
+    TF_TRY(dist_all_reduce_host_i64(trainer->dist, extremes, 4, TF_DIST_MAX));
+    if (extremes[0] != -extremes[2] || extremes[1] != -extremes[3])
+        return tf_fail(TF_ERR_RUNTIME,
+                       "the ranks' parameters differ at step %" PRId64 " (rank %d's checksum %016" PRIx64 ")",
+                       trainer->progress.step, trainer->rank, hash);
+    if (dist_is_main(trainer->dist))
+        tf_log("step %" PRId64 ": parameters bit-identical on all %d ranks (checksum %016" PRIx64 ")",
+               trainer->progress.step, trainer->world_size, hash);
     return TF_OK;
 }
 
