@@ -281,7 +281,10 @@ static void test_nvls_and_single_process(void) {
 enum { MAX_WORLD = 4, OUTPUT_MAX = 8192, BLOB_BYTES = TF_DIST_ID_BYTES };
 #define WORLD_DEADLINE_SECONDS 20.0
 
-typedef enum { PLAN_FINISH, PLAN_ABORT, PLAN_KILL } rank_plan;
+/* PLAN_KILL_WHILE_STALLED: rank `actor` is killed while rank `stalled` is stopped (SIGSTOP), so
+ * that rank 0's watchdog drains its connections for the whole ABORT_DRAIN_SECONDS before exiting;
+ * rank 0's main thread keeps calling collectives meanwhile, and they must fail. */
+typedef enum { PLAN_FINISH, PLAN_ABORT, PLAN_KILL, PLAN_KILL_WHILE_STALLED } rank_plan;
 
 /* What the ranks of one forked world do. */
 typedef struct {
@@ -289,6 +292,7 @@ typedef struct {
     int world_size;
     rank_plan plan;
     int actor;                      /* PLAN_ABORT / PLAN_KILL: the rank that fails */
+    int stalled;                    /* PLAN_KILL_WHILE_STALLED: the rank that stops itself */
     int finish_delay_ms[MAX_WORLD]; /* PLAN_FINISH: pause before dist_finish */
     int bad_fingerprint_rank;       /* -1, or a rank that hashes another config */
     int bad_world_rank;             /* -1, or a rank started with world size + 1 */
@@ -360,9 +364,21 @@ static int rank_main(const world_plan *plan, int rank, int port) {
         usleep((useconds_t)plan->finish_delay_ms[rank] * 1000);
         return dist_finish(dist) == TF_OK ? 0 : 8;
     }
+    if (plan->plan == PLAN_KILL_WHILE_STALLED && rank == plan->stalled) {
+        raise(SIGSTOP); /* the parent kills it once the others have ended */
+        return 9;
+    }
+    if (plan->plan == PLAN_KILL_WHILE_STALLED && rank != plan->actor) {
+        int64_t value = 1;
+        while (dist_all_reduce_host_i64(dist, &value, 1, TF_DIST_SUM) == TF_OK)
+            usleep(1000);
+        fprintf(stderr, "collective refused: %s\n", tf_error_message());
+        dist_abort(dist, tf_error_message()); /* waits for the watchdog's exit */
+        return 4;
+    }
     if (rank == plan->actor) {
         usleep(100 * 1000);
-        if (plan->plan == PLAN_KILL) raise(SIGKILL);
+        if (plan->plan != PLAN_ABORT) raise(SIGKILL);
         char message[64];
         snprintf(message, sizeof message, "boom from rank %d", rank);
         dist_abort(dist, message);
@@ -394,8 +410,9 @@ static void read_output(const char *directory, int rank, const char *kind, char 
     unlink(path);
 }
 
-/* Waits for the children until the deadline, then kills what is left. */
-static void wait_world(const pid_t *pids, int count, world_result *result) {
+/* Waits for the children until the deadline, then kills what is left; a stalled rank (>= 0) is
+ * killed as soon as all the others have ended. */
+static void wait_world(const pid_t *pids, int count, int stalled, world_result *result) {
     bool done[MAX_WORLD] = {false};
     int remaining = count;
     double deadline = tf_seconds() + WORLD_DEADLINE_SECONDS;
@@ -405,6 +422,7 @@ static void wait_world(const pid_t *pids, int count, world_result *result) {
             done[r] = true;
             remaining--;
         }
+        if (stalled >= 0 && remaining == 1 && !done[stalled]) kill(pids[stalled], SIGKILL);
         if (remaining == 0) break;
         if (tf_seconds() > deadline) {
             result->timed_out = true;
@@ -439,7 +457,7 @@ static void run_world(const world_plan *plan, world_result *result) {
             _exit(code);
         }
     }
-    wait_world(pids, plan->world_size, result);
+    wait_world(pids, plan->world_size, plan->plan == PLAN_KILL_WHILE_STALLED ? plan->stalled : -1, result);
     for (int rank = 0; rank < plan->world_size; rank++) {
         read_output(directory, rank, "out", result->out[rank]);
         read_output(directory, rank, "err", result->err[rank]);
@@ -530,6 +548,28 @@ static void test_failure(const char *name, int world_size, rank_plan what, int a
     CHECK(seconds < 8.0, "%s: the ranks took %.1f s to stop", name, seconds);
 }
 
+/* A rank's main thread, freed from a collective by the watchdog's NCCL abort, must not go on as if
+ * alone while the watchdog drains its connections before exiting: every collective fails. */
+static void test_collectives_closed_while_failing(void) {
+    world_plan plan = {.name = "collectives while failing",
+                       .world_size = 3,
+                       .plan = PLAN_KILL_WHILE_STALLED,
+                       .actor = 2,
+                       .stalled = 1,
+                       .bad_fingerprint_rank = -1,
+                       .bad_world_rank = -1,
+                       .timeout_seconds = 10};
+    world_result result;
+    run_world(&plan, &result);
+    bool ok = CHECK(exited_with(&result, 0, 1) && strstr(result.err[0], "rank 2 disappeared") &&
+                        strstr(result.err[0], "collective refused: dist: stopping after a failure"),
+                    "%s: rank 0 did not exit with code 1 after its collectives were refused", plan.name);
+    if (!ok) show_rank(&plan, &result, 0);
+    for (int rank = 1; rank < 3; rank++)
+        CHECK(WIFSIGNALED(result.status[rank]) && WTERMSIG(result.status[rank]) == SIGKILL,
+              "%s: rank %d was not killed (wait status 0x%x)", plan.name, rank, result.status[rank]);
+}
+
 /* Nobody to meet: both sides give up at their timeout with a message saying why. */
 static void test_timeouts(void) {
     int port = free_port();
@@ -581,5 +621,6 @@ int main(void) {
     test_failure("rank 0 aborts", 2, PLAN_ABORT, 0, "rank 0 failed: boom from rank 0");
     test_failure("rank 2 killed", 4, PLAN_KILL, 2, "rank 2 disappeared");
     test_failure("rank 0 killed", 2, PLAN_KILL, 0, "rank 0 disappeared");
+    test_collectives_closed_while_failing();
     return test_finish("test_dist");
 }

@@ -878,6 +878,17 @@ static void keep_nvls_off(void) {
     setenv("NCCL_NVLS_ENABLE", "0", 0);
 }
 
+/* Once this process has begun to stop after a failure (fail_and_exit has aborted the NCCL
+ * communicator and exits after draining, up to ABORT_DRAIN_SECONDS), the main thread, freed from
+ * the collective it was stuck in, must not go on as if alone: with the communicator gone every
+ * collective would be a no-op, and an unsummed step or a checkpoint of weights that no other rank
+ * holds could follow. Every collective fails instead. */
+static tf_status collectives_open(tf_dist *dist) {
+    if (dist && atomic_load(&dist->failing))
+        return tf_fail(TF_ERR_RUNTIME, "dist: stopping after a failure (above); collectives are closed");
+    return TF_OK;
+}
+
 #ifndef TOKENFORMER_CUDA
 
 static tf_status needs_cuda(const tf_launch *launch) {
@@ -908,33 +919,32 @@ static tf_status nccl_close(tf_dist *dist) {
 
 /* Without CUDA there is never more than one rank: every collective leaves its data as it is. */
 tf_status dist_all_reduce_sum_f32(tf_dist *dist, float *buffer, size_t count) {
-    (void)dist, (void)buffer, (void)count;
-    return TF_OK;
+    (void)buffer, (void)count;
+    return collectives_open(dist);
 }
 
 tf_status dist_all_reduce_sum_f32_range(tf_dist *dist, float *buffer, size_t offset, size_t count) {
-    (void)dist, (void)buffer, (void)offset, (void)count;
-    return TF_OK;
+    (void)buffer, (void)offset, (void)count;
+    return collectives_open(dist);
 }
 
 tf_status dist_all_reduce_wait(tf_dist *dist) {
-    (void)dist;
-    return TF_OK;
+    return collectives_open(dist);
 }
 
 tf_status dist_broadcast_f32(tf_dist *dist, float *buffer, size_t count) {
-    (void)dist, (void)buffer, (void)count;
-    return TF_OK;
+    (void)buffer, (void)count;
+    return collectives_open(dist);
 }
 
 tf_status dist_all_reduce_host_i64(tf_dist *dist, int64_t *values, size_t count, tf_dist_op op) {
-    (void)dist, (void)values, (void)count, (void)op;
-    return TF_OK;
+    (void)values, (void)count, (void)op;
+    return collectives_open(dist);
 }
 
 tf_status dist_all_reduce_host_f64(tf_dist *dist, double *values, size_t count, tf_dist_op op) {
-    (void)dist, (void)values, (void)count, (void)op;
-    return TF_OK;
+    (void)values, (void)count, (void)op;
+    return collectives_open(dist);
 }
 
 #else /* TOKENFORMER_CUDA */
@@ -1064,6 +1074,7 @@ static tf_status after_backend_work(tf_dist *dist) {
 }
 
 tf_status dist_all_reduce_sum_f32_range(tf_dist *dist, float *buffer, size_t offset, size_t count) {
+    TF_TRY(collectives_open(dist));
     ncclComm_t comm = comm_of(dist);
     if (!comm || count == 0) return TF_OK;
     TF_TRY(after_backend_work(dist));
@@ -1076,6 +1087,7 @@ tf_status dist_all_reduce_sum_f32_range(tf_dist *dist, float *buffer, size_t off
 }
 
 tf_status dist_all_reduce_wait(tf_dist *dist) {
+    TF_TRY(collectives_open(dist));
     if (!comm_of(dist) || !dist->reductions_pending) return TF_OK;
     cudaStream_t stream;
     TF_TRY(backend_stream(&stream));
@@ -1091,6 +1103,7 @@ tf_status dist_all_reduce_sum_f32(tf_dist *dist, float *buffer, size_t count) {
 }
 
 tf_status dist_broadcast_f32(tf_dist *dist, float *buffer, size_t count) {
+    TF_TRY(collectives_open(dist));
     ncclComm_t comm = comm_of(dist);
     if (!comm || count == 0) return TF_OK;
     TF_TRY(after_backend_work(dist));
@@ -1115,6 +1128,7 @@ static ncclRedOp_t nccl_op(tf_dist_op op) {
 /* Host values through the scratch buffers, one chunk at a time, on the communication stream. */
 static tf_status all_reduce_host(tf_dist *dist, void *values, size_t count, size_t element_size,
                                  ncclDataType_t type, tf_dist_op op) {
+    TF_TRY(collectives_open(dist));
     ncclComm_t comm = comm_of(dist);
     if (!comm) return TF_OK;
     size_t per_chunk = SCRATCH_BYTES / element_size;
@@ -1132,6 +1146,7 @@ static tf_status all_reduce_host(tf_dist *dist, void *values, size_t count, size
                                           cudaMemcpyDeviceToHost, dist->stream),
                           "cudaMemcpyAsync (results to the host)"));
         TF_TRY(cuda_check(cudaStreamSynchronize(dist->stream), "cudaStreamSynchronize (host all-reduce)"));
+        TF_TRY(collectives_open(dist)); /* aborted while waiting: the values are no sums */
         memcpy(chunk, dist->host_scratch, n * element_size);
     }
     return TF_OK;

@@ -16,7 +16,8 @@
  * then prints its checksum (every rank must print the same) and rank 0 the all-reduce time and
  * bandwidth over --iterations (bus bandwidth = algorithm bandwidth x 2 (W - 1) / W, as nccl-tests).
  * --abort-rank R: rank R calls dist_abort while the others wait inside an all-reduce that can
- * never complete; every rank must exit with code 1 printing R's message (the watchdog's path).
+ * never complete; every rank must exit with code 1 printing R's message (the watchdog's path),
+ * and no collective may run once the abort has freed the others (exit code 2 if one does).
  * Exit code 0 when every check passed, 1 otherwise, 77 in a build without CUDA. */
 #include "common/error.h"
 #include "common/log.h"
@@ -213,8 +214,16 @@ static int deliberate_abort(tf_dist *dist, const tf_backend *backend, const chec
     }
     dist_all_reduce_sum_f32(dist, device, options->floats);
     backend->synchronize();
-    tf_log("FAIL: the all-reduce without rank %d completed", options->abort_rank);
-    return 1;
+    /* Only the watchdog's NCCL abort ends that all-reduce; the watchdog then ends the process with
+     * code 1 once its connections are drained, and meanwhile every collective must refuse to run. */
+    int64_t probe = 1;
+    if (dist_all_reduce_host_i64(dist, &probe, 1, TF_DIST_SUM) == TF_OK) {
+        tf_log("FAIL: a collective still ran after rank %d's abort", options->abort_rank);
+        return 2;
+    }
+    sleep(30);
+    tf_log("FAIL: the watchdog did not end this process within 30 s of rank %d's abort", options->abort_rank);
+    return 2;
 }
 
 static int parse_options(int argc, char **argv, check_options *options) {
