@@ -272,7 +272,11 @@ ranks_by_hand() { # PORT COMMAND...
             MASTER_PORT=$port timeout 400 "$@" &
         pids+=($!)
     done
-    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    for rank in "${!pids[@]}"; do
+        wait "${pids[$rank]}" && continue
+        status=$?
+        echo "ranks_by_hand: rank $rank exited with code $status"
+    done
     return $status
 }
 ranks_torchrun() { # PORT COMMAND...
@@ -328,17 +332,17 @@ PYTHON
     return $status
 }
 
-# 1 GPU x 256 against all GPUs x 256/gpus for 20 steps, with 1 GPU x 2 micro-batches of 128 as the
+# 1 GPU x 256 against all GPUs x 256/gpus for 40 steps, with 1 GPU x 2 micro-batches of 128 as the
 # control (the same sum in another order: what bf16 rounding alone does to the losses).
 stage_multi_train() {
     count_gpus
     make_big_imagenet
     rm -rf $multi_runs && mkdir -p $multi_runs
     {
-        $build/tokenformer train "${multi_common[@]}" --set schedule.micro_batch=256 --out $multi_runs/one --max-steps 20
-        $build/tokenformer train "${multi_common[@]}" --set schedule.micro_batch=128 --out $multi_runs/one_accum --max-steps 20
+        $build/tokenformer train "${multi_common[@]}" --set schedule.micro_batch=256 --out $multi_runs/one --max-steps 40
+        $build/tokenformer train "${multi_common[@]}" --set schedule.micro_batch=128 --out $multi_runs/one_accum --max-steps 40
         ranks_by_hand 29513 $build/tokenformer train "${multi_common[@]}" --set schedule.micro_batch=$((256 / gpus)) \
-            --out $multi_runs/many --max-steps 20
+            --out $multi_runs/many --max-steps 40
     } >"$OUT/multi_train.log" 2>&1
     local status=$?
     grep -E "bit-identical|differ|batch 256 =|error|failed" "$OUT/multi_train.log" | head -20
@@ -348,10 +352,11 @@ def losses(run):
     return {r["step"]: r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/{run}/metrics.jsonl")) if r["type"] == "train"}
 one, accum, many = losses("one"), losses("one_accum"), losses("many")
 for name, other in (("1 GPU, 2 x 128 (control)", accum), ("several GPUs", many)):
-    steps = sorted(set(one) & set(other))
-    diffs = [abs(one[s] - other[s]) / abs(one[s]) for s in steps]
-    print(f"{name} vs 1 GPU x 256: {len(steps)} steps, first loss {other[steps[0]]:.6f} vs {one[steps[0]]:.6f}, "
-          f"last {other[steps[-1]]:.6f} vs {one[steps[-1]]:.6f}, largest relative difference {max(diffs):.2e}")
+    for last in (20, 40):
+        steps = [s for s in sorted(set(one) & set(other)) if s <= last]
+        diffs = [abs(one[s] - other[s]) / abs(one[s]) for s in steps]
+        print(f"{name} vs 1 GPU x 256, steps 1..{last}: {len(steps)} steps, step {steps[-1]} loss "
+              f"{other[steps[-1]]:.6f} vs {one[steps[-1]]:.6f}, largest relative difference {max(diffs):.2e}")
 print("losses by step (1 GPU x 256 / control / several GPUs):")
 for s in sorted(one):
     print(f"  {s:3d} {one[s]:.6f} {accum.get(s, float('nan')):.6f} {many.get(s, float('nan')):.6f}")
@@ -378,9 +383,9 @@ stage_multi_eval() {
     return $status
 }
 
-# Each launcher: kill -9 rank 1 after the checkpoint of step 10; every rank must stop with the
-# failure, and --resume under the same launcher must finish the 20 steps with the losses of the
-# uninterrupted run (stage_multi_train's "many").
+# Each launcher: kill -9 rank 1 as soon as the checkpoint of step 10 is there; every rank must stop
+# with the failure, and --resume under the same launcher must finish the 40 steps with the losses
+# of the uninterrupted run (stage_multi_train's "many").
 kill_and_resume() { # LAUNCHER PORT
     local launcher=$1 port=$2 run=$multi_runs/kill_$1
     local rank_variable=RANK
@@ -388,27 +393,26 @@ kill_and_resume() { # LAUNCHER PORT
     rm -rf $run
     local train=($build/tokenformer train "${multi_common[@]}" --set schedule.micro_batch=$((256 / gpus))
                  --set run.ckpt_every=10)
-    ranks_$launcher $port "${train[@]}" --out $run --max-steps 20 &
+    ranks_$launcher $port "${train[@]}" --out $run --max-steps 40 &
     local launched=$!
     local waited=0
-    while [[ ! -d $run/checkpoint-00000010 ]] && kill -0 $launched 2>/dev/null && ((waited < 240)); do
-        sleep 0.5
+    while [[ ! -d $run/checkpoint-00000010 ]] && kill -0 $launched 2>/dev/null && ((waited < 1200)); do
+        sleep 0.1
         waited=$((waited + 1))
     done
-    sleep 2
     local victim=""
     for pid in $(pgrep -f "tokenformer train"); do # the rank itself, not its launcher or timeout
         [[ $(readlink /proc/$pid/exe) == */tokenformer ]] &&
             tr '\0' '\n' </proc/$pid/environ 2>/dev/null | grep -qx "$rank_variable=1" && victim=$pid
     done
     local killed_at=$SECONDS
-    echo "$launcher: killing rank 1 (pid ${victim:-none found}) with SIGKILL"
+    echo "$launcher: killing rank 1 (pid ${victim:-none found}) with SIGKILL after: $(tail -1 $run/metrics.jsonl)"
     [[ -n $victim ]] && kill -9 $victim
     wait $launched
     echo "$launcher: the launch ended with exit code $? $((SECONDS - killed_at)) s after the kill"
     sleep 1
     echo "$launcher: processes of the run left: $(pgrep -x tokenformer | wc -l)"
-    ranks_$launcher $((port + 2)) $build/tokenformer train --resume $run --max-steps 20
+    ranks_$launcher $((port + 2)) $build/tokenformer train --resume $run --max-steps 40
     echo "$launcher: the resumed launch ended with exit code $?"
     $python - $multi_runs/many/metrics.jsonl $run/metrics.jsonl $launcher <<'PYTHON'
 import json, sys
@@ -435,7 +439,7 @@ stage_multi_kill() {
         done
     } >"$OUT/multi_kill.log" 2>&1
     local status=$?
-    grep -E "== |killing|exit code|left|failed|disappeared|closed|against|parameters|resuming" "$OUT/multi_kill.log" | head -60
+    grep -E "== |killing|exit code|exited|left|failed|disappeared|closed|against|parameters|resuming" "$OUT/multi_kill.log" | head -60
     return $status
 }
 
