@@ -112,6 +112,31 @@ stage_demo() {
     return $status
 }
 
+# $1: a label; the training losses of the run whose metrics.jsonl is $3 against those of $2, at
+# the steps both logged (up to step $4 when given): how many are equal and the largest relative
+# difference.
+compare_losses() {
+    $python - "$@" <<'PYTHON'
+import json, sys
+label, reference, other = sys.argv[1:4]
+last = int(sys.argv[4]) if len(sys.argv) > 4 else None
+def losses(path):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r["type"] == "train"}
+a, b = losses(reference), losses(other)
+steps = [s for s in sorted(set(a) & set(b)) if last is None or s <= last]
+worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)
+print(f"{label}: steps {steps[0]}..{steps[-1]} ({len(steps)} in common), losses equal in "
+      f"{sum(a[s] == b[s] for s in steps)}, largest relative difference {worst:.2e}")
+PYTHON
+}
+
+# "step<TAB>loss" of each training record of run directory $1.
+losses_by_step() {
+    $python -c 'import json, sys
+for r in map(json.loads, open(sys.argv[1] + "/metrics.jsonl")):
+    if r["type"] == "train": print("%d\t%.6f" % (r["step"], r["loss"]))' "$1"
+}
+
 # B/16 on the ImageNet-like set with the real loader (issue 5): throughput against `bench train`,
 # then kill -9 during a run and resume, comparing the losses with the uninterrupted run's.
 # Ten hard-linked copies of each training image of data/imagenet-like: epochs of 21 to 52 steps
@@ -149,16 +174,7 @@ stage_imagenet() {
         wait $pid
         echo "killed with SIGKILL after $(tail -1 $runs/b16_killed/metrics.jsonl)"
         $build/tokenformer train --resume $runs/b16_killed --max-steps 120
-        $python - $runs/b16/metrics.jsonl $runs/b16_killed/metrics.jsonl <<'PYTHON'
-import json, sys
-def losses(path):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r["type"] == "train"}
-a, b = losses(sys.argv[1]), losses(sys.argv[2])
-common = sorted(set(a) & set(b))
-worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in common)
-print(f"kill -9 + resume: {len(common)} logged steps in common, losses equal in {sum(a[s] == b[s] for s in common)},"
-      f" largest relative difference {worst:.2e}")
-PYTHON
+        compare_losses "kill -9 + resume" $runs/b16/metrics.jsonl $runs/b16_killed/metrics.jsonl
     } >"$OUT/imagenet.log" 2>&1
     local status=$?
     grep -E "img/s|kill|step 200|resum" "$OUT/imagenet.log" | tail -30
@@ -346,21 +362,15 @@ stage_multi_train() {
     } >"$OUT/multi_train.log" 2>&1
     local status=$?
     grep -E "bit-identical|differ|batch 256 =|error|failed" "$OUT/multi_train.log" | head -20
-    $python - $multi_runs <<'PYTHON'
-import json, sys
-def losses(run):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/{run}/metrics.jsonl")) if r["type"] == "train"}
-one, accum, many = losses("one"), losses("one_accum"), losses("many")
-for name, other in (("1 GPU, 2 x 128 (control)", accum), ("several GPUs", many)):
-    for last in (20, 40):
-        steps = [s for s in sorted(set(one) & set(other)) if s <= last]
-        diffs = [abs(one[s] - other[s]) / abs(one[s]) for s in steps]
-        print(f"{name} vs 1 GPU x 256, steps 1..{last}: {len(steps)} steps, step {steps[-1]} loss "
-              f"{other[steps[-1]]:.6f} vs {one[steps[-1]]:.6f}, largest relative difference {max(diffs):.2e}")
-print("losses by step (1 GPU x 256 / control / several GPUs):")
-for s in sorted(one):
-    print(f"  {s:3d} {one[s]:.6f} {accum.get(s, float('nan')):.6f} {many.get(s, float('nan')):.6f}")
-PYTHON
+    for last in 20 40; do
+        compare_losses "1 GPU, 2 x 128 (control) against 1 GPU x 256" $multi_runs/one/metrics.jsonl \
+            $multi_runs/one_accum/metrics.jsonl $last
+        compare_losses "$gpus GPUs x $((256 / gpus)) against 1 GPU x 256" $multi_runs/one/metrics.jsonl \
+            $multi_runs/many/metrics.jsonl $last
+    done
+    echo "losses by step (1 GPU x 256, control, $gpus GPUs):"
+    paste <(losses_by_step $multi_runs/one) <(losses_by_step $multi_runs/one_accum | cut -f2) \
+        <(losses_by_step $multi_runs/many | cut -f2)
     cp $multi_runs/many/metrics.jsonl "$OUT/multi_many_metrics.jsonl" 2>/dev/null
     return $status
 }
@@ -414,16 +424,8 @@ kill_and_resume() { # LAUNCHER PORT
     echo "$launcher: processes of the run left: $(pgrep -x tokenformer | wc -l)"
     ranks_$launcher $((port + 2)) $build/tokenformer train --resume $run --max-steps 40
     echo "$launcher: the resumed launch ended with exit code $?"
-    $python - $multi_runs/many/metrics.jsonl $run/metrics.jsonl $launcher <<'PYTHON'
-import json, sys
-def losses(path):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r["type"] == "train"}
-a, b = losses(sys.argv[1]), losses(sys.argv[2])
-steps = sorted(set(a) & set(b))
-worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)
-print(f"{sys.argv[3]}: killed and resumed run against the uninterrupted one: steps {steps[0]}..{steps[-1]} "
-      f"({len(steps)} in common), {sum(a[s] == b[s] for s in steps)} equal, largest relative difference {worst:.2e}")
-PYTHON
+    compare_losses "$launcher: killed and resumed run against the uninterrupted one" \
+        $multi_runs/many/metrics.jsonl $run/metrics.jsonl
 }
 
 stage_multi_kill() {
