@@ -91,28 +91,19 @@ typedef struct {
     tf_model model;
     tf_optimizer optimizer;
     bool training;
-    tf_bench_reduce reduce;   /* how training steps sum the gradients over the ranks */
-    tf_status reduce_status;  /* the first failure of an all-reduce started from the gradient hook */
+    tf_dist_gradient_sum gradient_sum; /* the per-layer all-reduce's hook */
     int batch;
     uint8_t *pixels;          /* pinned host [batch, channels, size, size] */
     float *targets;           /* host [batch, classes] */
     float *drop_scales;       /* host [depth, 2, batch], or NULL without drop path */
 } tf_bench;
 
-/* The model's gradient hook: one layer's gradients into the all-reduce (train.c's, without the
- * trainer). */
-static void reduce_gradient_range(void *context, size_t offset, size_t count) {
-    tf_bench *bench = context;
-    if (bench->reduce_status != TF_OK) return;
-    bench->reduce_status = dist_all_reduce_sum_f32_range(bench->dist, (float *)bench->model.grads, offset, count);
-}
-
-static tf_status run_steps(tf_bench *bench, int steps) {
+static tf_status run_steps(tf_bench *bench, tf_bench_reduce reduce, int steps) {
     tf_model *model = &bench->model;
     bool several = bench->training && dist_world_size(bench->dist) > 1;
-    bool overlapped = several && bench->reduce == TF_BENCH_REDUCE_OVERLAPPED;
-    bool after_backward = several && bench->reduce == TF_BENCH_REDUCE_AFTER_BACKWARD;
-    model_set_gradient_hook(model, overlapped ? reduce_gradient_range : NULL, bench);
+    bool overlapped = several && reduce == TF_BENCH_REDUCE_OVERLAPPED;
+    bool after_backward = several && reduce == TF_BENCH_REDUCE_AFTER_BACKWARD;
+    model_set_gradient_hook(model, overlapped ? dist_gradient_ready : NULL, &bench->gradient_sum);
     for (int step = 0; step < steps; step++) {
         model_load_pixels(model, bench->pixels, bench->batch);
         if (bench->training) {
@@ -121,7 +112,7 @@ static tf_status run_steps(tf_bench *bench, int steps) {
             model_zero_grads(model);
             model_forward(model, bench->batch, bench->drop_scales);
             TF_TRY(model_backward(model, bench->targets, bench->batch, 1.0f / bench->batch, &loss));
-            TF_TRY(bench->reduce_status);
+            TF_TRY(bench->gradient_sum.status);
             if (overlapped) TF_TRY(dist_all_reduce_wait(bench->dist));
             if (after_backward)
                 TF_TRY(dist_all_reduce_sum_f32(bench->dist, (float *)model->grads, model->layout.total));
@@ -136,9 +127,9 @@ static tf_status run_steps(tf_bench *bench, int steps) {
 
 /* Seconds for `steps` steps, the slowest rank's (the ranks wait for each other in the
  * all-reduces, and the throughput of all is the slowest one's). */
-static tf_status time_steps(tf_bench *bench, int steps, double *seconds) {
+static tf_status time_steps(tf_bench *bench, tf_bench_reduce reduce, int steps, double *seconds) {
     double start = tf_seconds();
-    TF_TRY(run_steps(bench, steps));
+    TF_TRY(run_steps(bench, reduce, steps));
     *seconds = tf_seconds() - start;
     return dist_all_reduce_host_f64(bench->dist, seconds, 1, TF_DIST_MAX);
 }
@@ -148,12 +139,8 @@ static tf_status time_steps(tf_bench *bench, int steps, double *seconds) {
  * overlapping backward, and one all-reduce after backward, each against the same step with none. */
 static tf_status print_communication(tf_bench *bench, int steps, double step_seconds) {
     double none_seconds, after_seconds, reduce_seconds;
-    bench->reduce = TF_BENCH_REDUCE_NONE;
-    tf_status status = time_steps(bench, steps, &none_seconds);
-    bench->reduce = TF_BENCH_REDUCE_AFTER_BACKWARD;
-    if (status == TF_OK) status = time_steps(bench, steps, &after_seconds);
-    bench->reduce = TF_BENCH_REDUCE_OVERLAPPED;
-    TF_TRY(status);
+    TF_TRY(time_steps(bench, TF_BENCH_REDUCE_NONE, steps, &none_seconds));
+    TF_TRY(time_steps(bench, TF_BENCH_REDUCE_AFTER_BACKWARD, steps, &after_seconds));
     size_t count = bench->model.layout.total;
     double start = tf_seconds();
     for (int i = 0; i < steps; i++) TF_TRY(dist_all_reduce_sum_f32(bench->dist, (float *)bench->model.grads, count));
@@ -238,6 +225,7 @@ static tf_status bench_open(tf_bench *bench, const tf_config *config) {
     tf_device device = dist_world_size(bench->dist) > 1 ? TF_DEVICE_CUDA : config->run.device;
     TF_TRY(tf_backend_open(device, config->run.threads, &bench->backend));
     TF_TRY(model_create(&bench->model, model_config, bench->backend, bench->batch, bench->training));
+    bench->gradient_sum = (tf_dist_gradient_sum){.dist = bench->dist, .grads = bench->model.grads};
     TF_TRY(model_init_params(&bench->model, config->run.seed));
     if (bench->training) TF_TRY(optimizer_create(&bench->optimizer, &bench->model, &config->optimizer));
     size_t image = (size_t)model_config->channels * model_config->img_size * model_config->img_size;
@@ -293,9 +281,9 @@ static void print_throughput(const tf_bench *bench, const bench_arguments *argum
 }
 
 static tf_status bench_measure(tf_bench *bench, const bench_arguments *arguments, const tf_config *config) {
-    TF_TRY(run_steps(bench, arguments->warmup));
+    TF_TRY(run_steps(bench, TF_BENCH_REDUCE_OVERLAPPED, arguments->warmup));
     double seconds;
-    TF_TRY(time_steps(bench, arguments->steps, &seconds));
+    TF_TRY(time_steps(bench, TF_BENCH_REDUCE_OVERLAPPED, arguments->steps, &seconds));
     if (dist_is_main(bench->dist)) print_throughput(bench, arguments, config, seconds);
     if (bench->training && dist_world_size(bench->dist) > 1)
         TF_TRY(print_communication(bench, arguments->steps, seconds));
@@ -306,7 +294,7 @@ static tf_status bench_measure(tf_bench *bench, const bench_arguments *arguments
 static tf_status bench_model(const bench_arguments *arguments, bool training) {
     tf_config config;
     TF_TRY(cli_config_load(&arguments->config, &config));
-    tf_bench bench = {.training = training, .reduce = TF_BENCH_REDUCE_OVERLAPPED};
+    tf_bench bench = {.training = training};
     bench.batch = arguments->batch ? arguments->batch : config.schedule.micro_batch ? config.schedule.micro_batch : 64;
     tf_status status = open_process_group(arguments, &config, bench.batch, &bench.dist);
     if (status == TF_OK) status = bench_open(&bench, &config);

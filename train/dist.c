@@ -889,6 +889,11 @@ static tf_status collectives_open(tf_dist *dist) {
     return TF_OK;
 }
 
+void dist_gradient_ready(void *gradient_sum, size_t offset, size_t count) {
+    tf_dist_gradient_sum *sum = gradient_sum;
+    if (sum->status == TF_OK) sum->status = dist_all_reduce_sum_f32_range(sum->dist, sum->grads, offset, count);
+}
+
 #ifndef TOKENFORMER_CUDA
 
 static tf_status needs_cuda(const tf_launch *launch) {

@@ -170,6 +170,17 @@ tf_status dist_all_reduce_sum_f32(tf_dist *dist, float *buffer, size_t count);
 tf_status dist_all_reduce_sum_f32_range(tf_dist *dist, float *buffer, size_t offset, size_t count);
 tf_status dist_all_reduce_wait(tf_dist *dist);
 
+/* The bucketed form as a model gradient hook (model_set_gradient_hook(model,
+ * dist_gradient_ready, &sum)): each range of grads is queued as backward finishes it. A hook
+ * returns nothing, so the first failure is kept in status (later ranges are skipped); check it
+ * before dist_all_reduce_wait(). */
+typedef struct {
+    tf_dist *dist;
+    float *grads;     /* fp32 device memory: the model's gradient buffer */
+    tf_status status; /* TF_OK, or the first failure of a queued range */
+} tf_dist_gradient_sum;
+void dist_gradient_ready(void *gradient_sum, size_t offset, size_t count);
+
 /* buffer (fp32 device memory) = rank 0's buffer, ordered like dist_all_reduce_sum_f32 (the
  * parameters after initialisation, so every rank starts from exactly the same weights). */
 tf_status dist_broadcast_f32(tf_dist *dist, float *buffer, size_t count);

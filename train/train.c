@@ -47,7 +47,7 @@ typedef struct {
     tf_train_options options;
     tf_dist *dist;        /* the process group (world size 1 without a launcher) */
     bool stop_requested;  /* some rank got SIGINT/SIGTERM: all stop after this step */
-    tf_status reduce_status; /* the first failure of an all-reduce started from the gradient hook */
+    tf_dist_gradient_sum gradient_sum; /* the gradient hook's all-reduce of each step's last micro-batch */
     const tf_backend *backend;
     tf_dataset train_set, val_set;
     tf_loader *train_loader, *val_loader;
@@ -286,6 +286,7 @@ static tf_status trainer_open(tf_trainer *trainer) {
     TF_TRY(open_datasets(trainer));
     TF_TRY(plan_batches(trainer));
     TF_TRY(create_model(trainer));
+    trainer->gradient_sum = (tf_dist_gradient_sum){.dist = trainer->dist, .grads = trainer->model.grads};
     TF_TRY(create_optimizer(trainer));
     TF_TRY(create_loaders(trainer));
     TF_TRY(allocate_host_buffers(trainer));
@@ -363,13 +364,6 @@ static tf_status check_step(tf_trainer *trainer, double loss, const tf_step_resu
     return TF_OK;
 }
 
-/* The model's gradient hook on the last micro-batch: one layer's gradients into the all-reduce. */
-static void reduce_gradient_range(void *context, size_t offset, size_t count) {
-    tf_trainer *trainer = context;
-    if (trainer->reduce_status != TF_OK) return;
-    trainer->reduce_status = dist_all_reduce_sum_f32_range(trainer->dist, (float *)trainer->model.grads, offset, count);
-}
-
 /* Waits for the gradient all-reduces, and makes every rank see the same mean loss and the same
  * stop request, so that all skip a non-finite step or stop after this one together. */
 static tf_status reduce_over_ranks(tf_trainer *trainer, double *loss_sum) {
@@ -377,7 +371,7 @@ static tf_status reduce_over_ranks(tf_trainer *trainer, double *loss_sum) {
         trainer->stop_requested = stop_signal != 0;
         return TF_OK;
     }
-    TF_TRY(trainer->reduce_status);
+    TF_TRY(trainer->gradient_sum.status);
     TF_TRY(dist_all_reduce_wait(trainer->dist));
     double agreed[2] = {*loss_sum, stop_signal ? 1.0 : 0.0};
     TF_TRY(dist_all_reduce_host_f64(trainer->dist, agreed, 2, TF_DIST_SUM));
@@ -392,7 +386,7 @@ static tf_status train_step(tf_trainer *trainer, tf_log_interval *interval) {
     for (int micro = 0; micro < trainer->accumulation; micro++) {
         bool last = micro == trainer->accumulation - 1;
         if (trainer->world_size > 1)
-            model_set_gradient_hook(&trainer->model, last ? reduce_gradient_range : NULL, trainer);
+            model_set_gradient_hook(&trainer->model, last ? dist_gradient_ready : NULL, &trainer->gradient_sum);
         double loss;
         TF_TRY(train_micro_batch(trainer, micro, &loss));
         loss_sum += loss;
