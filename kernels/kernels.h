@@ -119,14 +119,6 @@ struct tf_backend {
                                     float eps);
     void (*pattention_norm_backward)(void *da, void *s, const void *ds, const void *a, const void *row_norm,
                                      int rows, int n, float tau);
-    /* The whole Pattention forward: a = x keys^T, the normalisation, out = S values, with
-     * a (compute [rows, n]) and row_norm (master [rows]) kept for backward as above. x: compute
-     * [rows, dim_in]; keys: compute [n, dim_in]; values: compute [n, dim_out]; out: compute
-     * [rows, dim_out]; s: compute [rows, n], scratch for S. The CPU runs matmul, norm forward and
-     * matmul; CUDA on Hopper applies the norm inside two GEMMs of its own (pattention_fused.cu)
-     * and leaves s untouched, elsewhere it runs the three operations as the CPU does. */
-    void (*pattention_forward)(void *out, void *a, void *row_norm, void *s, const void *x, const void *keys,
-                               const void *values, int rows, int n, int dim_in, int dim_out, float tau, float eps);
 
     /* ---- multi-head softmax attention, not causal, scale 1/sqrt(head_dim) ----
      * q, k, v, out: compute [batch * tokens, heads * head_dim]; head h is columns

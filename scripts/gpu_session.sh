@@ -40,7 +40,7 @@ environment() {
 
 stage_build() {
     local start=$SECONDS
-    cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DTOKENFORMER_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
+    cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DTOKENFORMER_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
         -DCMAKE_PREFIX_PATH=$deps/usr \
         -DCBLAS_INCLUDE_DIR=$deps/usr/include/x86_64-linux-gnu/openblas-openmp \
         -DCBLAS_LIBRARY=$deps/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so >"$OUT/cmake.log" 2>&1 ||
@@ -95,31 +95,6 @@ stage_infer() {
     } >"$OUT/infer.log" 2>&1
     local status=$?
     grep -E "attention|img/s|ms" "$OUT/infer.log" | tail -24
-    return $status
-}
-
-# The fused Pattention GEMMs (pattention_fused.cu): their kernel checks, then B/16 `bench infer`
-# and `bench train` without them and with each form of the values GEMM (TF_PATTENTION_FUSED).
-stage_fused() {
-    {
-        timeout 300 $build/test_kernels_cuda | grep -E "pattention_forward|FAIL|checks"
-        for variant in off 0 1 2 3; do
-            echo "== TF_PATTENTION_FUSED=$variant"
-            TF_PATTENTION_FUSED=$variant $build/tokenformer bench infer --config configs/tokenformer_b16.yaml \
-                --batch 512 --steps 20 --warmup 3
-        done
-        for variant in off 1; do
-            echo "== train TF_PATTENTION_FUSED=$variant"
-            TF_PATTENTION_FUSED=$variant $build/tokenformer bench train --config configs/tokenformer_b16.yaml \
-                --batch 256 --steps 20 --warmup 3
-        done
-    } >"$OUT/fused.log" 2>&1
-    local status=$?
-    local cuobjdump
-    cuobjdump=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
-    [[ -x $cuobjdump ]] &&
-        $cuobjdump -sass $build/CMakeFiles/tokenformer_core.dir/kernels/cuda/pattention_fused.cu.o >"$OUT/fused.sass" 2>&1
-    grep -E "pattention_forward|FAIL|checks|==|img/s|Pattention|norm" "$OUT/fused.log" | head -80
     return $status
 }
 

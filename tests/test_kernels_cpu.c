@@ -171,7 +171,6 @@ static void test_backend_tables(void) {
         EXPECT_SET(matmul);
         EXPECT_SET(pattention_norm_forward);
         EXPECT_SET(pattention_norm_backward);
-        EXPECT_SET(pattention_forward);
         EXPECT_SET(attention_forward);
         EXPECT_SET(attention_backward);
         EXPECT_SET(layernorm_forward);
@@ -357,55 +356,11 @@ static void test_pattention_gelu_accuracy(void) {
     free_all();
 }
 
-/* The whole forward (kernels.h: pattention_forward) against its definition in double: A = X K^T,
- * r = sqrt(sum A^2 + eps), out = GELU(tau A / r) V; and fp32 against fp64. */
-static void test_pattention_forward_case(int rows, int n, int dim_in, int dim_out) {
-    char what[96];
-    float tau = sqrtf((float)n), eps = 1e-6f;
-    double *x = random_input((size_t)rows * dim_in, 1.0), *keys = random_input((size_t)n * dim_in, 0.2);
-    double *values = random_input((size_t)n * dim_out, 0.2), *a = new_f64((size_t)rows * n);
-    double *row_norm = new_f64(rows), *s = new_f64((size_t)rows * n), *out = new_f64((size_t)rows * dim_out);
-    f64->pattention_forward(out, a, row_norm, s, x, keys, values, rows, n, dim_in, dim_out, tau, eps);
-    double *expected_a = new_f64((size_t)rows * n), *expected_norm = new_f64(rows);
-    double *expected_out = new_f64((size_t)rows * dim_out), *gelu = new_f64(n);
-    for (int i = 0; i < rows; i++) {
-        double sum = eps;
-        for (int j = 0; j < n; j++) {
-            double dot_product = 0.0;
-            for (int c = 0; c < dim_in; c++) dot_product += x[(size_t)i * dim_in + c] * keys[(size_t)j * dim_in + c];
-            expected_a[(size_t)i * n + j] = dot_product;
-            sum += dot_product * dot_product;
-        }
-        expected_norm[i] = sqrt(sum);
-        for (int j = 0; j < n; j++) gelu[j] = reference_gelu(tau * expected_a[(size_t)i * n + j] / expected_norm[i]);
-        for (int c = 0; c < dim_out; c++) {
-            double total = 0.0;
-            for (int j = 0; j < n; j++) total += gelu[j] * values[(size_t)j * dim_out + c];
-            expected_out[(size_t)i * dim_out + c] = total;
-        }
-    }
-    snprintf(what, sizeof what, "pattention_forward %dx%d (%d -> %d) fp64: A", rows, n, dim_in, dim_out);
-    expect_close_f64(what, a, expected_a, (size_t)rows * n, F64_BOUND);
-    snprintf(what, sizeof what, "pattention_forward %dx%d (%d -> %d) fp64: row norms", rows, n, dim_in, dim_out);
-    expect_close_f64(what, row_norm, expected_norm, rows, F64_BOUND);
-    snprintf(what, sizeof what, "pattention_forward %dx%d (%d -> %d) fp64: out", rows, n, dim_in, dim_out);
-    expect_close_f64(what, out, expected_out, (size_t)rows * dim_out, F64_BOUND);
-    float *x32 = to_f32(x, (size_t)rows * dim_in), *keys32 = to_f32(keys, (size_t)n * dim_in);
-    float *values32 = to_f32(values, (size_t)n * dim_out), *a32 = new_f32((size_t)rows * n);
-    float *norm32 = new_f32(rows), *s32 = new_f32((size_t)rows * n), *out32 = new_f32((size_t)rows * dim_out);
-    f32->pattention_forward(out32, a32, norm32, s32, x32, keys32, values32, rows, n, dim_in, dim_out, tau, eps);
-    snprintf(what, sizeof what, "pattention_forward %dx%d fp32 vs fp64: out", rows, n);
-    expect_f32_close(what, out32, out, (size_t)rows * dim_out, F32_BOUND);
-    free_all();
-}
-
 static void test_pattention_norm(void) {
     printf("pattention_norm\n");
     test_pattention_norm_case(6, 37, sqrtf(29.0f), 1e-5f);
     test_pattention_norm_case(5, 64, sqrtf(64.0f), 0.5f); /* a large eps, so that r^2 must include it */
     test_pattention_gelu_accuracy();
-    test_pattention_forward_case(7, 40, 24, 16);
-    test_pattention_forward_case(3, 96, 64, 48);
     free_all();
 }
 

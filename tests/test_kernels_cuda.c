@@ -367,72 +367,6 @@ static void test_pattention_norm(void) {
     pattention_norm_case(256 * 197, 3072, true);
 }
 
-/* ---- the whole Pattention forward: fused GEMMs on Hopper, or the three operations ---- */
-static void pattention_forward_case(int rows, int n, int dim_in, int dim_out, bool fused) {
-    op_check c;
-    float tau = sqrtf((float)n), eps = 1e-6f;
-    bool fused_on = tf_cuda_pattention_use_fused(fused);
-    op_begin(&c, "pattention_forward rows=%d n=%d d_in=%d d_out=%d %s", rows, n, dim_in, dim_out,
-             fused ? "fused" : "unfused");
-    pair x = pair_new("X", (size_t)rows * dim_in, true), keys = pair_new("K", (size_t)n * dim_in, true);
-    pair values = pair_new("V", (size_t)n * dim_out, true), a = pair_new("A", (size_t)rows * n, true);
-    pair r = pair_new("row_norm", (size_t)rows, false), s = pair_new("S", (size_t)rows * n, true);
-    pair out = pair_new("out", (size_t)rows * dim_out, true);
-    pair_random(&x, 1.0f);
-    pair_random(&keys, 1.0f / sqrtf((float)dim_in));
-    pair_random(&values, 1.0f / sqrtf((float)n));
-    pair_poison(&a);
-    pair_poison(&r);
-    pair_poison(&out);
-    cpu->pattention_forward(out.cpu, a.cpu, r.cpu, s.cpu, x.cpu, keys.cpu, values.cpu, rows, n, dim_in, dim_out, tau,
-                            eps);
-    gpu->pattention_forward(out.gpu, a.gpu, r.gpu, s.gpu, x.gpu, keys.gpu, values.gpu, rows, n, dim_in, dim_out, tau,
-                            eps);
-    bool took_fused = tf_cuda_pattention_last_fused();
-    op_compare(&c, &out, BF16_LIMIT);
-    op_compare(&c, &a, BF16_LIMIT);
-    op_compare(&c, &r, BF16_LIMIT);
-    /* Fused where asked for and possible (Hopper, widths multiples of 8), never otherwise. */
-    bool expect_fused = fused_on && n % 8 == 0 && dim_in % 8 == 0 && dim_out % 8 == 0;
-    if (took_fused != expect_fused)
-        op_fail(&c, "took the %s path, expected the %s one", took_fused ? "fused" : "unfused",
-                expect_fused ? "fused" : "unfused");
-    if (fused && !fused_on) op_note(&c, "    (no Hopper GPU: the fused GEMMs are not available, compared unfused)\n");
-    /* The same bits on a second run: the row sums are reduced in a fixed order, not by atomics. */
-    size_t count = (size_t)rows * dim_out;
-    float *first = xmalloc(count * sizeof(float)), *second = xmalloc(count * sizeof(float));
-    gpu->download(first, out.gpu, TF_DTYPE_BF16, count);
-    pair_poison(&out);
-    gpu->pattention_forward(out.gpu, a.gpu, r.gpu, s.gpu, x.gpu, keys.gpu, values.gpu, rows, n, dim_in, dim_out, tau,
-                            eps);
-    gpu->download(second, out.gpu, TF_DTYPE_BF16, count);
-    if (memcmp(first, second, count * sizeof(float)) != 0) op_fail(&c, "a second run gave other bits");
-    free(first);
-    free(second);
-    pair_free(&x);
-    pair_free(&keys);
-    pair_free(&values);
-    pair_free(&a);
-    pair_free(&r);
-    pair_free(&s);
-    pair_free(&out);
-    tf_cuda_pattention_use_fused(false);
-    op_end(&c);
-}
-
-static void test_pattention_forward(void) {
-    for (int fused = 1; fused >= 0; fused--) {
-        pattention_forward_case(300, 768, 768, 768, fused);   /* B/16 attention widths, rows not a multiple of 128 */
-        pattention_forward_case(1000, 3072, 768, 768, fused); /* the FFN */
-        pattention_forward_case(77, 200, 64, 96, fused);      /* edges: n and d_out not multiples of the tiles */
-        pattention_forward_case(257, 1024, 1024, 1024, fused); /* L/16: d_out not a multiple of 384 */
-    }
-    pattention_forward_case(50, 100, 48, 40, true); /* n not a multiple of 8: the unfused path */
-    if (small_only) return;
-    pattention_forward_case(256 * 197, 768, 768, 768, true);
-    pattention_forward_case(256 * 197, 3072, 768, 768, true);
-}
-
 /* ---- attention ---- */
 static void attention_case(int batch, int tokens, int heads, int head_dim, bool use_cudnn) {
     op_check c;
@@ -974,7 +908,6 @@ int main(int argc, char **argv) {
     test_memory();
     test_matmul();
     test_pattention_norm();
-    test_pattention_forward();
     test_attention();
     test_layernorm();
     test_residual();

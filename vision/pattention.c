@@ -11,8 +11,7 @@
  *   dK += dA^T X, dX = dA K
  * A and the row norms are kept from forward; S is recomputed from them in backward (model.h
  * says why), by the same row pass that computes dA. The normalisation and GELU are one fused
- * row operation; forward is one backend operation (on Hopper the norm is applied inside its
- * GEMMs, kernels/cuda/pattention_fused.cu). */
+ * row operation. */
 #include "vision/layers.h"
 
 #include <math.h>
@@ -31,13 +30,15 @@ void pattention_forward(tf_model *model, int block, int which, void *out, const 
     tf_pattention_cache *cache = &model->blocks[block].patt[which];
     int n = pattention_tokens(model, which), dim = model->config.dim;
 
-    /* One operation: on Hopper the norm runs inside the two GEMMs, so the profile counts the
-     * whole forward as GEMM time there. */
     model_op_class(model, TF_OP_PATTENTION_GEMM);
-    backend->pattention_forward(out, cache->scores, cache->row_norm, model->probs, in,
-                                model_param(model, layout->keys[block][which]),
-                                model_param(model, layout->values[block][which]), rows, n, dim, dim,
-                                pattention_tau(model, block, which), model->config.eps);
+    backend->matmul(cache->scores, in, model_param(model, layout->keys[block][which]),
+                    &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
+    model_op_class(model, TF_OP_PATTENTION_NORM);
+    backend->pattention_norm_forward(model->probs, cache->row_norm, cache->scores, rows, n,
+                                     pattention_tau(model, block, which), model->config.eps);
+    model_op_class(model, TF_OP_PATTENTION_GEMM);
+    backend->matmul(out, model->probs, model_param(model, layout->values[block][which]),
+                    &(tf_matmul_desc){.m = rows, .n = dim, .k = n});
 }
 
 void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,

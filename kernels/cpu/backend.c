@@ -35,7 +35,6 @@ const tf_backend CPU_FN(backend) = {
 
     .pattention_norm_forward = CPU_FN(pattention_norm_forward),
     .pattention_norm_backward = CPU_FN(pattention_norm_backward),
-    .pattention_forward = CPU_FN(pattention_forward),
 
     .attention_forward = CPU_FN(attention_forward),
     .attention_backward = CPU_FN(attention_backward),

@@ -150,8 +150,6 @@ void CPU_FN(pattention_norm_forward)(void *s, void *row_norm, const void *a, int
                                      float eps);
 void CPU_FN(pattention_norm_backward)(void *da, void *s, const void *ds, const void *a, const void *row_norm,
                                       int rows, int n, float tau);
-void CPU_FN(pattention_forward)(void *out, void *a, void *row_norm, void *s, const void *x, const void *keys,
-                                const void *values, int rows, int n, int dim_in, int dim_out, float tau, float eps);
 
 void CPU_FN(attention_forward)(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                                int tokens, int heads, int head_dim);

@@ -63,11 +63,3 @@ void CPU_FN(pattention_norm_backward)(void *da_buffer, void *s_buffer, const voi
             da_row[j] = scale * (da_row[j] - a_row[j] * projection);
     }
 }
-
-/* The whole forward, as kernels.h defines it: the three operations one after the other. */
-void CPU_FN(pattention_forward)(void *out, void *a, void *row_norm, void *s, const void *x, const void *keys,
-                                const void *values, int rows, int n, int dim_in, int dim_out, float tau, float eps) {
-    CPU_FN(matmul)(a, x, keys, &(tf_matmul_desc){.m = rows, .n = n, .k = dim_in, .transpose_b = true});
-    CPU_FN(pattention_norm_forward)(s, row_norm, a, rows, n, tau, eps);
-    CPU_FN(matmul)(out, s, values, &(tf_matmul_desc){.m = rows, .n = dim_out, .k = n});
-}

@@ -33,18 +33,6 @@ const char *tf_cuda_attention_last_backward(void);
 /* Why the last attention call that preferred cuDNN ran on our kernels ("" if none did). */
 const char *tf_cuda_attention_last_fallback_reason(void);
 
-/* Use (true) or not (false, the default) the fused Pattention GEMMs of pattention_fused.cu; returns
- * whether they will run (false on GPUs other than compute capability 9.0 or builds without
- * sm_90a, where pattention_forward runs cuBLASLt and the norm pass). */
-bool tf_cuda_pattention_use_fused(bool use);
-
-/* Whether the last pattention_forward ran the fused GEMMs. */
-bool tf_cuda_pattention_last_fused(void);
-
-/* Which form of the fused values GEMM runs (measurements): 0 erff GELU, 1 the branch-free erfc
- * GELU, 2 erff with 256-wide tiles only. */
-void tf_cuda_pattention_fused_variant(int variant);
-
 /* Wait after every kernel launch, so that a fault is blamed on the operation that caused it. */
 void tf_cuda_set_debug_sync(bool on);
 

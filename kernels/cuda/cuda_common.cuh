@@ -289,9 +289,6 @@ void cuda_matmul(void *c, const void *a, const void *b, const tf_matmul_desc *de
 void cuda_pattention_norm_forward(void *s, void *row_norm, const void *a, int rows, int n, float tau, float eps);
 void cuda_pattention_norm_backward(void *da, void *s, const void *ds, const void *a, const void *row_norm, int rows,
                                    int n, float tau);
-/* pattention_fused.cu */
-void cuda_pattention_forward(void *out, void *a, void *row_norm, void *s, const void *x, const void *keys,
-                             const void *values, int rows, int n, int dim_in, int dim_out, float tau, float eps);
 /* attention.cu */
 void cuda_attention_forward(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                             int tokens, int heads, int head_dim);
