@@ -136,20 +136,21 @@ struct tf_backend {
      * float64 than PyTorch's autocast, which keeps it in fp32. Everything read by a GEMM is compute.
      * out = xhat (* weight + bias) with xhat = (x - mean) * rstd. x: master [rows, dim];
      * out: compute; weight, bias: compute [dim] or both NULL (non-parametric); rstd: master
-     * [rows]; mean: master [rows] or NULL (backward does not need it). */
-    void (*layernorm_forward)(void *out, void *mean, void *rstd, const void *x, const void *weight,
+     * [rows]; xhat: compute [rows, dim] or NULL, receives xhat, which backward reads: a parametric
+     * LayerNorm (fc_norm) in training asks for it; a non-parametric one's out is xhat already. */
+    void (*layernorm_forward)(void *out, void *xhat, void *rstd, const void *x, const void *weight,
                               const void *bias, int rows, int dim, float eps);
     /* Residual add fused with the next (non-parametric) LayerNorm:
      * residual_out = residual_in + scale[row / rows_per_sample] * branch;
      * ln_out = LayerNorm(residual_out). residual_in, residual_out: master (residual_out may be
      * residual_in: the stream updated in place); branch, ln_out: compute; sample_scale: master
      * [rows / rows_per_sample] (drop path: 0 or 1/keep_prob per sample) or NULL for 1. */
-    void (*residual_layernorm_forward)(void *residual_out, void *ln_out, void *mean, void *rstd,
-                                       const void *residual_in, const void *branch,
-                                       const void *sample_scale, int rows, int dim, int rows_per_sample,
-                                       float eps);
+    void (*residual_layernorm_forward)(void *residual_out, void *ln_out, void *rstd, const void *residual_in,
+                                       const void *branch, const void *sample_scale, int rows, int dim,
+                                       int rows_per_sample, float eps);
     /* dx += d LayerNorm / dx (dout), from xhat (compute: the output of a non-parametric forward,
-     * which its caller keeps anyway, so the residual stream itself is not kept for backward) and
+     * which its caller keeps anyway, or forward's xhat output for a parametric one; the residual
+     * stream itself is not kept for backward) and
      * rstd. dx, dout: compute; dweight, dbias (master, accumulated) may be NULL when weight is. */
     void (*layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
                                const void *rstd, const void *weight, int rows, int dim);

@@ -492,7 +492,7 @@ static void test_attention(void) {
 
 /* ---- LayerNorm ----------------------------------------------------------------------------- */
 
-static void reference_layernorm(double *out, double *mean, double *rstd, const double *x,
+static void reference_layernorm(double *out, double *xhat, double *rstd, const double *x,
                                 const double *weight, const double *bias, int rows, int dim, double eps) {
     for (int i = 0; i < rows; i++) {
         const double *x_i = x + (size_t)i * dim;
@@ -501,24 +501,24 @@ static void reference_layernorm(double *out, double *mean, double *rstd, const d
             mu += x_i[j] / dim;
         for (int j = 0; j < dim; j++)
             var += (x_i[j] - mu) * (x_i[j] - mu) / dim;
-        mean[i] = mu;
         rstd[i] = 1.0 / sqrt(var + eps);
         for (int j = 0; j < dim; j++) {
             double y = (x_i[j] - mu) * rstd[i];
+            xhat[(size_t)i * dim + j] = y;
             out[(size_t)i * dim + j] = weight ? y * weight[j] + bias[j] : y;
         }
     }
 }
 
 typedef struct {
-    double *out, *mean, *rstd, *x, *weight, *bias, *w;
+    double *out, *xhat, *rstd, *x, *weight, *bias, *w;
     int rows, dim;
     float eps;
 } layernorm_context;
 
 static double layernorm_objective(void *context) {
     layernorm_context *c = context;
-    f64->layernorm_forward(c->out, c->mean, c->rstd, c->x, c->weight, c->bias, c->rows, c->dim, c->eps);
+    f64->layernorm_forward(c->out, c->xhat, c->rstd, c->x, c->weight, c->bias, c->rows, c->dim, c->eps);
     return dot(c->w, c->out, (size_t)c->rows * c->dim);
 }
 
@@ -532,28 +532,29 @@ static void test_layernorm_case(int rows, int dim, bool parametric) {
         x[i] += (float)(i % dim) * 0.25f; /* a mean far from 0 */
     double *weight = parametric ? random_input(dim, 1.0) : NULL,
            *bias = parametric ? random_input(dim, 1.0) : NULL;
-    double *out = new_f64(count), *mean = new_f64(rows), *rstd = new_f64(rows);
-    double *expected = new_f64(count), *expected_mean = new_f64(rows), *expected_rstd = new_f64(rows);
-    f64->layernorm_forward(out, mean, rstd, x, weight, bias, rows, dim, eps);
-    reference_layernorm(expected, expected_mean, expected_rstd, x, weight, bias, rows, dim, eps);
+    double *out = new_f64(count), *xhat = new_f64(count), *rstd = new_f64(rows);
+    double *expected = new_f64(count), *expected_xhat = new_f64(count), *expected_rstd = new_f64(rows);
+    f64->layernorm_forward(out, xhat, rstd, x, weight, bias, rows, dim, eps);
+    reference_layernorm(expected, expected_xhat, expected_rstd, x, weight, bias, rows, dim, eps);
     snprintf(what, sizeof what, "layernorm forward %s %dx%d: out fp64", kind, rows, dim);
     expect_close_f64(what, out, expected, count, F64_BOUND);
-    snprintf(what, sizeof what, "layernorm forward %s %dx%d: mean, rstd fp64", kind, rows, dim);
-    expect_close_f64(what, mean, expected_mean, rows, F64_BOUND);
+    snprintf(what, sizeof what, "layernorm forward %s %dx%d: xhat, rstd fp64", kind, rows, dim);
+    expect_close_f64(what, xhat, expected_xhat, count, F64_BOUND);
     expect_close_f64(what, rstd, expected_rstd, rows, F64_BOUND);
 
-    /* mean is optional: without it, the same out and rstd. */
-    double *out_no_mean = new_f64(count), *rstd_no_mean = new_f64(rows);
-    f64->layernorm_forward(out_no_mean, NULL, rstd_no_mean, x, weight, bias, rows, dim, eps);
-    snprintf(what, sizeof what, "layernorm forward %s %dx%d: mean NULL, same out and rstd", kind, rows, dim);
-    expect_equal_f64(what, out_no_mean, out, count);
-    expect_equal_f64(what, rstd_no_mean, rstd, rows);
+    /* xhat is optional: without it, the same out and rstd; without weight, out is xhat. */
+    double *out_no_xhat = new_f64(count), *rstd_no_xhat = new_f64(rows);
+    f64->layernorm_forward(out_no_xhat, NULL, rstd_no_xhat, x, weight, bias, rows, dim, eps);
+    snprintf(what, sizeof what, "layernorm forward %s %dx%d: xhat NULL, same out and rstd", kind, rows, dim);
+    expect_equal_f64(what, out_no_xhat, out, count);
+    expect_equal_f64(what, rstd_no_xhat, rstd, rows);
+    if (!parametric) {
+        snprintf(what, sizeof what, "layernorm forward %s %dx%d: out is xhat", kind, rows, dim);
+        expect_equal_f64(what, out, xhat, count);
+    }
 
-    /* Backward reads xhat, the non-parametric forward's output (for a parametric LayerNorm the
-     * caller keeps it by such a pass). dx is accumulated into, so start from random values and
-     * subtract them. */
-    double *xhat = new_f64(count);
-    f64->layernorm_forward(xhat, NULL, new_f64(rows), x, NULL, NULL, rows, dim, eps);
+    /* Backward reads xhat as forward gave it. dx is accumulated into, so start from random values
+     * and subtract them. */
     double *w = random_input(count, 1.0), *dx0 = random_input(count, 1.0), *dx = copy_f64(dx0, count);
     double *dweight0 = parametric ? random_input(dim, 1.0) : NULL,
            *dbias0 = parametric ? random_input(dim, 1.0) : NULL;
@@ -563,7 +564,7 @@ static void test_layernorm_case(int rows, int dim, bool parametric) {
     for (size_t i = 0; i < count; i++)
         dx[i] -= dx0[i];
     layernorm_context context = {
-        new_f64(count), new_f64(rows), new_f64(rows), x, weight, bias, w, rows, dim, eps};
+        new_f64(count), new_f64(count), new_f64(rows), x, weight, bias, w, rows, dim, eps};
     snprintf(what, sizeof what, "layernorm backward %s %dx%d: dx vs finite diff", kind, rows, dim);
     expect_close_f64(what, dx, numerical_gradient(x, count, layernorm_objective, &context), count, FD_BOUND);
     if (parametric) {
@@ -600,17 +601,16 @@ static void test_layernorm_case(int rows, int dim, bool parametric) {
     }
 
     /* fp32 against fp64 (forward, and backward from dx = 0). */
-    float *x32 = to_f32(x, count), *out32 = new_f32(count), *mean32 = new_f32(rows), *rstd32 = new_f32(rows);
+    float *x32 = to_f32(x, count), *out32 = new_f32(count), *xhat32 = new_f32(count), *rstd32 = new_f32(rows);
     float *weight32 = parametric ? to_f32(weight, dim) : NULL,
           *bias32 = parametric ? to_f32(bias, dim) : NULL;
-    f32->layernorm_forward(out32, mean32, rstd32, x32, weight32, bias32, rows, dim, eps);
+    f32->layernorm_forward(out32, xhat32, rstd32, x32, weight32, bias32, rows, dim, eps);
     snprintf(what, sizeof what, "layernorm %s %dx%d fp32 vs fp64: out", kind, rows, dim);
     expect_f32_close(what, out32, out, count, F32_BOUND);
-    snprintf(what, sizeof what, "layernorm %s %dx%d fp32 vs fp64: mean, rstd", kind, rows, dim);
-    expect_f32_close(what, mean32, mean, rows, F32_BOUND);
+    snprintf(what, sizeof what, "layernorm %s %dx%d fp32 vs fp64: xhat, rstd", kind, rows, dim);
+    expect_f32_close(what, xhat32, xhat, count, F32_BOUND);
     expect_f32_close(what, rstd32, rstd, rows, F32_BOUND);
-    float *dx32 = new_f32(count), *dweight32 = new_f32(dim), *dbias32 = new_f32(dim), *xhat32 = new_f32(count);
-    f32->layernorm_forward(xhat32, NULL, new_f32(rows), x32, NULL, NULL, rows, dim, eps);
+    float *dx32 = new_f32(count), *dweight32 = new_f32(dim), *dbias32 = new_f32(dim);
     f32->layernorm_backward(dx32, parametric ? dweight32 : NULL, parametric ? dbias32 : NULL,
                             to_f32(w, count), xhat32, rstd32, weight32, rows, dim);
     for (size_t i = 0; i < count; i++)
@@ -628,15 +628,15 @@ static void test_layernorm_case(int rows, int dim, bool parametric) {
 }
 
 typedef struct {
-    double *residual_out, *ln_out, *mean, *rstd, *residual_in, *branch, *scale, *w;
+    double *residual_out, *ln_out, *rstd, *residual_in, *branch, *scale, *w;
     int rows, dim, rows_per_sample;
     float eps;
 } residual_layernorm_context;
 
 static double residual_layernorm_objective(void *context) {
     residual_layernorm_context *c = context;
-    f64->residual_layernorm_forward(c->residual_out, c->ln_out, c->mean, c->rstd, c->residual_in, c->branch,
-                                    c->scale, c->rows, c->dim, c->rows_per_sample, c->eps);
+    f64->residual_layernorm_forward(c->residual_out, c->ln_out, c->rstd, c->residual_in, c->branch, c->scale,
+                                    c->rows, c->dim, c->rows_per_sample, c->eps);
     return dot(c->w, c->ln_out, (size_t)c->rows * c->dim);
 }
 
@@ -649,26 +649,24 @@ static void test_residual_layernorm(bool with_scale) {
     double *residual_in = random_input(count, 1.0), *branch = random_input(count, 1.0);
     double scales[3] = {0.0, 1.25, 1.25};
     double *scale = with_scale ? scales : NULL;
-    double *residual_out = new_f64(count), *ln_out = new_f64(count), *mean = new_f64(rows),
-           *rstd = new_f64(rows);
-    f64->residual_layernorm_forward(residual_out, ln_out, mean, rstd, residual_in, branch, scale, rows, dim,
+    double *residual_out = new_f64(count), *ln_out = new_f64(count), *rstd = new_f64(rows);
+    f64->residual_layernorm_forward(residual_out, ln_out, rstd, residual_in, branch, scale, rows, dim,
                                     rows_per_sample, eps);
     double *expected_sum = new_f64(count), *expected_ln = new_f64(count);
-    double *expected_mean = new_f64(rows), *expected_rstd = new_f64(rows);
+    double *expected_xhat = new_f64(count), *expected_rstd = new_f64(rows);
     for (size_t i = 0; i < count; i++)
         expected_sum[i] = residual_in[i] + (scale ? scale[i / dim / rows_per_sample] : 1.0) * branch[i];
-    reference_layernorm(expected_ln, expected_mean, expected_rstd, expected_sum, NULL, NULL, rows, dim, eps);
+    reference_layernorm(expected_ln, expected_xhat, expected_rstd, expected_sum, NULL, NULL, rows, dim, eps);
     snprintf(what, sizeof what, "residual_layernorm forward %s: residual_out fp64", kind);
     expect_close_f64(what, residual_out, expected_sum, count, F64_BOUND);
-    snprintf(what, sizeof what, "residual_layernorm forward %s: ln_out, mean, rstd fp64", kind);
+    snprintf(what, sizeof what, "residual_layernorm forward %s: ln_out, rstd fp64", kind);
     expect_close_f64(what, ln_out, expected_ln, count, F64_BOUND);
-    expect_close_f64(what, mean, expected_mean, rows, F64_BOUND);
     expect_close_f64(what, rstd, expected_rstd, rows, F64_BOUND);
 
     /* In place on the residual stream. */
     double *stream = copy_f64(residual_in, count), *ln_in_place = new_f64(count);
-    f64->residual_layernorm_forward(stream, ln_in_place, new_f64(rows), new_f64(rows), stream, branch, scale,
-                                    rows, dim, rows_per_sample, eps);
+    f64->residual_layernorm_forward(stream, ln_in_place, new_f64(rows), stream, branch, scale, rows, dim,
+                                    rows_per_sample, eps);
     snprintf(what, sizeof what, "residual_layernorm %s: in place (residual_out == residual_in)", kind);
     expect_equal_f64(what, stream, residual_out, count);
     expect_equal_f64(what, ln_in_place, ln_out, count);
@@ -680,7 +678,6 @@ static void test_residual_layernorm(bool with_scale) {
     f64->residual_backward(dbranch, dsum, scale, rows, dim, rows_per_sample);
     residual_layernorm_context context = {new_f64(count),
                                           new_f64(count),
-                                          new_f64(rows),
                                           new_f64(rows),
                                           residual_in,
                                           branch,
@@ -696,16 +693,14 @@ static void test_residual_layernorm(bool with_scale) {
 
     /* fp32 against fp64. */
     float scales32[3] = {0.0f, 1.25f, 1.25f};
-    float *residual_out32 = new_f32(count), *ln_out32 = new_f32(count), *mean32 = new_f32(rows),
-          *rstd32 = new_f32(rows);
-    f32->residual_layernorm_forward(residual_out32, ln_out32, mean32, rstd32, to_f32(residual_in, count),
+    float *residual_out32 = new_f32(count), *ln_out32 = new_f32(count), *rstd32 = new_f32(rows);
+    f32->residual_layernorm_forward(residual_out32, ln_out32, rstd32, to_f32(residual_in, count),
                                     to_f32(branch, count), with_scale ? scales32 : NULL, rows, dim,
                                     rows_per_sample, eps);
     snprintf(what, sizeof what, "residual_layernorm %s fp32 vs fp64: residual_out, ln_out", kind);
     expect_f32_close(what, residual_out32, residual_out, count, F32_BOUND);
     expect_f32_close(what, ln_out32, ln_out, count, F32_BOUND);
-    snprintf(what, sizeof what, "residual_layernorm %s fp32 vs fp64: mean, rstd", kind);
-    expect_f32_close(what, mean32, mean, rows, F32_BOUND);
+    snprintf(what, sizeof what, "residual_layernorm %s fp32 vs fp64: rstd", kind);
     expect_f32_close(what, rstd32, rstd, rows, F32_BOUND);
 }
 

@@ -448,8 +448,8 @@ static void layernorm_case(int rows, int dim, bool parametric) {
     op_begin(&c, "layernorm fwd+bwd rows=%d dim=%d%s", rows, dim, parametric ? " parametric" : "");
     size_t n = (size_t)rows * dim;
     /* x is the fp32 residual stream; backward reads xhat (bf16). The parametric case (fc_norm)
-     * runs without mean, which is optional. */
-    pair x = pair_new("x", n, false), out = pair_new("out", n, true), mean = pair_new("mean", rows, false);
+     * asks forward for xhat as well, the plain one does not (its out is xhat). */
+    pair x = pair_new("x", n, false), out = pair_new("out", n, true), xhat_out = pair_new("xhat (forward)", n, true);
     pair rstd = pair_new("rstd", rows, false), w = pair_new("weight", dim, true), b = pair_new("bias", dim, true);
     pair dout = pair_new("dout", n, true), dx = pair_new("dx", n, true), xhat = pair_new("xhat", n, true);
     pair dw = pair_new("dweight", dim, false), db = pair_new("dbias", dim, false);
@@ -459,14 +459,14 @@ static void layernorm_case(int rows, int dim, bool parametric) {
     pair_uniform(&w, 0.5f, 1.5f);
     pair_random(&b, 0.3f);
     pair_poison(&out);
-    pair_poison(&mean);
+    pair_poison(&xhat_out);
     pair_poison(&rstd);
     const void *wc = parametric ? w.cpu : NULL, *bc = parametric ? b.cpu : NULL;
     const void *wg = parametric ? w.gpu : NULL, *bg = parametric ? b.gpu : NULL;
-    cpu->layernorm_forward(out.cpu, parametric ? NULL : mean.cpu, rstd.cpu, x.cpu, wc, bc, rows, dim, eps);
-    gpu->layernorm_forward(out.gpu, parametric ? NULL : mean.gpu, rstd.gpu, x.gpu, wg, bg, rows, dim, eps);
+    cpu->layernorm_forward(out.cpu, parametric ? xhat_out.cpu : NULL, rstd.cpu, x.cpu, wc, bc, rows, dim, eps);
+    gpu->layernorm_forward(out.gpu, parametric ? xhat_out.gpu : NULL, rstd.gpu, x.gpu, wg, bg, rows, dim, eps);
     op_compare(&c, &out, BF16_LIMIT);
-    if (!parametric) op_compare(&c, &mean, F32_LIMIT);
+    if (parametric) op_compare(&c, &xhat_out, BF16_LIMIT);
     op_compare(&c, &rstd, F32_LIMIT);
     pair_random(&xhat, 1.0f);
     pair_random(&dout, 1.0f);
@@ -485,7 +485,7 @@ static void layernorm_case(int rows, int dim, bool parametric) {
     pair_free(&x);
     pair_free(&xhat);
     pair_free(&out);
-    pair_free(&mean);
+    pair_free(&xhat_out);
     pair_free(&rstd);
     pair_free(&w);
     pair_free(&b);
@@ -504,31 +504,27 @@ static void residual_layernorm_case(int batch, int tokens, int dim, bool scaled,
     size_t n = (size_t)rows * dim;
     pair in = pair_new("residual_in", n, false), branch = pair_new("branch", n, true);
     pair res_out = pair_new("residual_out", n, false), ln = pair_new("ln_out", n, true);
-    pair mean = pair_new("mean", rows, false), rstd = pair_new("rstd", rows, false);
-    pair scale = pair_new("scale", batch, false);
+    pair rstd = pair_new("rstd", rows, false), scale = pair_new("scale", batch, false);
     pair_random(&in, 1.0f);
     pair_random(&branch, 1.0f);
     for (int b = 0; b < batch; b++) scale.host[b] = b % 3 == 1 ? 0.0f : 1.0f / 0.9f;
     pair_upload(&scale);
     pair_poison(&ln);
-    pair_poison(&mean);
     pair_poison(&rstd);
     pair *target = in_place ? &in : &res_out;
     if (!in_place) pair_poison(&res_out);
     target->name = "residual_out";
-    cpu->residual_layernorm_forward(target->cpu, ln.cpu, mean.cpu, rstd.cpu, in.cpu, branch.cpu,
-                                    scaled ? scale.cpu : NULL, rows, dim, tokens, 1e-6f);
-    gpu->residual_layernorm_forward(target->gpu, ln.gpu, mean.gpu, rstd.gpu, in.gpu, branch.gpu,
-                                    scaled ? scale.gpu : NULL, rows, dim, tokens, 1e-6f);
+    cpu->residual_layernorm_forward(target->cpu, ln.cpu, rstd.cpu, in.cpu, branch.cpu, scaled ? scale.cpu : NULL,
+                                    rows, dim, tokens, 1e-6f);
+    gpu->residual_layernorm_forward(target->gpu, ln.gpu, rstd.gpu, in.gpu, branch.gpu, scaled ? scale.gpu : NULL,
+                                    rows, dim, tokens, 1e-6f);
     op_compare(&c, target, F32_LIMIT);
     op_compare(&c, &ln, BF16_LIMIT);
-    op_compare(&c, &mean, F32_LIMIT);
     op_compare(&c, &rstd, F32_LIMIT);
     pair_free(&in);
     pair_free(&branch);
     pair_free(&res_out);
     pair_free(&ln);
-    pair_free(&mean);
     pair_free(&rstd);
     pair_free(&scale);
     op_end(&c);

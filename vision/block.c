@@ -38,16 +38,16 @@ void block_forward(tf_model *model, int block, int batch, const void *drop_scale
                                config->heads, dim / config->heads);
     pattention_forward(model, block, TF_PATT_O, model->branch, cache->attention, rows);
     model_op_class(model, TF_OP_LAYERNORM);
-    backend->residual_layernorm_forward(model->residual, cache->ln2, NULL, cache->ln2_rstd, model->residual,
-                                        model->branch, branch_scales(model, drop_scales, block, 0, batch), rows, dim,
-                                        tokens, TF_LAYERNORM_EPS);
+    backend->residual_layernorm_forward(model->residual, cache->ln2, cache->ln2_rstd, model->residual, model->branch,
+                                        branch_scales(model, drop_scales, block, 0, batch), rows, dim, tokens,
+                                        TF_LAYERNORM_EPS);
 
     pattention_forward(model, block, TF_PATT_FFN, model->branch, cache->ln2, rows);
     const void *ffn_scales = branch_scales(model, drop_scales, block, 1, batch);
     model_op_class(model, TF_OP_LAYERNORM);
     if (block + 1 < config->depth) {
         tf_block_cache *next = &model->blocks[block + 1];
-        backend->residual_layernorm_forward(model->residual, next->ln1, NULL, next->ln1_rstd, model->residual,
+        backend->residual_layernorm_forward(model->residual, next->ln1, next->ln1_rstd, model->residual,
                                             model->branch, ffn_scales, rows, dim, tokens, TF_LAYERNORM_EPS);
     } else {
         backend->residual_forward(model->residual, model->residual, model->branch, ffn_scales, rows, dim, tokens);

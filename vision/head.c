@@ -10,14 +10,10 @@ void head_forward(tf_model *model, int batch) {
     model_op_class(model, TF_OP_OTHER);
 
     backend->token_pool_forward(model->pooled, model->residual, batch, model->tokens, config->dim, config->pool);
-    backend->layernorm_forward(model->head_ln, NULL, model->head_ln_rstd, model->pooled,
-                               model_param(model, layout->fc_norm_weight), model_param(model, layout->fc_norm_bias),
-                               batch, config->dim, TF_LAYERNORM_EPS);
-    /* fc_norm's backward reads its normalised input, which the parametric output is not: a second,
-     * non-parametric pass over [batch, dim] keeps it (it rewrites the same rstd). */
-    if (model->training)
-        backend->layernorm_forward(model->head_xhat, NULL, model->head_ln_rstd, model->pooled, NULL, NULL, batch,
-                                   config->dim, TF_LAYERNORM_EPS);
+    /* fc_norm's backward reads its normalised input (xhat), which the parametric output is not. */
+    backend->layernorm_forward(model->head_ln, model->training ? model->head_xhat : NULL, model->head_ln_rstd,
+                               model->pooled, model_param(model, layout->fc_norm_weight),
+                               model_param(model, layout->fc_norm_bias), batch, config->dim, TF_LAYERNORM_EPS);
     /* fp32 logits, so the loss and its gradient see them unrounded; the bias then is the master one. */
     backend->matmul(model->logits, model->head_ln, model_param(model, layout->head_weight),
                     &(tf_matmul_desc){.m = batch, .n = config->classes, .k = config->dim, .transpose_b = true,

@@ -157,11 +157,11 @@ void CPU_FN(attention_backward)(void *dq, void *dk, void *dv, const void *dout, 
                                 const void *v, const void *out, const void *lse, int batch, int tokens,
                                 int heads, int head_dim);
 
-void CPU_FN(layernorm_forward)(void *out, void *mean, void *rstd, const void *x, const void *weight,
+void CPU_FN(layernorm_forward)(void *out, void *xhat, void *rstd, const void *x, const void *weight,
                                const void *bias, int rows, int dim, float eps);
-void CPU_FN(residual_layernorm_forward)(void *residual_out, void *ln_out, void *mean, void *rstd,
-                                        const void *residual_in, const void *branch, const void *sample_scale,
-                                        int rows, int dim, int rows_per_sample, float eps);
+void CPU_FN(residual_layernorm_forward)(void *residual_out, void *ln_out, void *rstd, const void *residual_in,
+                                        const void *branch, const void *sample_scale, int rows, int dim,
+                                        int rows_per_sample, float eps);
 void CPU_FN(layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
                                 const void *rstd, const void *weight, int rows, int dim);
 

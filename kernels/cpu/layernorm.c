@@ -4,11 +4,12 @@
  * The block LayerNorms are non-parametric and come fused with the residual add before them
  * (residual_layernorm_forward); the head's fc_norm has weight and bias. Row statistics are summed
  * in double (two passes, so no cancellation in the variance); rstd is kept for backward, which
- * reads xhat (the caller keeps it) rather than x. */
+ * reads xhat rather than x (a non-parametric out is xhat; a parametric forward writes it on
+ * request). */
 #include "kernels/cpu/cpu_real.h"
 
-/* Normalises one row and stores its statistics (mean_out may be NULL); out may be x. */
-static void normalize_row(real *out, real *mean_out, real *rstd_out, const real *x, const real *weight,
+/* Normalises one row and stores rstd, and xhat when asked (xhat_out may be NULL); out may be x. */
+static void normalize_row(real *out, real *xhat_out, real *rstd_out, const real *x, const real *weight,
                           const real *bias, int dim, float eps) {
     double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
@@ -21,8 +22,12 @@ static void normalize_row(real *out, real *mean_out, real *rstd_out, const real 
         squares += ((double)x[j] - mean) * ((double)x[j] - mean);
     real rstd = (real)(1.0 / sqrt(squares / dim + (double)eps));
     real mean_real = (real)mean;
-    if (mean_out) *mean_out = mean_real;
     *rstd_out = rstd;
+    if (xhat_out) {
+#pragma omp simd
+        for (int j = 0; j < dim; j++)
+            xhat_out[j] = (x[j] - mean_real) * rstd;
+    }
     if (weight) {
 #pragma omp simd
         for (int j = 0; j < dim; j++)
@@ -34,24 +39,24 @@ static void normalize_row(real *out, real *mean_out, real *rstd_out, const real 
     }
 }
 
-void CPU_FN(layernorm_forward)(void *out_buffer, void *mean_buffer, void *rstd_buffer, const void *x_buffer,
+void CPU_FN(layernorm_forward)(void *out_buffer, void *xhat_buffer, void *rstd_buffer, const void *x_buffer,
                                const void *weight, const void *bias, int rows, int dim, float eps) {
-    real *out = out_buffer, *mean = mean_buffer, *rstd = rstd_buffer;
+    real *out = out_buffer, *xhat = xhat_buffer, *rstd = rstd_buffer;
     const real *x = x_buffer;
 #pragma omp parallel for schedule(static)
-    for (int row = 0; row < rows; row++)
-        normalize_row(out + (size_t)row * dim, mean ? mean + row : NULL, rstd + row, x + (size_t)row * dim, weight,
-                      bias, dim, eps);
+    for (int row = 0; row < rows; row++) {
+        size_t offset = (size_t)row * dim;
+        normalize_row(out + offset, xhat ? xhat + offset : NULL, rstd + row, x + offset, weight, bias, dim, eps);
+    }
 }
 
 /* residual_out = residual_in + scale[sample] branch, then its non-parametric LayerNorm.
  * Element-wise, so residual_out may be residual_in (the residual stream updated in place). */
-void CPU_FN(residual_layernorm_forward)(void *residual_out_buffer, void *ln_out_buffer, void *mean_buffer,
-                                        void *rstd_buffer, const void *residual_in_buffer,
-                                        const void *branch_buffer, const void *sample_scale_buffer, int rows,
-                                        int dim, int rows_per_sample, float eps) {
-    real *residual_out = residual_out_buffer, *ln_out = ln_out_buffer;
-    real *mean = mean_buffer, *rstd = rstd_buffer;
+void CPU_FN(residual_layernorm_forward)(void *residual_out_buffer, void *ln_out_buffer, void *rstd_buffer,
+                                        const void *residual_in_buffer, const void *branch_buffer,
+                                        const void *sample_scale_buffer, int rows, int dim, int rows_per_sample,
+                                        float eps) {
+    real *residual_out = residual_out_buffer, *ln_out = ln_out_buffer, *rstd = rstd_buffer;
     const real *residual_in = residual_in_buffer, *branch = branch_buffer,
                *sample_scale = sample_scale_buffer;
 #pragma omp parallel for schedule(static)
@@ -63,7 +68,7 @@ void CPU_FN(residual_layernorm_forward)(void *residual_out_buffer, void *ln_out_
 #pragma omp simd
         for (int j = 0; j < dim; j++)
             sum_row[j] = in_row[j] + scale * branch_row[j];
-        normalize_row(ln_out + offset, mean ? mean + row : NULL, rstd + row, sum_row, NULL, NULL, dim, eps);
+        normalize_row(ln_out + offset, NULL, rstd + row, sum_row, NULL, NULL, dim, eps);
     }
 }
 

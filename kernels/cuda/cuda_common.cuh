@@ -296,11 +296,11 @@ void cuda_attention_backward(void *dq, void *dk, void *dv, const void *dout, con
                              const void *v, const void *out, const void *lse, int batch, int tokens, int heads,
                              int head_dim);
 /* layernorm.cu */
-void cuda_layernorm_forward(void *out, void *mean, void *rstd, const void *x, const void *weight, const void *bias,
+void cuda_layernorm_forward(void *out, void *xhat, void *rstd, const void *x, const void *weight, const void *bias,
                             int rows, int dim, float eps);
-void cuda_residual_layernorm_forward(void *residual_out, void *ln_out, void *mean, void *rstd,
-                                     const void *residual_in, const void *branch, const void *sample_scale,
-                                     int rows, int dim, int rows_per_sample, float eps);
+void cuda_residual_layernorm_forward(void *residual_out, void *ln_out, void *rstd, const void *residual_in,
+                                     const void *branch, const void *sample_scale, int rows, int dim,
+                                     int rows_per_sample, float eps);
 void cuda_layernorm_backward(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
                              const void *rstd, const void *weight, int rows, int dim);
 /* residual.cu */

@@ -15,8 +15,8 @@
 #include "kernels/cuda/cuda_common.cuh"
 
 typedef struct {
-    bf16 *out;
-    float *mean, *rstd; /* mean may be NULL */
+    bf16 *out, *xhat; /* xhat may be NULL */
+    float *rstd;
     const float *x;     /* the input, or residual_in */
     const bf16 *branch;
     const float *sample_scale;
@@ -80,11 +80,9 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_forward_kernel(la
     }
     float rstd = rsqrtf(row_sum<WARPS>(squares, scratch_var) / args.dim + args.eps);
     if (!active) return;
-    if (t == 0) {
-        if (args.mean) args.mean[row] = mean;
-        args.rstd[row] = rstd;
-    }
+    if (t == 0) args.rstd[row] = rstd;
     uint4 *out_row = reinterpret_cast<uint4 *>(args.out + row_offset);
+    uint4 *xhat_row = args.xhat ? reinterpret_cast<uint4 *>(args.xhat + row_offset) : NULL;
 #pragma unroll
     for (int c = 0; c < CHUNKS; c++) {
         int index = c * 32 * WARPS + t;
@@ -95,10 +93,11 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_forward_kernel(la
                 bf16x8_unpack(reinterpret_cast<const uint4 *>(args.bias)[index], b);
             }
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                y[i] = (x[c][i] - mean) * rstd;
-                if (AFFINE) y[i] = fmaf(y[i], w[i], b[i]);
-            }
+            for (int i = 0; i < 8; i++) y[i] = (x[c][i] - mean) * rstd;
+            if (xhat_row) xhat_row[index] = bf16x8_pack(y);
+            if (AFFINE)
+#pragma unroll
+                for (int i = 0; i < 8; i++) y[i] = fmaf(y[i], w[i], b[i]);
             out_row[index] = bf16x8_pack(y);
         }
     }
@@ -126,12 +125,10 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_forward_plain_ker
         squares = fmaf(d, d, squares);
     }
     float rstd = rsqrtf(warp_sum(squares) / args.dim + args.eps);
-    if (lane == 0) {
-        if (args.mean) args.mean[row] = mean;
-        args.rstd[row] = rstd;
-    }
+    if (lane == 0) args.rstd[row] = rstd;
     for (int j = lane; j < args.dim; j += 32) {
         float y = (x[j] - mean) * rstd;
+        if (args.xhat) bf16_store(args.xhat + row_offset + j, y);
         if (args.weight) y = fmaf(y, bf16_load(args.weight + j), bf16_load(args.bias + j));
         bf16_store(args.out + row_offset + j, y);
     }
@@ -159,12 +156,12 @@ static void launch_layernorm_forward(const layernorm_forward_args &args, bool al
     LAUNCH_CHECK("layernorm_forward_kernel", LAYERNORM_SHAPE);
 }
 
-extern "C" void cuda_layernorm_forward(void *out, void *mean, void *rstd, const void *x, const void *weight,
+extern "C" void cuda_layernorm_forward(void *out, void *xhat, void *rstd, const void *x, const void *weight,
                                        const void *bias, int rows, int dim, float eps) {
     if (rows <= 0 || dim <= 0) return;
     layernorm_forward_args args = {};
     args.out = (bf16 *)out;
-    args.mean = (float *)mean;
+    args.xhat = (bf16 *)xhat;
     args.rstd = (float *)rstd;
     args.x = (const float *)x;
     args.weight = (const bf16 *)weight;
@@ -173,17 +170,17 @@ extern "C" void cuda_layernorm_forward(void *out, void *mean, void *rstd, const 
     args.dim = dim;
     args.eps = eps;
     args.rows_per_sample = 1;
-    bool aligned = is_aligned16(out) && is_aligned16(x) && (!weight || (is_aligned16(weight) && is_aligned16(bias)));
+    bool aligned = is_aligned16(out) && is_aligned16(x) && is_aligned16(xhat) &&
+                   (!weight || (is_aligned16(weight) && is_aligned16(bias)));
     launch_layernorm_forward(args, aligned);
 }
 
-extern "C" void cuda_residual_layernorm_forward(void *residual_out, void *ln_out, void *mean, void *rstd,
-                                                const void *residual_in, const void *branch, const void *sample_scale,
-                                                int rows, int dim, int rows_per_sample, float eps) {
+extern "C" void cuda_residual_layernorm_forward(void *residual_out, void *ln_out, void *rstd, const void *residual_in,
+                                                const void *branch, const void *sample_scale, int rows, int dim,
+                                                int rows_per_sample, float eps) {
     if (rows <= 0 || dim <= 0) return;
     layernorm_forward_args args = {};
     args.out = (bf16 *)ln_out;
-    args.mean = (float *)mean;
     args.rstd = (float *)rstd;
     args.x = (const float *)residual_in;
     args.branch = (const bf16 *)branch;

@@ -261,7 +261,7 @@ static void run_layernorm_forward(void *context) {
 
 static void run_residual_layernorm_forward(void *context) {
     layernorm_context *c = context;
-    gpu->residual_layernorm_forward(c->residual, c->out, NULL, c->rstd, c->x, c->branch, NULL, ROWS, DIM, TOKENS,
+    gpu->residual_layernorm_forward(c->residual, c->out, c->rstd, c->x, c->branch, NULL, ROWS, DIM, TOKENS,
                                     1e-6f);
 }
 
