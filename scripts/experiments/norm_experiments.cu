@@ -39,7 +39,7 @@ __device__ __forceinline__ float erfc_positive(float y) { /* y >= 0 */
 
 template <int VARIANT>
 __device__ __forceinline__ float cdf(float z) {
-    if (VARIANT == ERFF) return 0.5f * (1.0f + erff(z * 0.70710678118654752f));
+    if (VARIANT == ERFF) return normal_cdf(z); /* the backend's */
     if (VARIANT == NONE) return z;
     float half_tail = 0.5f * erfc_positive(fabsf(z) * 0.70710678118654752f);
     return z < 0.0f ? half_tail : 1.0f - half_tail;
@@ -70,7 +70,7 @@ __global__ __launch_bounds__(256) void forward(__nv_bfloat16 *s, float *row_norm
         bf16x8_unpack(raw[c], x);
         for (int i = 0; i < 8; i++) {
             float z = x[i] * scale;
-            x[i] = z * cdf<VARIANT>(z);
+            x[i] = gelu_erf_from_cdf(z, cdf<VARIANT>(z));
         }
         s_row[c * 32 * WARPS + t] = bf16x8_pack(x);
     }
@@ -98,8 +98,8 @@ __global__ __launch_bounds__(256) void backward(__nv_bfloat16 *da, __nv_bfloat16
         bf16x8_unpack(raw_ds[c], g);
         for (int i = 0; i < 8; i++) {
             float z = x[i] * scale, p = cdf<VARIANT>(z);
-            dz[c * 8 + i] = g[i] * (p + z * (0.39894228040143268f * __expf(-0.5f * z * z)));
-            again[i] = z * p;
+            dz[c * 8 + i] = g[i] * gelu_erf_derivative_from_cdf(z, p);
+            again[i] = gelu_erf_from_cdf(z, p);
             dot = fmaf(x[i], dz[c * 8 + i], dot);
         }
         raw_s[c] = bf16x8_pack(again);
