@@ -209,14 +209,12 @@ static tf_status print_profile(tf_bench *bench) {
 /* Under a launcher, one rank per GPU; every rank must run the same benchmark. */
 static tf_status open_process_group(const bench_arguments *arguments, const tf_config *config, int batch,
                                     tf_dist **dist) {
-    tf_launch launch;
-    TF_TRY(dist_launch_detect(&launch));
     char extra[128];
     snprintf(extra, sizeof extra, "bench %s batch=%d steps=%d warmup=%d", arguments->mode, batch,
              arguments->steps, arguments->warmup);
-    tf_dist_options options = {0};
-    TF_TRY(dist_config_fingerprint(config, extra, &options.fingerprint));
-    return dist_init(dist, &launch, &options);
+    uint64_t fingerprint;
+    TF_TRY(dist_config_fingerprint(config, extra, &fingerprint));
+    return dist_join(dist, fingerprint);
 }
 
 static tf_status bench_open(tf_bench *bench, const tf_config *config) {

@@ -175,16 +175,13 @@ static tf_status write_json(const char *path, const eval_arguments *arguments,
 /* Under a multi-process launcher (train/dist.h) every rank evaluates its share of the split and
  * the counts are summed; the ranks must agree on what they evaluate. */
 static tf_status open_process_group(const eval_arguments *arguments, tf_dist **dist) {
-    tf_launch launch;
-    TF_TRY(dist_launch_detect(&launch));
     uint64_t fingerprint = TF_DIST_HASH_START;
     const char *parts[] = {arguments->checkpoint, arguments->data_root, arguments->split};
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
         fingerprint = dist_hash(parts[i], strlen(parts[i]) + 1, fingerprint);
     int numbers[] = {arguments->batch, arguments->ema, arguments->limit};
     fingerprint = dist_hash(numbers, sizeof numbers, fingerprint);
-    tf_dist_options options = {.fingerprint = fingerprint};
-    return dist_init(dist, &launch, &options);
+    return dist_join(dist, fingerprint);
 }
 
 static tf_status run_eval(const eval_arguments *arguments, tf_dist *dist, tf_checkpoint *checkpoint,

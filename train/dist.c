@@ -889,6 +889,13 @@ static tf_status collectives_open(tf_dist *dist) {
     return TF_OK;
 }
 
+tf_status dist_join(tf_dist **dist, uint64_t fingerprint) {
+    tf_launch launch;
+    TF_TRY(dist_launch_detect(&launch));
+    tf_dist_options options = {.fingerprint = fingerprint};
+    return dist_init(dist, &launch, &options);
+}
+
 void dist_gradient_ready(void *gradient_sum, size_t offset, size_t count) {
     tf_dist_gradient_sum *sum = gradient_sum;
     if (sum->status == TF_OK) sum->status = dist_all_reduce_sum_f32_range(sum->dist, sum->grads, offset, count);

@@ -17,7 +17,7 @@
  *     all-reduce, whole or in buckets) and evaluation (host counts). World size 1 makes every
  *     collective a no-op, so one code path serves one GPU and many.
  *
- * The order of calls in a program (train.c):
+ * The order of calls in a program (train.c; dist_join does the first two):
  *   dist_launch_detect(&launch)          rank, world size, master address
  *   dist_init(&dist, &launch, &options)  rendezvous, watchdog, this rank's GPU, NCCL communicator
  *   tf_backend_open(...)                 the CUDA backend on that GPU
@@ -126,6 +126,10 @@ typedef struct tf_dist tf_dist;
  * NULL, and rendezvous failures (mismatched fingerprint or world size, timeouts) are reported by
  * every rank that reached rank 0. */
 tf_status dist_init(tf_dist **dist, const tf_launch *launch, const tf_dist_options *options);
+
+/* What a command does under whatever launcher started it: dist_launch_detect(), then dist_init()
+ * with the run's fingerprint and the default options. */
+tf_status dist_join(tf_dist **dist, uint64_t fingerprint);
 
 /* The CPU half of dist_init (what the tests run): the rendezvous, where rank 0 sends its
  * blob_size bytes of blob to every rank and the others receive them into blob, then the

@@ -239,14 +239,12 @@ static tf_status check_run_dir_is_new(const tf_train_options *options) {
 
 /* The process group, first of all, so that any later failure on one rank reaches all of them. */
 static tf_status open_process_group(tf_trainer *trainer) {
-    tf_launch launch;
-    TF_TRY(dist_launch_detect(&launch));
     char extra[3 * TF_PATH_MAX + 64];
     snprintf(extra, sizeof extra, "resume=%d init=%s state=%s max_steps=%d", trainer->options.resume,
              trainer->options.init_from, trainer->options.init_state, trainer->options.max_steps);
-    tf_dist_options options = {0};
-    TF_TRY(dist_config_fingerprint(&trainer->config, extra, &options.fingerprint));
-    TF_TRY(dist_init(&trainer->dist, &launch, &options)); /* selects this rank's GPU */
+    uint64_t fingerprint;
+    TF_TRY(dist_config_fingerprint(&trainer->config, extra, &fingerprint));
+    TF_TRY(dist_join(&trainer->dist, fingerprint)); /* selects this rank's GPU */
     trainer->rank = dist_rank(trainer->dist);
     trainer->world_size = dist_world_size(trainer->dist);
     return TF_OK;
