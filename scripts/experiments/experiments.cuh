@@ -1,10 +1,12 @@
 /* What the experiments share: CK() stops at the first failing CUDA, cuBLASLt or driver call
  * (any of them returns 0 on success), naming the code, file and line; time_ms() times a body
- * of launches with CUDA events on the default stream. */
+ * of launches with CUDA events on the default stream; fill() writes uniform random bf16. */
 #ifndef TF_SCRIPTS_EXPERIMENTS_CUH
 #define TF_SCRIPTS_EXPERIMENTS_CUH
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 
@@ -32,6 +34,19 @@ template <typename F> static float time_ms(F body, int reps = 10, int warmup = 2
     float ms;
     CK(cudaEventElapsedTime(&ms, start, stop));
     return ms / reps;
+}
+
+/* x[i] uniform on [-scale / 2, scale / 2), from a hash of i and seed (no generator state). */
+__global__ void fill(__nv_bfloat16 *x, size_t count, uint32_t seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed * 0x9E3779B9u;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        h *= 3266489917u;
+        h ^= h >> 16;
+        x[i] = __float2bfloat16(((h & 0xffffff) / 16777216.0f - 0.5f) * scale);
+    }
 }
 
 #endif

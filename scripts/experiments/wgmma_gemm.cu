@@ -325,18 +325,6 @@ static CUtensorMap tensor_map(encode_tiled_fn encode, const bf16 *base, int rows
     return map;
 }
 
-__global__ void fill(bf16 *x, size_t count, uint32_t seed, float scale) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed * 0x9E3779B9u;
-        h ^= h >> 15;
-        h *= 2246822519u;
-        h ^= h >> 13;
-        h *= 3266489917u;
-        h ^= h >> 16;
-        x[i] = __float2bfloat16(((h & 0xffffff) / 16777216.0f - 0.5f) * scale);
-    }
-}
-
 /* cuBLASLt's row-major C = A B^T, the fastest of its top 8 algorithms (as gemm_experiments.cu). */
 struct lt_gemm {
     cublasLtHandle_t lt;
