@@ -84,6 +84,23 @@ void eval_count_batch(tf_eval_result *result, const float *logits, const int32_t
     }
 }
 
+/* The loader's next batch (NULL at the end of the split), its pixels queued for upload. */
+static tf_status load_next_batch(tf_model *model, tf_loader *loader, tf_batch **batch) {
+    TF_TRY(loader_next_batch(loader, batch));
+    if (!*batch) return TF_OK;
+    if ((*batch)->count > model->max_batch) {
+        int count = (*batch)->count;
+        loader_release_batch(loader, *batch);
+        *batch = NULL;
+        return tf_fail(TF_ERR_RUNTIME, "evaluation batch of %d exceeds the model's %d", count, model->max_batch);
+    }
+    model_load_pixels(model, (*batch)->images, (*batch)->count);
+    return TF_OK;
+}
+
+/* Pipelined by one batch: while the GPU runs a batch's forward pass, the host waits for the
+ * next batch and queues its upload, which crosses PCIe beside that work; only then are the
+ * logits read. A batch goes back to the loader once its results are read (its upload done). */
 tf_status evaluate(tf_model *model, tf_loader *loader, tf_eval_result *result) {
     int classes = model->config.classes, max_batch = model->max_batch;
     float *logits = malloc((size_t)max_batch * classes * sizeof *logits);
@@ -92,25 +109,25 @@ tf_status evaluate(tf_model *model, tf_loader *loader, tf_eval_result *result) {
     tf_status status = TF_OK;
     if (!logits || !targets || !losses) status = tf_fail(TF_ERR_RUNTIME, "out of memory for evaluation buffers");
     double start = tf_seconds();
+    tf_batch *batch = NULL, *next = NULL;
     if (status == TF_OK) status = loader_start_epoch(loader, 0, 0);
-    while (status == TF_OK) {
-        tf_batch *batch;
-        status = loader_next_batch(loader, &batch);
-        if (status != TF_OK || !batch) break;
-        if (batch->count > max_batch) {
-            status = tf_fail(TF_ERR_RUNTIME, "evaluation batch of %d exceeds the model's %d", batch->count, max_batch);
-            loader_release_batch(loader, batch);
-            break;
-        }
-        model_load_pixels(model, batch->images, batch->count);
+    if (status == TF_OK) status = load_next_batch(model, loader, &batch);
+    while (status == TF_OK && batch) {
         model_forward(model, batch->count, NULL);
+        status = load_next_batch(model, loader, &next);
         mixup_targets(batch->labels, batch->count, classes, 0.0f, 1.0f, targets);
-        status = model_loss(model, targets, batch->count, losses);
+        if (status == TF_OK) status = model_loss(model, targets, batch->count, losses);
         if (status == TF_OK) status = model_logits(model, logits, batch->count);
         if (status == TF_OK) {
             eval_count_batch(result, logits, batch->labels, batch->count);
             for (int b = 0; b < batch->count; b++) result->loss_sum += losses[b];
         }
+        loader_release_batch(loader, batch);
+        batch = next;
+        next = NULL;
+    }
+    if (batch) {
+        model->backend->synchronize(); /* its upload may still read the batch */
         loader_release_batch(loader, batch);
     }
     result->seconds += tf_seconds() - start;

@@ -79,7 +79,12 @@ struct tf_backend {
     /* Host memory that the backend copies from fastest (pinned on CUDA): the loader's batch ring. */
     tf_status (*host_alloc)(void **buffer, size_t bytes);
     void (*host_free)(void *buffer);
-    /* Host bytes -> backend, as they are (uint8 image batches); waits for completion. */
+    /* Host bytes -> backend, as they are: the uint8 pixel batch that images_normalize reads.
+     * Asynchronous, so that the next batch's copy runs beside the current batch's work (CUDA: on
+     * a copy stream): the copy waits only for the operations queued up to the last
+     * images_normalize (which read the previous batch from dst), and operations queued after
+     * upload_bytes wait for it. src must stay as it is until the next synchronize() or download;
+     * no other operation may read or write dst. */
     void (*upload_bytes)(void *dst, const void *src, size_t bytes);
     /* Within the backend, converting dtype (the compute copy of the master parameters). */
     void (*convert)(void *dst, tf_dtype dst_dtype, const void *src, tf_dtype src_dtype, size_t n);

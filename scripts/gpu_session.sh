@@ -98,6 +98,24 @@ stage_infer() {
     return $status
 }
 
+# Evaluation with the real loader (issue 6): a B/16 checkpoint of 10 classes after two steps,
+# evaluated over the ImageNet-like training images (13500 with the copies) at two batch sizes.
+stage_evalspeed() {
+    local run=/tmp/tokenformer-runs/b16_eval
+    rm -rf $run
+    make_big_imagenet
+    {
+        $build/tokenformer train --config configs/tokenformer_b16.yaml --data $big --set model.classes=10 \
+            --set schedule.batch=256 --set schedule.micro_batch=256 --set data.workers=15 --set run.eval_every=0 \
+            --out $run --max-steps 2 &&
+            $build/tokenformer eval --ckpt $run/model.safetensors --data $big --split train --batch 256 &&
+            $build/tokenformer eval --ckpt $run/model.safetensors --data $big --split train --batch 512
+    } >"$OUT/evalspeed.log" 2>&1
+    local status=$?
+    grep -E "^images|top-1|error" "$OUT/evalspeed.log" | tail -10
+    return $status
+}
+
 stage_demo() {
     local run=/tmp/tokenformer-runs/fmnist_tiny
     rm -rf $run

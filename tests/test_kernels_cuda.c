@@ -773,7 +773,45 @@ static void images_case(int batch, int channels, int size) {
     op_end(&c);
 }
 
+/* upload_bytes is asynchronous (kernels.h): three batches uploaded one after the other into one
+ * pixel buffer, each normalised before the next upload is queued, with nothing waited for in
+ * between (no debug sync). Each normalisation must see its own batch: a copy that overtook the
+ * normalisation of the batch before it would show as a mismatch. */
+static void upload_order_case(int batch) {
+    op_check c;
+    op_begin(&c, "upload_bytes order: 3 batches of %d through one pixel buffer", batch);
+    const int channels = 3, size = 224, uploads = 3;
+    size_t n = (size_t)batch * channels * size * size;
+    const float mean[3] = {0.485f, 0.456f, 0.406f}, std[3] = {0.229f, 0.224f, 0.225f};
+    void *pixels_gpu = NULL, *pixels_cpu = NULL, *host[3] = {NULL, NULL, NULL};
+    CHECK_OK(gpu->alloc(&pixels_gpu, n, "pixels"));
+    CHECK_OK(cpu->alloc(&pixels_cpu, n, "pixels"));
+    pair images[3] = {pair_new("batch 0", n, true), pair_new("batch 1", n, true), pair_new("batch 2", n, true)};
+    for (int u = 0; u < uploads; u++) {
+        CHECK_OK(gpu->host_alloc(&host[u], n));
+        for (size_t i = 0; i < n; i++) ((uint8_t *)host[u])[i] = (uint8_t)tf_rng_below(&rng, 256);
+        cpu->upload_bytes(pixels_cpu, host[u], n);
+        cpu->images_normalize(images[u].cpu, pixels_cpu, batch, channels, size, mean, std);
+    }
+    tf_cuda_set_debug_sync(false);
+    for (int u = 0; u < uploads; u++) {
+        gpu->upload_bytes(pixels_gpu, host[u], n);
+        gpu->images_normalize(images[u].gpu, pixels_gpu, batch, channels, size, mean, std);
+    }
+    CHECK_OK(gpu->synchronize());
+    tf_cuda_set_debug_sync(true);
+    for (int u = 0; u < uploads; u++) {
+        op_compare(&c, &images[u], BF16_LIMIT);
+        pair_free(&images[u]);
+        gpu->host_free(host[u]);
+    }
+    gpu->free(pixels_gpu);
+    cpu->free(pixels_cpu);
+    op_end(&c);
+}
+
 static void test_images(void) {
+    upload_order_case(small_only ? 8 : 128);
     images_case(5, 3, 28);
     images_case(4, 1, 30); /* plane not a multiple of 8: plain kernel */
     if (!small_only) images_case(256, 3, 224);

@@ -330,7 +330,6 @@ static tf_status train_micro_batch(tf_trainer *trainer, int micro, double *loss)
     mixup_targets(batch->labels, count, config->model.classes, config->augment.label_smoothing, mix.lambda,
                   trainer->targets);
     model_load_pixels(model, batch->images, count);
-    loader_release_batch(trainer->train_loader, batch);
     mixup_images(trainer->backend, model->images, count, config->model.channels, config->model.img_size, &mix);
 
     const float *drop_scales = NULL;
@@ -339,7 +338,10 @@ static tf_status train_micro_batch(tf_trainer *trainer, int micro, double *loss)
         drop_scales = trainer->drop_scales;
     }
     model_forward(model, count, drop_scales);
-    return model_backward(model, trainer->targets, count, 1.0f / (float)config->schedule.batch, loss);
+    tf_status status = model_backward(model, trainer->targets, count, 1.0f / (float)config->schedule.batch, loss);
+    /* Only now: the pixels' upload is asynchronous, and reading the loss waited for it. */
+    loader_release_batch(trainer->train_loader, batch);
+    return status;
 }
 
 /* Non-finite steps are skipped; too many in a row end the run with the last good checkpoint. */

@@ -148,7 +148,10 @@ void model_swap_params(tf_model *model, void **other);
 void model_zero_grads(tf_model *model);
 
 /* Copies a batch of uint8 CHW images [batch, channels, size, size] from host memory into
- * model->images, normalised with the ImageNet mean and std. */
+ * model->images, normalised with the ImageNet mean and std. Asynchronous (upload_bytes in
+ * kernels.h): pixels must stay as they are until a result has been read back (model_logits,
+ * model_loss, model_backward) or the backend synchronised. Loading the next batch while the
+ * current one's forward pass runs overlaps its copy with that work. */
 void model_load_pixels(tf_model *model, const uint8_t *pixels, int batch);
 
 /* Forward pass over model->images. drop_scales: host [depth, 2, batch] per-sample drop-path

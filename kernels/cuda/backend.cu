@@ -176,7 +176,11 @@ static tf_status open_device(void) {
 
 static tf_status open_libraries(void) {
     cudaError_t err = cudaStreamCreateWithFlags(&cuda_ctx.stream, cudaStreamNonBlocking);
+    if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&cuda_ctx.copy_stream, cudaStreamNonBlocking);
     if (err != cudaSuccess) return tf_fail(TF_ERR_RUNTIME, "cudaStreamCreateWithFlags: %s", cudaGetErrorString(err));
+    err = cudaEventCreateWithFlags(&cuda_ctx.pixels_read, cudaEventDisableTiming);
+    if (err == cudaSuccess) err = cudaEventCreateWithFlags(&cuda_ctx.upload_done, cudaEventDisableTiming);
+    if (err != cudaSuccess) return tf_fail(TF_ERR_RUNTIME, "cudaEventCreateWithFlags: %s", cudaGetErrorString(err));
     cublasStatus_t lt = cublasLtCreate(&cuda_ctx.lt);
     if (lt != CUBLAS_STATUS_SUCCESS)
         return tf_fail(TF_ERR_RUNTIME, "cublasLtCreate: %s", cublasLtGetStatusString(lt));

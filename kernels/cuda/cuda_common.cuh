@@ -30,6 +30,11 @@ typedef struct {
     int sm_count;
     int max_shared_per_block_optin; /* bytes a block may get after cudaFuncSetAttribute */
     cudaStream_t stream;            /* the one stream of every operation */
+    /* upload_bytes() copies on a stream of its own, so that the next batch's pixels cross PCIe
+     * while the current batch computes: it waits for pixels_read (recorded after each
+     * images_normalize, the reader of uploaded pixels) and `stream` waits for upload_done. */
+    cudaStream_t copy_stream;
+    cudaEvent_t pixels_read, upload_done;
     cublasLtHandle_t lt;
     void *lt_workspace; /* 32 MiB, cuBLASLt's scratch on Hopper */
     size_t lt_workspace_bytes;

@@ -59,6 +59,8 @@ extern "C" void cuda_images_normalize(void *images, const void *pixels, int batc
         images_normalize_kernel<<<grid_for(count, 256), 256, 0, cuda_ctx.stream>>>(
             (bf16 *)images, (const uint8_t *)pixels, channels, plane, count, affine);
     LAUNCH_CHECK("images_normalize_kernel", "batch %d channels %d size %d", batch, channels, size);
+    /* The next upload_bytes may overwrite the pixels once this kernel has read them. */
+    CUDA_CHECK(cudaEventRecord(cuda_ctx.pixels_read, cuda_ctx.stream), "images_normalize batch %d", batch);
 }
 
 /* One thread per (pair, element); the middle sample of an odd batch is its own pair and gets

@@ -1,5 +1,5 @@
-/* CUDA backend memory: device buffers (cudaMalloc, zero-filled), copies on the one stream,
- * host fp32 <-> device conversions through the pinned staging buffer, pinned host buffers for
+/* CUDA backend memory: device buffers (cudaMalloc, zero-filled), copies on the one stream (the
+ * pixel upload on a copy stream beside it), host fp32 <-> device conversions through the pinned staging buffer, pinned host buffers for
  * the loader's batch ring, dtype conversion on the device, and synchronize(), which waits for
  * the stream and returns the first recorded failure.
  *
@@ -118,11 +118,17 @@ extern "C" void cuda_host_free(void *buffer) {
     CUDA_CHECK(cudaFreeHost(buffer), "free pinned host buffer %p", buffer);
 }
 
+/* On the copy stream (cuda_context): after the last images_normalize queued, before everything
+ * queued from now on. With pinned src the copy engine runs it beside the kernels in flight. */
 extern "C" void cuda_upload_bytes(void *dst, const void *src, size_t bytes) {
     if (bytes == 0) return;
-    if (CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cuda_ctx.stream),
-                   "upload %zu bytes %p -> %p", bytes, src, dst))
-        CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream), "upload %zu bytes %p -> %p", bytes, src, dst);
+    if (!CUDA_CHECK(cudaStreamWaitEvent(cuda_ctx.copy_stream, cuda_ctx.pixels_read, 0), "upload %zu bytes", bytes))
+        return;
+    if (!CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cuda_ctx.copy_stream),
+                    "upload %zu bytes %p -> %p", bytes, src, dst))
+        return;
+    if (!CUDA_CHECK(cudaEventRecord(cuda_ctx.upload_done, cuda_ctx.copy_stream), "upload %zu bytes", bytes)) return;
+    CUDA_CHECK(cudaStreamWaitEvent(cuda_ctx.stream, cuda_ctx.upload_done, 0), "upload %zu bytes", bytes);
 }
 
 __global__ void convert_f32_to_bf16_kernel(bf16 *dst, const float *src, size_t n) {
@@ -177,6 +183,7 @@ extern "C" double cuda_profile_elapsed_ms(int from, int to) {
 }
 
 extern "C" tf_status cuda_synchronize(void) {
+    /* The stream waits for every upload queued before its work, so it waits for the copy stream too. */
     CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream), "synchronize (a failure here comes from an earlier "
                "asynchronous operation; tf_cuda_set_debug_sync(true) finds which)");
     return cuda_failure_status();

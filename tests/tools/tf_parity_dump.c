@@ -81,8 +81,8 @@ static tf_status run_step(const tf_config *config, int batch, tf_model *model, d
 
     model_get_params(model, data->initial);
     model_load_pixels(model, pixels, batch);
-    free(pixels);
     model->backend->download(data->images, model->images, model->backend->compute_dtype, (size_t)batch * image);
+    free(pixels); /* after the download, which waited for the upload */
     model_zero_grads(model);
     model_forward(model, batch, data->drop_scales);
     TF_TRY(model_logits(model, data->logits, batch));
