@@ -11,7 +11,8 @@ into their own ImageFolder tree, and checks:
 - the --json per-class accuracies and confusion matrix agree with top-1 and with the reference;
 - bad inputs exit 1 or 2 with a message naming the problem: missing checkpoint, missing data, a
   tree with 9 classes, a renamed class folder, a tensor of another shape, a config that does not
-  match the tensors, a truncated checkpoint, --ema without a training state, bad option values.
+  match the tensors, a truncated checkpoint, --ema without a training state, bad option values,
+  more than 1% of the images unreadable.
 
 tests/test_predict.py imports the helpers here (data, training, the reference transform and model).
 """
@@ -252,6 +253,16 @@ def test_bad_inputs(binary, scratch, data, checkpoint):
     copy_subset(data, renamed, 3)
     os.rename(os.path.join(renamed, "val", "Coat"), os.path.join(renamed, "val", "Coats"))
     refused(evaluate(checkpoint, renamed), ["'Coat'", "'Coats'"], "a renamed class folder")
+    # Two of 30 files unreadable: more than the loader's 1%, judged at the end of the split, while
+    # eval holds the batch before it (loaded one batch ahead).
+    damaged = os.path.join(scratch, "damaged")
+    copy_subset(data, damaged, 3)
+    for name in ("Coat", "Bag"):
+        folder = os.path.join(damaged, "val", name)
+        with open(os.path.join(folder, sorted(os.listdir(folder))[0]), "wb") as file:
+            file.write(b"not an image")
+    refused(evaluate(checkpoint, damaged, "--batch", "8"), [damaged, "could not be loaded", "damaged"],
+            "unreadable images (over 1%)", (1,))
     for path, words, what in bad_checkpoints(checkpoint, scratch):
         refused(evaluate(path, small), [path] + words, what, (1,))
     alone = os.path.join(scratch, "alone")
