@@ -1,7 +1,7 @@
 /* CUDA backend memory: device buffers (cudaMalloc, zero-filled), copies on the one stream (the
- * pixel upload on a copy stream beside it), host fp32 <-> device conversions through the pinned staging buffer, pinned host buffers for
- * the loader's batch ring, dtype conversion on the device, and synchronize(), which waits for
- * the stream and returns the first recorded failure.
+ * pixel upload on a copy stream beside it), host fp32 <-> device conversions through the pinned
+ * staging buffer, pinned host buffers for the loader's batch ring, dtype conversion on the
+ * device, and synchronize(), which waits for the stream and returns the first recorded failure.
  *
  * Master buffers are fp32, compute buffers bf16 (round to nearest even); fp64 buffers exist
  * only on the CPU backend. */
