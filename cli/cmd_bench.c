@@ -104,13 +104,15 @@ static tf_status run_steps(tf_bench *bench, tf_bench_reduce reduce, int steps) {
     bool overlapped = several && reduce == TF_BENCH_REDUCE_OVERLAPPED;
     bool after_backward = several && reduce == TF_BENCH_REDUCE_AFTER_BACKWARD;
     model_set_gradient_hook(model, overlapped ? dist_gradient_ready : NULL, &bench->gradient_sum);
+    /* As the trainer does: a training step's batch is loaded during the previous step's backward. */
+    if (bench->training) model_load_pixels(model, bench->pixels, bench->batch);
     for (int step = 0; step < steps; step++) {
-        model_load_pixels(model, bench->pixels, bench->batch);
         if (bench->training) {
             double loss;
             tf_step_result result;
             model_zero_grads(model);
             model_forward(model, bench->batch, bench->drop_scales);
+            model_load_pixels(model, bench->pixels, bench->batch);
             TF_TRY(model_backward(model, bench->targets, bench->batch, 1.0f / bench->batch, &loss));
             TF_TRY(bench->gradient_sum.status);
             if (overlapped) TF_TRY(dist_all_reduce_wait(bench->dist));
@@ -118,6 +120,7 @@ static tf_status run_steps(tf_bench *bench, tf_bench_reduce reduce, int steps) {
                 TF_TRY(dist_all_reduce_sum_f32(bench->dist, (float *)model->grads, model->layout.total));
             TF_TRY(optimizer_step(&bench->optimizer, model, 1e-4, 1.0f, &result));
         } else {
+            model_load_pixels(model, bench->pixels, bench->batch);
             model_forward(model, bench->batch, NULL);
         }
     }

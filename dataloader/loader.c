@@ -548,6 +548,13 @@ tf_status loader_next_batch(tf_loader *loader, tf_batch **batch) {
     return TF_OK;
 }
 
+bool loader_next_batch_ready(const tf_loader *loader) {
+    if (!loader->started || loader->next_batch >= loader->batches) return true;
+    const loader_slot *slot = &loader->slots[loader->next_batch % loader->ring];
+    return atomic_load_explicit(&slot->fill_number, memory_order_acquire) == loader->next_batch &&
+           atomic_load_explicit(&slot->done, memory_order_acquire) >= slot->count;
+}
+
 void loader_release_batch(tf_loader *loader, tf_batch *batch) {
     if (!batch) return;
     loader_slot *slot = (loader_slot *)batch;

@@ -77,6 +77,9 @@ tf_status loader_start_epoch(tf_loader *loader, int epoch, int64_t first_batch);
 /* The next batch of the epoch in order, waiting for it if needed; *batch = NULL when the epoch
  * is done. Give it back with loader_release_batch() before its slot can be refilled. */
 tf_status loader_next_batch(tf_loader *loader, tf_batch **batch);
+/* Whether loader_next_batch() would return at once: the next batch is complete (or failed), or
+ * the epoch is done. For a consumer that takes a batch early only when that costs no wait. */
+bool loader_next_batch_ready(const tf_loader *loader);
 void loader_release_batch(tf_loader *loader, tf_batch *batch);
 tf_loader_stats loader_stats(const tf_loader *loader);
 void loader_destroy(tf_loader *loader);

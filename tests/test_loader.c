@@ -12,6 +12,7 @@
  *   error naming the count. */
 #include "common/error.h"
 #include "common/rng.h"
+#include "common/timer.h"
 #include "dataloader/loader.h"
 #include "test_util.h"
 
@@ -352,6 +353,35 @@ static void test_resume(const tf_dataset *dataset) {
     loader_destroy(loader);
 }
 
+/* loader_next_batch_ready: false while the next batch is being made or the ring is all held;
+ * once it says true, loader_next_batch returns without a wait; true at the epoch's end. */
+static void test_next_batch_ready(const tf_dataset *dataset) {
+    tf_loader_options options = train_options(2);
+    tf_loader *loader;
+    if (!CHECK_OK(loader_create(&loader, dataset, &options))) return;
+    CHECK_OK(loader_start_epoch(loader, 0, 0));
+    int64_t batches = loader_batches_per_epoch(loader), ready_without_wait = 0;
+    for (int64_t b = 0; b < batches; b++) {
+        double start = tf_seconds();
+        while (!loader_next_batch_ready(loader) && tf_seconds() - start < 30.0) usleep(1000);
+        int64_t waited = loader_profile(loader).waited_batches;
+        tf_batch *batch;
+        CHECK_OK(loader_next_batch(loader, &batch));
+        ready_without_wait += batch && loader_profile(loader).waited_batches == waited;
+        loader_release_batch(loader, batch);
+    }
+    CHECK(ready_without_wait == batches, "%lld of %lld batches said ready came without a wait",
+          (long long)ready_without_wait, (long long)batches);
+    CHECK(loader_next_batch_ready(loader), "ready at the epoch's end (loader_next_batch gives NULL at once)");
+
+    tf_batch *held[4] = {0};
+    CHECK_OK(loader_start_epoch(loader, 1, 0));
+    for (int i = 0; i < 4; i++) CHECK_OK(loader_next_batch(loader, &held[i]));
+    CHECK(!loader_next_batch_ready(loader), "not ready while the whole ring (4 batches) is held");
+    for (int i = 0; i < 4; i++) loader_release_batch(loader, held[i]);
+    loader_destroy(loader);
+}
+
 /* Counts the lines of a file that contain needle. */
 static int count_lines_with(const char *path, const char *needle) {
     FILE *file = fopen(path, "r");
@@ -483,6 +513,7 @@ int main(void) {
         test_ranks(&dataset, true);
         test_ranks(&dataset, false);
         test_resume(&dataset);
+        test_next_batch_ready(&dataset);
         dataset_close(&dataset);
     }
     test_eval_pixels();

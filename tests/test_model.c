@@ -176,6 +176,36 @@ static void check_inference_model(void) {
     model_destroy(&inference);
 }
 
+/* The trainer loads the next micro-batch between a forward and its backward (model.h: only the
+ * forward's first operation reads model->images): the loss and gradients stay bit for bit those
+ * of a step with no load in between. */
+static void check_load_before_backward(void) {
+    tf_model_config config = tiny_config(TF_POOL_AVG);
+    tf_model model;
+    if (!CHECK_OK(model_create(&model, &config, tf_cpu_backend(TF_DTYPE_F32), 4, true))) return;
+    CHECK_OK(model_init_params(&model, 6));
+    tiny_inputs inputs = make_inputs(&config, 4, 21), next = make_inputs(&config, 4, 22);
+    size_t total = model.layout.total;
+    float *plain = malloc(total * sizeof *plain), *loaded = malloc(total * sizeof *loaded);
+    double plain_loss = 0.0, loaded_loss = 0.0;
+    for (int load_next = 0; load_next < 2; load_next++) {
+        model_zero_grads(&model);
+        model_load_pixels(&model, inputs.pixels, inputs.batch);
+        model_forward(&model, inputs.batch, inputs.drop_scales);
+        if (load_next) model_load_pixels(&model, next.pixels, next.batch);
+        CHECK_OK(model_backward(&model, inputs.targets, inputs.batch, 0.25f, load_next ? &loaded_loss : &plain_loss));
+        model_get_grads(&model, load_next ? loaded : plain);
+    }
+    CHECK(loaded_loss == plain_loss, "loss with the next batch loaded before backward: %.9f vs %.9f", loaded_loss,
+          plain_loss);
+    CHECK(memcmp(plain, loaded, total * sizeof *plain) == 0, "and the same gradients, bit for bit");
+    free(plain);
+    free(loaded);
+    free_inputs(&inputs);
+    free_inputs(&next);
+    model_destroy(&model);
+}
+
 /* The gradient hook: ranges that cover the buffer once, head first and embedding last, each final
  * when reported (a snapshot then equals the gradient at the end of backward). */
 typedef struct {
@@ -273,6 +303,7 @@ int main(void) {
     check_gradients("cls pool", TF_POOL_CLS);
     check_fp32_matches_fp64();
     check_inference_model();
+    check_load_before_backward();
     check_gradient_hook();
     check_preset_counts();
     check_drop_scales();

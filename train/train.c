@@ -2,10 +2,11 @@
  *
  *   zero gradients
  *   for each micro-batch of the step:
- *       batch = loader_next_batch()                  uint8 images, labels
- *       mix = mixup_draw(); targets = smoothed, mixed one-hot
- *       model_load_pixels(); mixup_images()          normalise, mix on the backend
+ *       batch = loader_next_batch(); model_load_pixels()  uint8 images, labels -> normalised (done
+ *                                                    already when the previous micro-batch took it)
+ *       mix = mixup_draw(); targets = smoothed, mixed one-hot; mixup_images()
  *       model_forward(drop-path scales)              logits
+ *       the next micro-batch of the epoch: loader_next_batch(); model_load_pixels()
  *       model_backward(targets, 1 / global batch)    loss, gradients +=
  *   optimizer_step(lr from the schedule)             AdamW, EMA; non-finite steps are skipped
  *
@@ -63,6 +64,7 @@ typedef struct {
     int64_t steps_per_epoch;
     float *targets;       /* host [micro_batch, classes] */
     float *drop_scales;   /* host [depth, 2, micro_batch] */
+    tf_batch *loaded;     /* the next micro-batch, already in model->images (see train_micro_batch) */
     int consecutive_bad_steps;
 } tf_trainer;
 
@@ -300,6 +302,10 @@ static tf_status trainer_open(tf_trainer *trainer) {
 
 static void trainer_close(tf_trainer *trainer) {
     if (trainer->metrics) fclose(trainer->metrics);
+    if (trainer->loaded) { /* a stop after its step: its pixels' copy may still be running */
+        trainer->backend->synchronize();
+        loader_release_batch(trainer->train_loader, trainer->loaded);
+    }
     if (trainer->train_loader) loader_destroy(trainer->train_loader);
     if (trainer->val_loader) loader_destroy(trainer->val_loader);
     if (trainer->backend) {
@@ -316,12 +322,26 @@ static void trainer_close(tf_trainer *trainer) {
 
 /* ---- one step -------------------------------------------------------------------------------- */
 
+/* Takes the next loader batch and queues its copy and normalisation into model->images. */
+static tf_status load_batch(tf_trainer *trainer, tf_batch **batch) {
+    TF_TRY(loader_next_batch(trainer->train_loader, batch));
+    if (!*batch) return tf_fail(TF_ERR_RUNTIME, "the loader ended the epoch early");
+    model_load_pixels(&trainer->model, (*batch)->images, (*batch)->count);
+    return TF_OK;
+}
+
+/* Whether the epoch's whole optimizer steps hold a micro-batch after this one. */
+static bool epoch_has_next_micro_batch(const tf_trainer *trainer, int micro) {
+    int64_t next = trainer->progress.epoch_batches + micro + 1;
+    return next < trainer->steps_per_epoch * trainer->accumulation;
+}
+
 static tf_status train_micro_batch(tf_trainer *trainer, int micro, double *loss) {
     const tf_config *config = &trainer->config;
     tf_model *model = &trainer->model;
-    tf_batch *batch;
-    TF_TRY(loader_next_batch(trainer->train_loader, &batch));
-    if (!batch) return tf_fail(TF_ERR_RUNTIME, "the loader ended the epoch early");
+    tf_batch *batch = trainer->loaded;
+    trainer->loaded = NULL;
+    if (!batch) TF_TRY(load_batch(trainer, &batch));
 
     uint64_t stream = (uint64_t)trainer->rank * (uint64_t)trainer->accumulation + (uint64_t)micro;
     tf_rng rng = tf_rng_make(config->run.seed, TF_RNG_STEP, (uint64_t)trainer->progress.step, stream);
@@ -329,7 +349,6 @@ static tf_status train_micro_batch(tf_trainer *trainer, int micro, double *loss)
     tf_mix mix = mixup_draw(&config->augment, config->model.img_size, &rng);
     mixup_targets(batch->labels, count, config->model.classes, config->augment.label_smoothing, mix.lambda,
                   trainer->targets);
-    model_load_pixels(model, batch->images, count);
     mixup_images(trainer->backend, model->images, count, config->model.channels, config->model.img_size, &mix);
 
     const float *drop_scales = NULL;
@@ -338,7 +357,16 @@ static tf_status train_micro_batch(tf_trainer *trainer, int micro, double *loss)
         drop_scales = trainer->drop_scales;
     }
     model_forward(model, count, drop_scales);
-    tf_status status = model_backward(model, trainer->targets, count, 1.0f / (float)config->schedule.batch, loss);
+    /* The next micro-batch crosses to the device while this one's backward runs, so that it does
+     * not meet an idle GPU (model->images is read only by the forward's first operation). Only
+     * when the loader has it ready: waiting for it here would hold back this backward. */
+    tf_status status = TF_OK;
+    if (epoch_has_next_micro_batch(trainer, micro) && loader_next_batch_ready(trainer->train_loader))
+        status = load_batch(trainer, &trainer->loaded);
+    if (status == TF_OK)
+        status = model_backward(model, trainer->targets, count, 1.0f / (float)config->schedule.batch, loss);
+    else
+        trainer->backend->synchronize(); /* this batch's pixels may still be in the copy */
     /* Only now: the pixels' upload is asynchronous, and reading the loss waited for it. */
     loader_release_batch(trainer->train_loader, batch);
     return status;

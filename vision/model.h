@@ -151,7 +151,9 @@ void model_zero_grads(tf_model *model);
  * model->images, normalised with the ImageNet mean and std. Asynchronous (upload_bytes in
  * kernels.h): pixels must stay as they are until a result has been read back (model_logits,
  * model_loss, model_backward) or the backend synchronised. Loading the next batch while the
- * current one's forward pass runs overlaps its copy with that work. */
+ * current one's forward pass runs overlaps its copy with that work. model->images is read only by
+ * model_forward's first operation, so a training step may load the next batch before its
+ * model_backward (the trainer does). */
 void model_load_pixels(tf_model *model, const uint8_t *pixels, int batch);
 
 /* Forward pass over model->images. drop_scales: host [depth, 2, batch] per-sample drop-path
