@@ -16,6 +16,11 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+/* The horizontal pass's SIMD form: AVX-512 with VBMI (byte permutes) and VNNI (multiply-add into
+ * the accumulator), else AVX2, else scalar. All give Pillow's bytes (the sums are exact integers). */
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
+#define RESAMPLE_AVX512 1
+#endif
 
 /* ---- buffers --------------------------------------------------------------------------------- */
 
@@ -226,8 +231,7 @@ static inline uint8_t clip_fixed(int32_t sum) {
     return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
 }
 
-/* Horizontal pass over rows of interleaved RGB: ImagingResampleHorizontal_8bpc. in_end is the end
- * of the readable source memory (the vector path reads up to 15 bytes past a group's first pixel). */
+/* One output pixel of the horizontal pass, scalar: n taps from p. */
 static void resample_row_pixel(const uint8_t *p, const int32_t *k, int n, uint8_t *out) {
     int32_t s0 = 1 << (RESAMPLE_PRECISION_BITS - 1), s1 = s0, s2 = s0;
     for (int x = 0; x < n; x++) {
@@ -252,7 +256,11 @@ static int resample_groups(int taps) {
     return (taps + RESAMPLE_GROUP_TAPS - 1) / RESAMPLE_GROUP_TAPS;
 }
 
-static void resample_pack(const resample_axis *axis, int out_count, __m256i *packed) {
+static size_t group_packed_bytes(int taps, size_t out_count) {
+    return out_count * (size_t)resample_groups(taps) * 2 * sizeof(__m256i);
+}
+
+static void group_pack(const resample_axis *axis, int out_count, __m256i *packed) {
     int groups = resample_groups(axis->taps);
     for (int i = 0; i < out_count; i++) {
         const int32_t *k = axis->weights + (size_t)i * (size_t)axis->taps;
@@ -276,7 +284,7 @@ static void resample_pack(const resample_axis *axis, int out_count, __m256i *pac
 }
 
 /* R, G, B, 0 sums of one output pixel (with Pillow's rounding half in the low lanes' start). */
-static inline __m128i resample_pixel_sums(const uint8_t *p, const __m256i *k, int used, __m256i order) {
+static inline __m128i group_pixel_sums(const uint8_t *p, const __m256i *k, int used, __m256i order) {
     __m256i high = _mm256_setzero_si256();
     __m256i low = _mm256_setr_epi32(1 << (RESAMPLE_PRECISION_BITS - 1), 1 << (RESAMPLE_PRECISION_BITS - 1),
                                     1 << (RESAMPLE_PRECISION_BITS - 1), 0, 0, 0, 0, 0);
@@ -291,16 +299,15 @@ static inline __m128i resample_pixel_sums(const uint8_t *p, const __m256i *k, in
     return _mm_srai_epi32(total, RESAMPLE_PRECISION_BITS); /* clip8's shift; the packs saturate */
 }
 
-static void resample_rows(const uint8_t *src, size_t src_stride, int rows, const uint8_t *in_end,
-                          const resample_axis *axis, const __m256i *packed, int out_count, uint8_t *dst,
-                          size_t dst_stride) {
+static void group_rows(const uint8_t *src, size_t src_stride, int rows, const uint8_t *in_end,
+                       const resample_axis *axis, const __m256i *packed, int out_count, uint8_t *dst,
+                       size_t dst_stride) {
     int groups = resample_groups(axis->taps);
     /* bytes of pixels t, t + 1 as int16 lanes: R G B of the two taps interleaved, two zero lanes */
     const __m256i order = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1, 6, -1, 9,
                                            -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1);
     /* four pixels' R G B 0 bytes to 12 contiguous bytes */
     const __m128i squeeze = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
-    /* the last output whose vector reads stay inside the source memory on the last row */
     for (int y = 0; y < rows; y++) {
         const uint8_t *in = src + (size_t)y * src_stride;
         uint8_t *out = dst + (size_t)y * dst_stride;
@@ -314,7 +321,7 @@ static void resample_rows(const uint8_t *src, size_t src_stride, int rows, const
                 safe = p + (size_t)(used - 1) * 12 + 16 <= in_end;
                 if (safe)
                     sums[j] =
-                        resample_pixel_sums(p, packed + (size_t)(xx + j) * (size_t)groups * 2, used, order);
+                        group_pixel_sums(p, packed + (size_t)(xx + j) * (size_t)groups * 2, used, order);
             }
             if (!safe) break;
             __m128i bytes =
@@ -330,11 +337,167 @@ static void resample_rows(const uint8_t *src, size_t src_stride, int rows, const
                                out + 3 * xx);
     }
 }
+#endif
+
+#if defined(RESAMPLE_AVX512)
+/* The block form (AVX-512 with VBMI and VNNI): sixteen outputs of a row at once, one 32-bit lane
+ * per output channel, so that no lanes are added across and the results come out in RGB order.
+ * The source bytes of a block's outputs lie in a window of at most 128 bytes (a downscale by up to
+ * ~2: eval resizes and most crops), which two 64-byte loads hold; a two-table byte permute picks,
+ * for each lane, the bytes of two taps as int16 (vpermt2b), and vpdpwssd multiplies them with the
+ * 2048 kh + kl halves of the coefficients and accumulates. Per block and tap pair: the permute
+ * indices and the coefficient halves of 3 vectors of 16 lanes (48 = 16 outputs x 3 channels). */
+enum { BLOCK_OUTPUTS = 16, BLOCK_WINDOW = 128, BLOCK_VECTORS = 3 };
+
+static int block_pairs(int taps) {
+    return (taps + 1) / 2;
+}
+
+/* A block: its window's first byte (in the first 64 bytes), then per tap pair and vector the
+ * indices, kh and kl. */
+static size_t block_bytes(int taps) {
+    return sizeof(__m512i) * (1 + (size_t)block_pairs(taps) * BLOCK_VECTORS * 3);
+}
+
+static size_t block_packed_bytes(int taps, size_t out_count) {
+    return out_count / BLOCK_OUTPUTS * block_bytes(taps);
+}
+
+/* Lane i of vector v of a block is channel c = (16 v + i) % 3 of output x0 + (16 v + i) / 3; its
+ * two int16 halves are taps 2 q and 2 q + 1. False when a block's window exceeds 128 bytes. */
+static bool block_pack(const resample_axis *axis, int out_count, uint8_t *packed) {
+    int pairs = block_pairs(axis->taps);
+    for (int x0 = 0; x0 + BLOCK_OUTPUTS <= out_count; x0 += BLOCK_OUTPUTS) {
+        int base = 3 * axis->first[x0], end = base;
+        for (int j = 0; j < BLOCK_OUTPUTS; j++) {
+            int last = 3 * (axis->first[x0 + j] + axis->count[x0 + j]);
+            end = last > end ? last : end;
+        }
+        if (end - base > BLOCK_WINDOW) return false;
+        uint8_t *block = packed + (size_t)(x0 / BLOCK_OUTPUTS) * block_bytes(axis->taps);
+        memcpy(block, &base, sizeof base);
+        __m512i *vectors = (__m512i *)block + 1;
+        for (int q = 0; q < pairs; q++)
+            for (int v = 0; v < BLOCK_VECTORS; v++) {
+                uint8_t index[64] = {0};
+                int16_t high[32], low[32];
+                for (int lane = 0; lane < 16; lane++) {
+                    int x = x0 + (16 * v + lane) / 3, c = (16 * v + lane) % 3;
+                    const int32_t *k = axis->weights + (size_t)x * (size_t)axis->taps;
+                    for (int half = 0; half < 2; half++) {
+                        int tap = 2 * q + half, word = 2 * lane + half;
+                        bool used = tap < axis->count[x];
+                        int32_t weight = used ? k[tap] : 0, weight_low = weight & 2047;
+                        index[2 * word] = (uint8_t)(used ? 3 * (axis->first[x] + tap) + c - base : 0);
+                        high[word] = (int16_t)((weight - weight_low) / 2048);
+                        low[word] = (int16_t)weight_low;
+                    }
+                }
+                __m512i *slot = vectors + ((size_t)q * BLOCK_VECTORS + (size_t)v) * 3;
+                _mm512_storeu_si512(slot, _mm512_loadu_si512(index));
+                _mm512_storeu_si512(slot + 1, _mm512_loadu_si512(high));
+                _mm512_storeu_si512(slot + 2, _mm512_loadu_si512(low));
+            }
+    }
+    return true;
+}
+
+/* The row's blocks; the outputs after the last whole block go through resample_row_pixel. */
+static void block_rows(const uint8_t *src, size_t src_stride, int rows, const uint8_t *in_end,
+                       const resample_axis *axis, const uint8_t *packed, int out_count, uint8_t *dst,
+                       size_t dst_stride) {
+    const __mmask64 int16_low_bytes = 0x5555555555555555ull;
+    const __m512i round = _mm512_set1_epi32(1 << (RESAMPLE_PRECISION_BITS - 1));
+    int blocks = out_count / BLOCK_OUTPUTS, pairs = block_pairs(axis->taps);
+    size_t stride = block_bytes(axis->taps);
+    for (int y = 0; y < rows; y++) {
+        const uint8_t *in = src + (size_t)y * src_stride;
+        uint8_t *out = dst + (size_t)y * dst_stride;
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t *block = packed + (size_t)b * stride;
+            int base;
+            memcpy(&base, block, sizeof base);
+            const uint8_t *window = in + base;
+            /* masked loads: nothing is read past the source memory (the lanes beyond are zero) */
+            size_t left = (size_t)(in_end - window);
+            __mmask64 low_mask = left >= 64 ? ~0ull : (1ull << left) - 1;
+            __mmask64 high_mask = left >= 128 ? ~0ull : left > 64 ? (1ull << (left - 64)) - 1 : 0;
+            __m512i window_low = _mm512_maskz_loadu_epi8(low_mask, window);
+            __m512i window_high = _mm512_maskz_loadu_epi8(high_mask, window + 64);
+            const __m512i *vectors = (const __m512i *)block + 1;
+            __m512i high[BLOCK_VECTORS], low[BLOCK_VECTORS];
+            for (int v = 0; v < BLOCK_VECTORS; v++) high[v] = _mm512_setzero_si512(), low[v] = round;
+            for (int q = 0; q < pairs; q++, vectors += BLOCK_VECTORS * 3)
+                for (int v = 0; v < BLOCK_VECTORS; v++) {
+                    __m512i pixels = _mm512_maskz_permutex2var_epi8(int16_low_bytes, window_low,
+                                                                    _mm512_loadu_si512(vectors + 3 * v), window_high);
+                    high[v] = _mm512_dpwssd_epi32(high[v], pixels, _mm512_loadu_si512(vectors + 3 * v + 1));
+                    low[v] = _mm512_dpwssd_epi32(low[v], pixels, _mm512_loadu_si512(vectors + 3 * v + 2));
+                }
+            for (int v = 0; v < BLOCK_VECTORS; v++) {
+                __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(high[v], 11), low[v]);
+                /* clip8: the shift, then [0, 255] (negative to 0 here, above 255 by the narrowing) */
+                sum = _mm512_max_epi32(_mm512_srai_epi32(sum, RESAMPLE_PRECISION_BITS), _mm512_setzero_si512());
+                _mm_storeu_si128((__m128i *)(out + 3 * BLOCK_OUTPUTS * b + 16 * v), _mm512_cvtusepi32_epi8(sum));
+            }
+        }
+        for (int xx = blocks * BLOCK_OUTPUTS; xx < out_count; xx++)
+            resample_row_pixel(in + (size_t)axis->first[xx] * 3,
+                               axis->weights + (size_t)xx * (size_t)axis->taps, axis->count[xx],
+                               out + 3 * xx);
+    }
+}
+#endif
+
+/* Which form a resample's horizontal pass takes: the block form where it has the instructions
+ * and the windows fit, else the AVX2 group form, else scalar. */
+typedef enum { RESAMPLE_SCALAR, RESAMPLE_GROUPS, RESAMPLE_BLOCKS } resample_form;
+
+static size_t resample_packed_bytes(int taps, size_t out_count) {
+    size_t bytes = 0;
+#if defined(__AVX2__)
+    bytes = group_packed_bytes(taps, out_count);
+#endif
+#if defined(RESAMPLE_AVX512)
+    size_t blocks = block_packed_bytes(taps, out_count);
+    bytes = blocks > bytes ? blocks : bytes;
+#endif
+    (void)taps, (void)out_count;
+    return bytes;
+}
+
+static resample_form resample_pack(const resample_axis *axis, int out_count, void *packed) {
+#if defined(RESAMPLE_AVX512)
+    if (out_count >= BLOCK_OUTPUTS && block_pack(axis, out_count, packed)) return RESAMPLE_BLOCKS;
+#endif
+#if defined(__AVX2__)
+    group_pack(axis, out_count, packed);
+    return RESAMPLE_GROUPS;
 #else
-static void resample_rows(const uint8_t *src, size_t src_stride, int rows, const uint8_t *in_end,
-                          const resample_axis *axis, const void *packed, int out_count, uint8_t *dst,
-                          size_t dst_stride) {
-    (void)in_end, (void)packed;
+    (void)axis, (void)out_count, (void)packed;
+    return RESAMPLE_SCALAR;
+#endif
+}
+
+/* Horizontal pass over rows of interleaved RGB: ImagingResampleHorizontal_8bpc. in_end is the end
+ * of the readable source memory (the group form reads up to 15 bytes past a group's first pixel
+ * and falls back to scalar near it; the block form's loads are masked there). */
+static void resample_rows(resample_form form, const uint8_t *src, size_t src_stride, int rows,
+                          const uint8_t *in_end, const resample_axis *axis, const void *packed, int out_count,
+                          uint8_t *dst, size_t dst_stride) {
+#if defined(RESAMPLE_AVX512)
+    if (form == RESAMPLE_BLOCKS) {
+        block_rows(src, src_stride, rows, in_end, axis, packed, out_count, dst, dst_stride);
+        return;
+    }
+#endif
+#if defined(__AVX2__)
+    if (form == RESAMPLE_GROUPS) {
+        group_rows(src, src_stride, rows, in_end, axis, packed, out_count, dst, dst_stride);
+        return;
+    }
+#endif
+    (void)form, (void)in_end, (void)packed;
     for (int y = 0; y < rows; y++) {
         const uint8_t *in = src + (size_t)y * src_stride;
         for (int xx = 0; xx < out_count; xx++)
@@ -343,7 +506,6 @@ static void resample_rows(const uint8_t *src, size_t src_stride, int rows, const
                                dst + (size_t)y * dst_stride + 3 * xx);
     }
 }
-#endif
 
 /* Vertical pass: ImagingResampleVertical_8bpc, accumulated a chunk of a row at a time so the inner
  * loop runs over contiguous bytes (the sums and their order per value are Pillow's). */
@@ -389,11 +551,7 @@ static tf_status resample_view(const uint8_t *pixels, size_t stride, const uint8
     size_t yfirst_bytes = align_up(2 * ycount * sizeof(int)),
            yweight_bytes = align_up(ycount * ytaps * sizeof(int32_t));
     size_t work_bytes = align_up((size_t)(xtaps > ytaps ? xtaps : ytaps) * sizeof(double));
-#if defined(__AVX2__)
-    size_t packed_bytes = align_up(xcount * (size_t)resample_groups(xtaps) * 2 * sizeof(__m256i));
-#else
-    size_t packed_bytes = 0;
-#endif
+    size_t packed_bytes = align_up(resample_packed_bytes(xtaps, xcount));
     /* The intermediate holds at most every source row of the view, each out_count pixels wide. */
     size_t temp_bytes = align_up(xcount * 3 * (size_t)yspan->in_size);
     TF_TRY(reserve_bytes(scratch,
@@ -415,16 +573,14 @@ static tf_status resample_view(const uint8_t *pixels, size_t stride, const uint8
 
     resample_axis_fill(&xaxis, xspan, work);
     resample_axis_fill(&yaxis, yspan, work);
-#if defined(__AVX2__)
-    resample_pack(&xaxis, (int)xcount, packed);
-#endif
+    resample_form form = resample_pack(&xaxis, (int)xcount, packed);
     int row_first = yaxis.first[0];
     int row_last = yaxis.first[ycount - 1] + yaxis.count[ycount - 1];
     for (size_t i = 0; i < ycount; i++)
         yaxis.first[i] -= row_first;
 
     size_t temp_stride = xcount * 3;
-    resample_rows(pixels + (size_t)row_first * stride, stride, row_last - row_first, in_end, &xaxis, packed,
+    resample_rows(form, pixels + (size_t)row_first * stride, stride, row_last - row_first, in_end, &xaxis, packed,
                   (int)xcount, temp, temp_stride);
     resample_columns(temp, temp_stride, &yaxis, (int)ycount, (int)temp_stride, dst, dst_stride);
     return TF_OK;

@@ -82,6 +82,11 @@ def test_resize(images):
         ("odd", (1.125, 2.875, 300.5, 201.0625), (63, 129)),
         ("odd", (0, 0, 317, 229), (317, 1)),
         ("odd", (0, 0, 317, 229), (1, 229)),
+        # the AVX-512 block form's edges: windows of 16 outputs just inside and just past 128 bytes
+        # (downscales by 1.99 and 2.11), a block plus a tail at the images' right and bottom edges
+        ("photo", (0, 0, 320, 240), (161, 17)),
+        ("odd", (0, 0, 317, 229), (150, 229)),
+        ("photo", (300, 0, 20, 240), (17, 240)),
     ]
     for source, box, size in cases:
         image, path = images[source]
