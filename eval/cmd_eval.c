@@ -144,6 +144,7 @@ static tf_status write_json(const char *path, const eval_arguments *arguments,
     cJSON_AddNumberToObject(root, "loss", eval_loss(result));
     cJSON_AddNumberToObject(root, "images_per_second",
                             result->seconds > 0 ? result->images / result->seconds : 0);
+    cJSON_AddNumberToObject(root, "data_wait_percent", eval_data_wait(result));
     cJSON *classes = cJSON_AddArrayToObject(root, "per_class");
     cJSON *confusion = cJSON_AddArrayToObject(root, "confusion");
     for (int c = 0; c < result->classes; c++) {
@@ -221,9 +222,9 @@ static tf_status run_eval(const eval_arguments *arguments, tf_dist *dist, tf_che
     TF_TRY(evaluate(model, *loader, result));
     TF_TRY(eval_result_all_reduce(result, dist));
     if (!main_rank) return TF_OK;
-    printf("images: %" PRId64 "\nimages/s: %.1f\nloss: %.4f\ntop-5: %.2f%%\ntop-1: %.2f%%\n", result->images,
-           result->seconds > 0 ? result->images / result->seconds : 0.0, eval_loss(result), eval_top5(result),
-           eval_top1(result));
+    printf("images: %" PRId64 "\nimages/s: %.1f\ndata wait: %.0f%%\nloss: %.4f\ntop-5: %.2f%%\ntop-1: %.2f%%\n",
+           result->images, result->seconds > 0 ? result->images / result->seconds : 0.0, eval_data_wait(result),
+           eval_loss(result), eval_top5(result), eval_top1(result));
     if (arguments->json_path) TF_TRY(write_json(arguments->json_path, arguments, checkpoint, result));
     return TF_OK;
 }

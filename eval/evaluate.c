@@ -38,6 +38,7 @@ void eval_result_merge(tf_eval_result *result, const tf_eval_result *other) {
     }
     for (size_t i = 0; i < (size_t)result->classes * result->classes; i++) result->confusion[i] += other->confusion[i];
     if (other->seconds > result->seconds) result->seconds = other->seconds;
+    if (other->wait_seconds > result->wait_seconds) result->wait_seconds = other->wait_seconds;
 }
 
 tf_status eval_result_all_reduce(tf_eval_result *result, tf_dist *dist) {
@@ -50,6 +51,7 @@ tf_status eval_result_all_reduce(tf_eval_result *result, tf_dist *dist) {
     TF_TRY(dist_all_reduce_host_i64(dist, result->confusion, classes * classes, TF_DIST_SUM));
     TF_TRY(dist_all_reduce_host_f64(dist, &result->loss_sum, 1, TF_DIST_SUM));
     TF_TRY(dist_all_reduce_host_f64(dist, &result->seconds, 1, TF_DIST_MAX));
+    TF_TRY(dist_all_reduce_host_f64(dist, &result->wait_seconds, 1, TF_DIST_MAX));
     result->images = totals[0];
     result->top1_correct = totals[1];
     result->top5_correct = totals[2];
@@ -108,7 +110,7 @@ tf_status evaluate(tf_model *model, tf_loader *loader, tf_eval_result *result) {
     float *losses = malloc((size_t)max_batch * sizeof *losses);
     tf_status status = TF_OK;
     if (!logits || !targets || !losses) status = tf_fail(TF_ERR_RUNTIME, "out of memory for evaluation buffers");
-    double start = tf_seconds();
+    double start = tf_seconds(), wait_at_start = loader_stats(loader).wait_seconds;
     tf_batch *batch = NULL, *next = NULL;
     if (status == TF_OK) status = loader_start_epoch(loader, 0, 0);
     if (status == TF_OK) status = load_next_batch(model, loader, &batch);
@@ -131,6 +133,7 @@ tf_status evaluate(tf_model *model, tf_loader *loader, tf_eval_result *result) {
         loader_release_batch(loader, batch);
     }
     result->seconds += tf_seconds() - start;
+    result->wait_seconds += loader_stats(loader).wait_seconds - wait_at_start;
     free(logits);
     free(targets);
     free(losses);

@@ -18,6 +18,7 @@ typedef struct {
     int64_t *class_correct; /* [classes] top-1 */
     int64_t *confusion;     /* [classes, classes]: row = true class, column = prediction */
     double seconds;
+    double wait_seconds; /* of seconds, blocked in the loader (the GPU idle unless work was queued) */
 } tf_eval_result;
 
 tf_status eval_result_init(tf_eval_result *result, int classes);
@@ -42,6 +43,10 @@ static inline double eval_top1(const tf_eval_result *result) {
 }
 static inline double eval_top5(const tf_eval_result *result) {
     return result->images ? 100.0 * (double)result->top5_correct / (double)result->images : 0.0;
+}
+/* The share of the time spent waiting for the loader, in %: near 0 when the GPU sets the pace. */
+static inline double eval_data_wait(const tf_eval_result *result) {
+    return result->seconds > 0 ? 100.0 * result->wait_seconds / result->seconds : 0.0;
 }
 static inline double eval_loss(const tf_eval_result *result) {
     return result->images ? result->loss_sum / (double)result->images : 0.0;

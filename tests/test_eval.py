@@ -149,6 +149,10 @@ def check_eval_against_reference(binary, subset, checkpoint, logits, labels, opt
     last_line = result.stdout.strip().splitlines()[-1]
     check(last_line == f"top-1: {report['top1']:.2f}%", f"{what}: the last stdout line is '{last_line}'")
     check(report["images"] == count, f"{what}: {count} images evaluated")
+    wait_lines = [line for line in result.stdout.splitlines() if line.startswith("data wait: ")]
+    check(0.0 <= report["data_wait_percent"] <= 100.0 and
+          wait_lines == [f"data wait: {report['data_wait_percent']:.0f}%"],
+          f"{what}: the loader wait is a share of the time ({report['data_wait_percent']:.1f}%, printed {wait_lines})")
     check(abs(report["top1"] - 100.0 * top1 / count) <= slack,
           f"{what}: top-1 {report['top1']:.2f}% equals the reference's {100.0 * top1 / count:.2f}% "
           f"({ties} near ties)")
