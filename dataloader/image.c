@@ -231,6 +231,14 @@ static inline uint8_t clip_fixed(int32_t sum) {
     return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
 }
 
+/* The SIMD forms multiply int16 pairs: a 22-bit coefficient k as 2048 high + low, low its low 11
+ * bits (both fit int16), so that sum(p k) = 2048 sum(p high) + sum(p low) exactly. */
+static inline void split_coefficient(int32_t k, int16_t *high, int16_t *low) {
+    int32_t k_low = k & 2047;
+    *high = (int16_t)((k - k_low) / 2048);
+    *low = (int16_t)k_low;
+}
+
 /* One output pixel of the horizontal pass, scalar: n taps from p. */
 static void resample_row_pixel(const uint8_t *p, const int32_t *k, int n, uint8_t *out) {
     int32_t s0 = 1 << (RESAMPLE_PRECISION_BITS - 1), s1 = s0, s2 = s0;
@@ -245,11 +253,11 @@ static void resample_row_pixel(const uint8_t *p, const int32_t *k, int n, uint8_
 }
 
 #if defined(__AVX2__)
-/* The sums are exact integers, so any order gives Pillow's result. vpmaddwd multiplies int16 pairs:
- * each 22-bit coefficient k is split as k = 2048 kh + kl (kl the low 11 bits, both fit int16), and
- * sum(p k) = 2048 sum(p kh) + sum(p kl) exactly. Four taps make a group of 16 int16 lanes: taps 0, 1
- * as (R0 R1 G0 G1 B0 B1 0 0) in the low half, taps 2, 3 likewise in the high half; the coefficients
- * are stored in that layout (two vectors per group: kh, kl), zero past the output's last tap. */
+/* The sums are exact integers, so any order gives Pillow's result. vpmaddwd multiplies int16 pairs
+ * of pixels and coefficient halves kh, kl (split_coefficient). Four taps make a group of 16 int16
+ * lanes: taps 0, 1 as (R0 R1 G0 G1 B0 B1 0 0) in the low half, taps 2, 3 likewise in the high half;
+ * the coefficients are stored in that layout (two vectors per group: kh, kl), zero past the
+ * output's last tap. */
 enum { RESAMPLE_GROUP_TAPS = 4 };
 
 static int resample_groups(int taps) {
@@ -269,11 +277,9 @@ static void group_pack(const resample_axis *axis, int out_count, __m256i *packed
             for (int t = 0; t < RESAMPLE_GROUP_TAPS; t++) {
                 int tap = g * RESAMPLE_GROUP_TAPS + t;
                 int32_t weight = tap < axis->count[i] ? k[tap] : 0;
-                int32_t weight_low = weight & 2047;
                 for (int c = 0; c < 3; c++) {
                     int lane = (t / 2) * 8 + c * 2 + t % 2;
-                    high[lane] = (int16_t)((weight - weight_low) / 2048);
-                    low[lane] = (int16_t)weight_low;
+                    split_coefficient(weight, &high[lane], &low[lane]);
                 }
             }
             __m256i *slot = packed + ((size_t)i * (size_t)groups + (size_t)g) * 2;
@@ -345,7 +351,7 @@ static void group_rows(const uint8_t *src, size_t src_stride, int rows, const ui
  * The source bytes of a block's outputs lie in a window of at most 128 bytes (a downscale by up to
  * ~2: eval resizes and most crops), which two 64-byte loads hold; a two-table byte permute picks,
  * for each lane, the bytes of two taps as int16 (vpermt2b), and vpdpwssd multiplies them with the
- * 2048 kh + kl halves of the coefficients and accumulates. Per block and tap pair: the permute
+ * coefficient halves kh, kl (split_coefficient) and accumulates. Per block and tap pair: the permute
  * indices and the coefficient halves of 3 vectors of 16 lanes (48 = 16 outputs x 3 channels). */
 enum { BLOCK_OUTPUTS = 16, BLOCK_WINDOW = 128, BLOCK_VECTORS = 3 };
 
@@ -387,10 +393,8 @@ static bool block_pack(const resample_axis *axis, int out_count, uint8_t *packed
                     for (int half = 0; half < 2; half++) {
                         int tap = 2 * q + half, word = 2 * lane + half;
                         bool used = tap < axis->count[x];
-                        int32_t weight = used ? k[tap] : 0, weight_low = weight & 2047;
                         index[2 * word] = (uint8_t)(used ? 3 * (axis->first[x] + tap) + c - base : 0);
-                        high[word] = (int16_t)((weight - weight_low) / 2048);
-                        low[word] = (int16_t)weight_low;
+                        split_coefficient(used ? k[tap] : 0, &high[word], &low[word]);
                     }
                 }
                 __m512i *slot = vectors + ((size_t)q * BLOCK_VECTORS + (size_t)v) * 3;
