@@ -104,8 +104,8 @@ static tf_status run_steps(tf_bench *bench, tf_bench_reduce reduce, int steps) {
     bool overlapped = several && reduce == TF_BENCH_REDUCE_OVERLAPPED;
     bool after_backward = several && reduce == TF_BENCH_REDUCE_AFTER_BACKWARD;
     model_set_gradient_hook(model, overlapped ? dist_gradient_ready : NULL, &bench->gradient_sum);
-    /* As the trainer does: a training step's batch is loaded during the previous step's backward. */
-    if (bench->training) model_load_pixels(model, bench->pixels, bench->batch);
+    /* As the trainer does: a training step's batch is loaded during the previous step's backward
+     * (the first step's by bench_open; every step loads the same synthetic batch). */
     for (int step = 0; step < steps; step++) {
         if (bench->training) {
             double loss;
@@ -239,6 +239,7 @@ static tf_status bench_open(tf_bench *bench, const tf_config *config) {
         return tf_fail(TF_ERR_RUNTIME, "out of host memory");
     }
     synthetic_batch(model_config, bench->batch, bench->pixels, bench->targets);
+    model_load_pixels(&bench->model, bench->pixels, bench->batch);
     tf_rng rng = tf_rng_make(0, TF_RNG_TEST, 1, 0);
     model_drop_scales(model_config, bench->batch, &rng, drop_scales);
     if (model_config->drop_path > 0)
