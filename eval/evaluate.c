@@ -100,6 +100,15 @@ static tf_status load_next_batch(tf_model *model, tf_loader *loader, tf_batch **
     return TF_OK;
 }
 
+/* The rows a batch of `count` images runs at: its count, or on a backend that plans per shape
+ * the size of the largest batch run before (the split's last, smaller batch), so that one batch
+ * does not cost a new round of planning (~0.2 s at B/16 on the H100, the time of three batches).
+ * The rows past the count hold earlier images or zeros, finite, and no result of theirs is read:
+ * the model computes each image on its own (no batch statistics). */
+static int forward_rows(const tf_model *model, int count, int largest_before) {
+    return model->backend->plans_per_shape && largest_before > count ? largest_before : count;
+}
+
 /* Pipelined by one batch: while the GPU runs a batch's forward pass, the host waits for the
  * next batch and queues its upload, which crosses PCIe beside that work; only then are the
  * logits read. A batch goes back to the loader once its results are read (its upload done). */
@@ -112,10 +121,12 @@ tf_status evaluate(tf_model *model, tf_loader *loader, tf_eval_result *result) {
     if (!logits || !targets || !losses) status = tf_fail(TF_ERR_RUNTIME, "out of memory for evaluation buffers");
     double start = tf_seconds(), wait_at_start = loader_stats(loader).wait_seconds;
     tf_batch *batch = NULL, *next = NULL;
+    int rows = 0;
     if (status == TF_OK) status = loader_start_epoch(loader, 0, 0);
     if (status == TF_OK) status = load_next_batch(model, loader, &batch);
     while (status == TF_OK && batch) {
-        model_forward(model, batch->count, NULL);
+        rows = forward_rows(model, batch->count, rows);
+        model_forward(model, rows, NULL);
         status = load_next_batch(model, loader, &next);
         mixup_targets(batch->labels, batch->count, classes, 0.0f, 1.0f, targets);
         if (status == TF_OK) status = model_loss(model, targets, batch->count, losses);

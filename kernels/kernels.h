@@ -66,6 +66,10 @@ struct tf_backend {
     const char *name;
     tf_dtype master_dtype;
     tf_dtype compute_dtype;
+    /* A batch of a size not run before costs one-time planning (CUDA: cuBLASLt's algorithm timing
+     * and cuDNN's attention plans, ~0.2 s at B/16 on the H100), so callers that may run a
+     * smaller batch at a size already run (evaluation's last batch) do; false on the CPU. */
+    bool plans_per_shape;
 
     /* ---- memory (all buffers are allocated once at start; the step allocates nothing) ---- */
     /* Zero-filled buffer of bytes; what names the buffer in the error message. */

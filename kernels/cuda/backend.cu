@@ -235,6 +235,7 @@ static void fill_table(tf_backend *t) {
     t->name = "cuda";
     t->master_dtype = TF_DTYPE_F32;
     t->compute_dtype = TF_DTYPE_BF16;
+    t->plans_per_shape = true;
     t->alloc = cuda_alloc;
     t->free = cuda_free;
     t->zero = cuda_zero;
