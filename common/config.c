@@ -834,7 +834,7 @@ static tf_status derive_lr(tf_optimizer_config *optimizer, int batch) {
     return TF_OK;
 }
 
-static void fill_n_norm(tf_model_config *model) {
+void config_fill_n_norm(tf_model_config *model) {
     memset(model->n_norm, 0, sizeof model->n_norm);
     for (int layer = 0; layer < model->depth; layer++) {
         for (int p = TF_PATT_Q; p <= TF_PATT_O; p++)
@@ -852,7 +852,7 @@ tf_status config_finalize(tf_config *config) {
     TF_TRY(check_augment(&config->augment));
     TF_TRY(check_schedule(&config->schedule));
     TF_TRY(derive_lr(&config->optimizer, config->schedule.batch));
-    fill_n_norm(&config->model);
+    config_fill_n_norm(&config->model);
     return TF_OK;
 }
 

@@ -127,6 +127,10 @@ tf_status config_set(tf_config *config, const char *assignment);
  * derived fields (model.n_norm). Call once after the file and the overrides. */
 tf_status config_finalize(tf_config *config);
 
+/* n_norm of every Pattention = its token count (n_attn or n_ffn), as for a model created with
+ * these counts; growth may keep the old values instead (vision/scale.h). */
+void config_fill_n_norm(tf_model_config *model);
+
 /* Sets the model keys of a named preset: b16, b16_pm, l16, l16_pm. */
 tf_status config_apply_model_preset(tf_model_config *model, const char *preset);
 

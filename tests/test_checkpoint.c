@@ -1,5 +1,6 @@
 /* Model checkpoints and training state files: bit-exact round trips, the model config and class
  * names through the metadata, and clear errors for truncated, corrupt and mismatched files. */
+#include "common/config.h"
 #include "common/safetensors.h"
 #include "tests/test_util.h"
 #include "train/run_dir.h"
@@ -16,9 +17,7 @@ static tf_model_config small_config(void) {
     tf_model_config config = {.img_size = 8, .patch = 4, .channels = 3, .depth = 2, .dim = 8, .heads = 2,
                               .n_attn = 6, .n_ffn = 10, .classes = 3, .pool = TF_POOL_CLS, .drop_path = 0.1f,
                               .eps = 1e-6f};
-    for (int block = 0; block < config.depth; block++)
-        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++)
-            config.n_norm[block][which] = which == TF_PATT_FFN ? 10 : 6;
+    config_fill_n_norm(&config);
     config.n_norm[1][TF_PATT_V] = 4;
     return config;
 }

@@ -16,9 +16,7 @@ static tf_model_config tiny_config(tf_pool pool) {
         .img_size = 8, .patch = 4, .channels = 3, .depth = 2, .dim = 8, .heads = 2, .n_attn = 6, .n_ffn = 10,
         .classes = 5, .pool = pool, .drop_path = 0.5f, .eps = 1e-6f,
     };
-    for (int block = 0; block < config.depth; block++)
-        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++)
-            config.n_norm[block][which] = which == TF_PATT_FFN ? config.n_ffn : config.n_attn;
+    config_fill_n_norm(&config);
     config.n_norm[1][TF_PATT_K] = 4; /* a grown model's n_norm differs from its token count */
     return config;
 }

@@ -37,9 +37,7 @@ static tf_model_config small_config(void) {
         .drop_path = 0.0f,
         .eps = 1e-6f,
     };
-    for (int block = 0; block < config.depth; block++)
-        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++)
-            config.n_norm[block][which] = which == TF_PATT_FFN ? config.n_ffn : config.n_attn;
+    config_fill_n_norm(&config);
     config.n_norm[1][TF_PATT_K] = 4; /* as after an earlier growth: "fixed" must keep this one too */
     return config;
 }

@@ -5,6 +5,7 @@
  * the new rows. Every other tensor is copied as it is. */
 #include "vision/scale.h"
 
+#include "common/config.h"
 #include "common/rng.h"
 
 #include <cjson/cJSON.h>
@@ -63,10 +64,7 @@ void scale_config(const tf_model_config *from, const tf_scale_options *options, 
     *to = *from;
     to->n_attn = options->n_attn;
     to->n_ffn = options->n_ffn;
-    if (options->norm != TF_SCALE_NORM_CURRENT) return;
-    for (int block = 0; block < to->depth; block++)
-        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++)
-            to->n_norm[block][which] = which == TF_PATT_FFN ? to->n_ffn : to->n_attn;
+    if (options->norm == TF_SCALE_NORM_CURRENT) config_fill_n_norm(to);
 }
 
 /* ---- tensors --------------------------------------------------------------------------------- */
