@@ -5,22 +5,14 @@
  *   the last batch runs at the size of the batches before it, and the results are those of the
  *   plain backend, which runs it at its own size: same counts and confusion matrix, and the same
  *   summed loss; the forward's batch sizes are recorded through the backend's patch_im2col. */
+#include "common/config.h"
 #include "eval/evaluate.h"
+#include "tests/stb_image_write_impl.h"
 #include "tests/test_util.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define STB_IMAGE_WRITE_IMPLEMENTATION
-#define STBIW_ASSERT(x) ((void)0)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
-#pragma GCC diagnostic ignored "-Wsign-compare"
-#pragma GCC diagnostic ignored "-Wunused-parameter"
-#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
-#include <stb/stb_image_write.h>
-#pragma GCC diagnostic pop
 
 enum { CLASSES = 3, IMAGES = 10, BATCH = 4, IMAGE_SIZE = 8 };
 
@@ -68,9 +60,7 @@ static tf_model_config small_config(void) {
         .pool = TF_POOL_AVG,
         .eps = 1e-6f,
     };
-    for (int block = 0; block < config.depth; block++)
-        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++)
-            config.n_norm[block][which] = which == TF_PATT_FFN ? config.n_ffn : config.n_attn;
+    config_fill_n_norm(&config);
     return config;
 }
 

@@ -15,6 +15,7 @@
 #include "common/timer.h"
 #include "dataloader/loader.h"
 #include "test_util.h"
+#include "tests/stb_image_write_impl.h"
 
 #include <fcntl.h>
 #include <stdio.h>
@@ -22,16 +23,6 @@
 #include <string.h>
 #include <turbojpeg.h>
 #include <unistd.h>
-
-#define STB_IMAGE_WRITE_IMPLEMENTATION
-#define STBIW_ASSERT(x) ((void)0)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
-#pragma GCC diagnostic ignored "-Wsign-compare"
-#pragma GCC diagnostic ignored "-Wunused-parameter"
-#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
-#include <stb/stb_image_write.h>
-#pragma GCC diagnostic pop
 
 static char root[256];
 
