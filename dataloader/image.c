@@ -239,17 +239,23 @@ static inline void split_coefficient(int32_t k, int16_t *high, int16_t *low) {
     *low = (int16_t)k_low;
 }
 
-/* One output pixel of the horizontal pass, scalar: n taps from p. */
-static void resample_row_pixel(const uint8_t *p, const int32_t *k, int n, uint8_t *out) {
-    int32_t s0 = 1 << (RESAMPLE_PRECISION_BITS - 1), s1 = s0, s2 = s0;
-    for (int x = 0; x < n; x++) {
-        s0 += p[3 * x + 0] * k[x];
-        s1 += p[3 * x + 1] * k[x];
-        s2 += p[3 * x + 2] * k[x];
+/* Outputs [from, out_count) of one row of the horizontal pass, scalar: the whole row without
+ * SIMD, the rest of it after the SIMD forms. */
+static void resample_row_scalar(const uint8_t *in, const resample_axis *axis, int from, int out_count,
+                                uint8_t *out) {
+    for (int xx = from; xx < out_count; xx++) {
+        const uint8_t *p = in + (size_t)axis->first[xx] * 3;
+        const int32_t *k = axis->weights + (size_t)xx * (size_t)axis->taps;
+        int32_t s0 = 1 << (RESAMPLE_PRECISION_BITS - 1), s1 = s0, s2 = s0;
+        for (int x = 0; x < axis->count[xx]; x++) {
+            s0 += p[3 * x + 0] * k[x];
+            s1 += p[3 * x + 1] * k[x];
+            s2 += p[3 * x + 2] * k[x];
+        }
+        out[3 * xx + 0] = clip_fixed(s0);
+        out[3 * xx + 1] = clip_fixed(s1);
+        out[3 * xx + 2] = clip_fixed(s2);
     }
-    out[0] = clip_fixed(s0);
-    out[1] = clip_fixed(s1);
-    out[2] = clip_fixed(s2);
 }
 
 #if defined(__AVX2__)
@@ -337,10 +343,7 @@ static void group_rows(const uint8_t *src, size_t src_stride, int rows, const ui
             int32_t tail = _mm_extract_epi32(bytes, 2);
             memcpy(out + 3 * xx + 8, &tail, 4);
         }
-        for (; xx < out_count; xx++)
-            resample_row_pixel(in + (size_t)axis->first[xx] * 3,
-                               axis->weights + (size_t)xx * (size_t)axis->taps, axis->count[xx],
-                               out + 3 * xx);
+        resample_row_scalar(in, axis, xx, out_count, out);
     }
 }
 #endif
@@ -406,7 +409,7 @@ static bool block_pack(const resample_axis *axis, int out_count, uint8_t *packed
     return true;
 }
 
-/* The row's blocks; the outputs after the last whole block go through resample_row_pixel. */
+/* The row's blocks; the outputs after the last whole block go through resample_row_scalar. */
 static void block_rows(const uint8_t *src, size_t src_stride, int rows, const uint8_t *in_end,
                        const resample_axis *axis, const uint8_t *packed, int out_count, uint8_t *dst,
                        size_t dst_stride) {
@@ -445,10 +448,7 @@ static void block_rows(const uint8_t *src, size_t src_stride, int rows, const ui
                 _mm_storeu_si128((__m128i *)(out + 3 * BLOCK_OUTPUTS * b + 16 * v), _mm512_cvtusepi32_epi8(sum));
             }
         }
-        for (int xx = blocks * BLOCK_OUTPUTS; xx < out_count; xx++)
-            resample_row_pixel(in + (size_t)axis->first[xx] * 3,
-                               axis->weights + (size_t)xx * (size_t)axis->taps, axis->count[xx],
-                               out + 3 * xx);
+        resample_row_scalar(in, axis, blocks * BLOCK_OUTPUTS, out_count, out);
     }
 }
 #endif
@@ -502,13 +502,8 @@ static void resample_rows(resample_form form, const uint8_t *src, size_t src_str
     }
 #endif
     (void)form, (void)in_end, (void)packed;
-    for (int y = 0; y < rows; y++) {
-        const uint8_t *in = src + (size_t)y * src_stride;
-        for (int xx = 0; xx < out_count; xx++)
-            resample_row_pixel(in + (size_t)axis->first[xx] * 3,
-                               axis->weights + (size_t)xx * (size_t)axis->taps, axis->count[xx],
-                               dst + (size_t)y * dst_stride + 3 * xx);
-    }
+    for (int y = 0; y < rows; y++)
+        resample_row_scalar(src + (size_t)y * src_stride, axis, 0, out_count, dst + (size_t)y * dst_stride);
 }
 
 /* Vertical pass: ImagingResampleVertical_8bpc, accumulated a chunk of a row at a time so the inner
