@@ -134,15 +134,15 @@ tf_status evaluate(tf_model *model, tf_loader *loader, tf_eval_result *result) {
         if (status == TF_OK) {
             eval_count_batch(result, logits, batch->labels, batch->count);
             for (int b = 0; b < batch->count; b++) result->loss_sum += losses[b];
+        } else {
+            model->backend->synchronize(); /* no result was read: its upload may still read the batch */
         }
         loader_release_batch(loader, batch);
         batch = next;
         next = NULL;
     }
-    if (batch) {
-        model->backend->synchronize(); /* its upload may still read the batch */
-        loader_release_batch(loader, batch);
-    }
+    /* Left after a failure: the batch taken ahead, whose upload the synchronize above waited for. */
+    loader_release_batch(loader, batch);
     result->seconds += tf_seconds() - start;
     result->wait_seconds += loader_stats(loader).wait_seconds - wait_at_start;
     free(logits);

@@ -159,8 +159,8 @@ struct tf_backend {
                                        int rows_per_sample, float eps);
     /* dx += d LayerNorm / dx (dout), from xhat (compute: the output of a non-parametric forward,
      * which its caller keeps anyway, or forward's xhat output for a parametric one; the residual
-     * stream itself is not kept for backward) and
-     * rstd. dx, dout: compute; dweight, dbias (master, accumulated) may be NULL when weight is. */
+     * stream itself is not kept for backward) and rstd. dx, dout: compute; dweight, dbias
+     * (master, accumulated) may be NULL when weight is. */
     void (*layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
                                const void *rstd, const void *weight, int rows, int dim);
 
