@@ -1,6 +1,5 @@
 /* Model checkpoints and training state files: bit-exact round trips, the model config and class
  * names through the metadata, and clear errors for truncated, corrupt and mismatched files. */
-#include "common/config.h"
 #include "common/safetensors.h"
 #include "tests/test_util.h"
 #include "train/run_dir.h"
@@ -14,10 +13,10 @@
 static const char *scratch = "/tmp/tokenformer_test_checkpoint";
 
 static tf_model_config small_config(void) {
-    tf_model_config config = {.img_size = 8, .patch = 4, .channels = 3, .depth = 2, .dim = 8, .heads = 2,
-                              .n_attn = 6, .n_ffn = 10, .classes = 3, .pool = TF_POOL_CLS, .drop_path = 0.1f,
-                              .eps = 1e-6f};
-    config_fill_n_norm(&config);
+    tf_model_config config = test_small_model_config();
+    config.classes = 3;
+    config.pool = TF_POOL_CLS;
+    config.drop_path = 0.1f;
     config.n_norm[1][TF_PATT_V] = 4;
     return config;
 }

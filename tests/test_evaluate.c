@@ -5,7 +5,6 @@
  *   the last batch runs at the size of the batches before it, and the results are those of the
  *   plain backend, which runs it at its own size: same counts and confusion matrix, and the same
  *   summed loss; the forward's batch sizes are recorded through the backend's patch_im2col. */
-#include "common/config.h"
 #include "eval/evaluate.h"
 #include "tests/stb_image_write_impl.h"
 #include "tests/test_util.h"
@@ -46,28 +45,12 @@ static void recording_im2col(void *patches, const void *images, int batch, int c
     cpu_im2col(patches, images, batch, channels, size, patch);
 }
 
-static tf_model_config small_config(void) {
-    tf_model_config config = {
-        .img_size = IMAGE_SIZE,
-        .patch = 4,
-        .channels = 3,
-        .depth = 2,
-        .dim = 8,
-        .heads = 2,
-        .n_attn = 6,
-        .n_ffn = 10,
-        .classes = CLASSES,
-        .pool = TF_POOL_AVG,
-        .eps = 1e-6f,
-    };
-    config_fill_n_norm(&config);
-    return config;
-}
-
 /* Evaluates the split with a model of fixed parameters on `backend`; the forward's batch sizes go
  * to recorded_batches. */
 static bool evaluate_split(const tf_dataset *dataset, const tf_backend *backend, tf_eval_result *result) {
-    tf_model_config config = small_config();
+    tf_model_config config = test_small_model_config();
+    config.img_size = IMAGE_SIZE;
+    config.classes = CLASSES;
     tf_loader_options options = {
         .transform = TF_TRANSFORM_EVAL,
         .batch_size = BATCH,

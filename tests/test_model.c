@@ -12,11 +12,9 @@
 #include <string.h>
 
 static tf_model_config tiny_config(tf_pool pool) {
-    tf_model_config config = {
-        .img_size = 8, .patch = 4, .channels = 3, .depth = 2, .dim = 8, .heads = 2, .n_attn = 6, .n_ffn = 10,
-        .classes = 5, .pool = pool, .drop_path = 0.5f, .eps = 1e-6f,
-    };
-    config_fill_n_norm(&config);
+    tf_model_config config = test_small_model_config();
+    config.pool = pool;
+    config.drop_path = 0.5f;
     config.n_norm[1][TF_PATT_K] = 4; /* a grown model's n_norm differs from its token count */
     return config;
 }

@@ -65,3 +65,22 @@ int test_finish(const char *test_name) {
     printf("%s: %d checks, %d failed\n", test_name, checks_run, checks_failed);
     return checks_failed ? 1 : 0;
 }
+
+tf_model_config test_small_model_config(void) {
+    tf_model_config config = {
+        .img_size = 8,
+        .patch = 4,
+        .channels = 3,
+        .depth = 2,
+        .dim = 8,
+        .heads = 2,
+        .n_attn = 6,
+        .n_ffn = 10,
+        .classes = 5,
+        .pool = TF_POOL_AVG,
+        .drop_path = 0.0f,
+        .eps = 1e-6f,
+    };
+    config_fill_n_norm(&config);
+    return config;
+}

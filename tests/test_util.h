@@ -4,6 +4,7 @@
 #ifndef TF_TESTS_TEST_UTIL_H
 #define TF_TESTS_TEST_UTIL_H
 
+#include "common/config.h"
 #include "common/rng.h"
 
 #include <stdbool.h>
@@ -27,6 +28,11 @@ double relative_error_f64(const double *a, const double *b, size_t n);
 /* Fills with N(0, std^2) / U(-limit, limit) from the test stream of the rng. */
 void fill_normal_f32(float *x, size_t n, float std, tf_rng *rng);
 void fill_normal_f64(double *x, size_t n, double std, tf_rng *rng);
+
+/* The C tests' small model: 8 x 8 images in 4 x 4 patches, depth 2, width 8 in 2 heads, 6
+ * attention and 10 FFN parameter tokens, 5 classes, mean pooling, no drop path, each n_norm its
+ * token count. A test changes the fields it exercises. */
+tf_model_config test_small_model_config(void);
 
 /* Prints a one-line reason and returns TEST_SKIP. */
 int test_skip(const char *reason);
