@@ -179,14 +179,12 @@ static void test_errors(void) {
 }
 
 int main(void) {
-    snprintf(root, sizeof root, "%s/tf_test_dataset.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    if (!mkdtemp(root)) return test_skip("cannot create a temporary directory");
+    if (!test_make_temp_dir(root, sizeof root, "tf_test_dataset"))
+        return test_skip("cannot create a temporary directory");
     build_tree();
     test_matches_torchvision();
     test_limit();
     test_errors();
-    char command[512];
-    snprintf(command, sizeof command, "rm -rf '%s'", root);
-    if (system(command) != 0) fprintf(stderr, "could not remove %s\n", root);
+    test_remove_tree(root);
     return test_finish("test_dataset");
 }

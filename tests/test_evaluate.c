@@ -10,7 +10,6 @@
 #include "tests/test_util.h"
 
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 enum { CLASSES = 3, IMAGES = 10, BATCH = 4, IMAGE_SIZE = 8 };
@@ -23,9 +22,7 @@ static bool make_split(void) {
     for (int i = 0; i < IMAGES; i++) {
         char path[512];
         snprintf(path, sizeof path, "%s/val/class_%d", root, i % CLASSES);
-        char command[600];
-        snprintf(command, sizeof command, "mkdir -p '%s'", path);
-        if (system(command) != 0) return false;
+        if (!test_make_dirs(path)) return false;
         uint8_t pixels[12 * 10 * 3];
         for (size_t p = 0; p < sizeof pixels; p++)
             pixels[p] = (uint8_t)tf_rng_below(&rng, 256);
@@ -124,16 +121,14 @@ static void test_last_batch_at_full_size(const tf_dataset *dataset) {
 }
 
 int main(void) {
-    snprintf(root, sizeof root, "%s/tf_test_evaluate.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    if (!mkdtemp(root)) return test_skip("cannot create a temporary directory");
+    if (!test_make_temp_dir(root, sizeof root, "tf_test_evaluate"))
+        return test_skip("cannot create a temporary directory");
     tf_dataset dataset;
     if (CHECK(make_split(), "cannot write the images under %s", root) &&
         CHECK_OK(dataset_open(&dataset, root, "val", 0))) {
         test_last_batch_at_full_size(&dataset);
         dataset_close(&dataset);
     }
-    char command[300];
-    snprintf(command, sizeof command, "rm -rf '%s'", root);
-    if (system(command) != 0) fprintf(stderr, "cannot remove %s\n", root);
+    test_remove_tree(root);
     return test_finish("test_evaluate");
 }

@@ -92,12 +92,6 @@ static void write_jpeg_claiming(const char *path, int width, int height) {
     tjFree(jpeg);
 }
 
-static void make_folder(const char *path) {
-    char command[1100];
-    snprintf(command, sizeof command, "mkdir -p '%s'", path);
-    if (system(command) != 0) fprintf(stderr, "cannot create %s\n", path);
-}
-
 /* ROOT/NAME/train/class_K/NNNN.jpg: `count` JPEGs of assorted sizes, subsamplings and greys over
  * four classes (in order, so class sizes differ by at most one). */
 static void make_dataset(const char *name, int count, int min_side, int max_side) {
@@ -105,7 +99,7 @@ static void make_dataset(const char *name, int count, int min_side, int max_side
     char path[1024];
     for (int c = 0; c < 4; c++) {
         snprintf(path, sizeof path, "%s/%s/train/class_%d", root, name, c);
-        make_folder(path);
+        test_make_dirs(path);
     }
     tf_rng rng = tf_rng_make(1, TF_RNG_TEST, 1, 0);
     for (int i = 0; i < count; i++) {
@@ -246,7 +240,7 @@ static void test_same_batches_for_any_worker_count(const tf_dataset *dataset, bo
 static void test_eval_pixels(void) {
     char path[1024];
     snprintf(path, sizeof path, "%s/exact/train/only", root);
-    make_folder(path);
+    test_make_dirs(path);
     snprintf(path, sizeof path, "%s/exact/train/only/a.png", root);
     write_png(path, 24, 24, 99);
     tf_dataset dataset;
@@ -494,8 +488,8 @@ static void test_too_many_bad_files(void) {
 }
 
 int main(void) {
-    snprintf(root, sizeof root, "%s/tf_test_loader.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    if (!mkdtemp(root)) return test_skip("cannot create a temporary directory");
+    if (!test_make_temp_dir(root, sizeof root, "tf_test_loader"))
+        return test_skip("cannot create a temporary directory");
     make_dataset("small", 50, 20, 64);
     tf_dataset dataset;
     if (open_dataset("small", &dataset)) {
@@ -510,8 +504,6 @@ int main(void) {
     test_eval_pixels();
     test_bad_files();
     test_too_many_bad_files();
-    char command[512];
-    snprintf(command, sizeof command, "rm -rf '%s'", root);
-    if (system(command) != 0) fprintf(stderr, "could not remove %s\n", root);
+    test_remove_tree(root);
     return test_finish("test_loader");
 }

@@ -9,7 +9,6 @@
 #include "tests/test_util.h"
 
 #include <dirent.h>
-#include <ftw.h>
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
@@ -28,11 +27,6 @@ static const char *scratch_path(const char *name) {
     char *path = paths[next++ % 8];
     snprintf(path, sizeof paths[0], "%s/%s", scratch, name);
     return path;
-}
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
 }
 
 /* ---- file helpers -------------------------------------------------------------------------- */
@@ -651,9 +645,7 @@ static void test_large_tensor(void) {
 }
 
 int main(void) {
-    const char *tmp = getenv("TMPDIR");
-    snprintf(scratch, sizeof scratch, "%s/test_safetensors.XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    if (mkdtemp(scratch) == NULL) {
+    if (!test_make_temp_dir(scratch, sizeof scratch, "test_safetensors")) {
         perror("mkdtemp");
         return 1;
     }
@@ -675,6 +667,6 @@ int main(void) {
     const char *large = getenv("TF_TEST_LARGE_SAFETENSORS");
     if (large && strcmp(large, "1") == 0) test_large_tensor();
     free(valid.bytes);
-    nftw(scratch, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    test_remove_tree(scratch);
     return test_finish("test_safetensors");
 }

@@ -3,9 +3,12 @@
 
 #include "common/error.h"
 
+#include <ftw.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 static int checks_run, checks_failed;
 
@@ -54,6 +57,29 @@ void fill_normal_f32(float *x, size_t n, float std, tf_rng *rng) {
 
 void fill_normal_f64(double *x, size_t n, double std, tf_rng *rng) {
     for (size_t i = 0; i < n; i++) x[i] = std * tf_rng_normal(rng);
+}
+
+bool test_make_temp_dir(char *path, size_t size, const char *name) {
+    const char *tmp = getenv("TMPDIR");
+    int length = snprintf(path, size, "%s/%s.XXXXXX", tmp && *tmp ? tmp : "/tmp", name);
+    return length > 0 && (size_t)length < size && mkdtemp(path) != NULL;
+}
+
+bool test_make_dirs(const char *path) {
+    char command[4200];
+    snprintf(command, sizeof command, "mkdir -p '%s'", path);
+    if (system(command) == 0) return true;
+    fprintf(stderr, "cannot create %s\n", path);
+    return false;
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+void test_remove_tree(const char *path) {
+    if (nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS) != 0) fprintf(stderr, "could not remove %s\n", path);
 }
 
 int test_skip(const char *reason) {

@@ -34,6 +34,13 @@ void fill_normal_f64(double *x, size_t n, double std, tf_rng *rng);
  * token count. A test changes the fields it exercises. */
 tf_model_config test_small_model_config(void);
 
+/* Scratch directories of the tests that write files: a new TMPDIR/<name>.XXXXXX (/tmp without
+ * TMPDIR) into path, false when it cannot be made; mkdir -p, saying which path failed; and the
+ * removal of a whole tree (links not followed), saying so when it fails. */
+bool test_make_temp_dir(char *path, size_t size, const char *name);
+bool test_make_dirs(const char *path);
+void test_remove_tree(const char *path);
+
 /* Prints a one-line reason and returns TEST_SKIP. */
 int test_skip(const char *reason);
 
