@@ -407,7 +407,7 @@ stage_multi_eval() {
         done
     } >"$OUT/multi_eval.log" 2>&1
     local status=$?
-    grep -E "== |^images|^top-1|^loss|error" "$OUT/multi_eval.log"
+    grep -E "== |^images|^top-[15]|^loss|^data wait|error" "$OUT/multi_eval.log"
     return $status
 }
 
