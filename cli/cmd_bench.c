@@ -121,7 +121,7 @@ static tf_status run_steps(tf_bench *bench, tf_bench_reduce reduce, int steps) {
             TF_TRY(optimizer_step(&bench->optimizer, model, 1e-4, 1.0f, &result));
         } else {
             model_load_pixels(model, bench->pixels, bench->batch);
-            model_forward(model, bench->batch, NULL);
+            model_infer(model, bench->batch);
         }
     }
     model_set_gradient_hook(model, NULL, NULL);
@@ -182,7 +182,7 @@ static tf_status print_profile(tf_bench *bench) {
         model_forward(model, bench->batch, bench->drop_scales);
         status = model_backward(model, bench->targets, bench->batch, 1.0f / bench->batch, &loss);
     } else {
-        model_forward(model, bench->batch, NULL);
+        model_infer(model, bench->batch);
     }
     if (status == TF_OK) status = model_profile_collect(model);
     double optimizer_ms = 0.0;

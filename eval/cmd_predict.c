@@ -192,7 +192,7 @@ static tf_status predict_all(const predict_arguments *arguments, predict_state *
         if (arguments->dump_input)
             TF_TRY(dump_input_batch(&state->input_dump, state->pixels, count, size, state->dump_row));
         model_load_pixels(&state->model, state->pixels, count);
-        model_forward(&state->model, count, NULL);
+        model_infer(&state->model, count);
         TF_TRY(model_logits(&state->model, state->logits + (size_t)first * classes, count));
     }
     if (arguments->dump_input) TF_TRY(npy_writer_close(&state->input_dump));

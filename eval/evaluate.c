@@ -126,7 +126,7 @@ tf_status evaluate(tf_model *model, tf_loader *loader, tf_eval_result *result) {
     if (status == TF_OK) status = load_next_batch(model, loader, &batch);
     while (status == TF_OK && batch) {
         rows = forward_rows(model, batch->count, rows);
-        model_forward(model, rows, NULL);
+        model_infer(model, rows);
         status = load_next_batch(model, loader, &next);
         mixup_targets(batch->labels, batch->count, classes, 0.0f, 1.0f, targets);
         if (status == TF_OK) status = model_loss(model, targets, batch->count, losses);

@@ -118,14 +118,16 @@ struct tf_backend {
     void (*matmul)(void *c, const void *a, const void *b, const tf_matmul_desc *desc);
 
     /* ---- Pattention normalisation (DESIGN.md section 2), one row per token ----
-     * forward: r = sqrt(sum_j A_j^2 + eps), Z = tau A / r, S = GELU(Z) (exact erf GELU).
-     * s, a: compute [rows, n]; row_norm: master [rows], receives r.
+     * forward: r = sqrt(sum_j A_j^2 + eps e_row), Z = tau A / r, S = GELU(Z) (exact erf GELU),
+     * with e_row = eps_scale[row], or 1 when eps_scale is NULL (the inference form of the blocks
+     * passes sigma^2 of the LayerNorm it folded in: vision/block.c, block_infer).
+     * s, a: compute [rows, n]; row_norm: master [rows], receives r; eps_scale: master [rows].
      * backward: with dZ = dS GELU'(Z),  dA = tau / r (dZ - A (A . dZ) / r^2); it also writes S
      * again (from A and the kept r, bit for bit what forward wrote), which the value-token
      * gradient needs: reading A once for both is cheaper than a second forward pass.
      * da may be the same buffer as ds; s is another. */
     void (*pattention_norm_forward)(void *s, void *row_norm, const void *a, int rows, int n, float tau,
-                                    float eps);
+                                    float eps, const void *eps_scale);
     void (*pattention_norm_backward)(void *da, void *s, const void *ds, const void *a, const void *row_norm,
                                      int rows, int n, float tau);
 
@@ -163,6 +165,14 @@ struct tf_backend {
      * (master, accumulated) may be NULL when weight is. */
     void (*layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
                                const void *rstd, const void *weight, int rows, int dim);
+    /* out = x minus the mean of its row: x master [rows, dim], out compute. The inference form of
+     * the blocks (vision/block.c, block_infer) folds a non-parametric LayerNorm's centring into
+     * the key tokens of the Pattentions that read it this way. Means summed in fp32 or better. */
+    void (*center_rows)(void *out, const void *x, int rows, int dim);
+    /* variance[row] = the biased variance of row x[row] plus eps: sigma^2 of LayerNorm(x, eps),
+     * which the inference form hands the Pattention norm as its eps_scale. x: compute [rows, dim];
+     * variance: master [rows]. Two reductions (mean, then squares about it), no cancellation. */
+    void (*layernorm_variance)(void *variance, const void *x, int rows, int dim, float eps);
 
     /* ---- residual connection with drop path ----
      * forward: out = residual_in + scale[row / rows_per_sample] * branch (scale NULL: 1);

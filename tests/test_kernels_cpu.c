@@ -176,6 +176,8 @@ static void test_backend_tables(void) {
         EXPECT_SET(layernorm_forward);
         EXPECT_SET(residual_layernorm_forward);
         EXPECT_SET(layernorm_backward);
+        EXPECT_SET(center_rows);
+        EXPECT_SET(layernorm_variance);
         EXPECT_SET(residual_forward);
         EXPECT_SET(residual_backward);
         EXPECT_SET(patch_im2col);
@@ -269,7 +271,7 @@ typedef struct {
 
 static double pattention_objective(void *context) {
     pattention_context *c = context;
-    f64->pattention_norm_forward(c->s, c->row_norm, c->a, c->rows, c->n, c->tau, c->eps);
+    f64->pattention_norm_forward(c->s, c->row_norm, c->a, c->rows, c->n, c->tau, c->eps, NULL);
     return dot(c->w, c->s, (size_t)c->rows * c->n);
 }
 
@@ -277,7 +279,7 @@ static void test_pattention_norm_case(int rows, int n, float tau, float eps) {
     char what[96];
     size_t count = (size_t)rows * n;
     double *a = random_input(count, 1.0), *s = new_f64(count), *row_norm = new_f64(rows);
-    f64->pattention_norm_forward(s, row_norm, a, rows, n, tau, eps);
+    f64->pattention_norm_forward(s, row_norm, a, rows, n, tau, eps, NULL);
     /* Reference: the definition r = sqrt(sum A^2 + eps), Z = tau A / r, S = GELU(Z) via erf. */
     double *expected_s = new_f64(count), *expected_norm = new_f64(rows);
     for (int i = 0; i < rows; i++) {
@@ -311,7 +313,7 @@ static void test_pattention_norm_case(int rows, int n, float tau, float eps) {
 
     /* fp32 against fp64. */
     float *a32 = to_f32(a, count), *s32 = new_f32(count), *norm32 = new_f32(rows);
-    f32->pattention_norm_forward(s32, norm32, a32, rows, n, tau, eps);
+    f32->pattention_norm_forward(s32, norm32, a32, rows, n, tau, eps, NULL);
     snprintf(what, sizeof what, "pattention_norm %dx%d fp32 vs fp64: S", rows, n);
     expect_f32_close(what, s32, s, count, F32_BOUND);
     snprintf(what, sizeof what, "pattention_norm %dx%d fp32 vs fp64: row norms", rows, n);
@@ -338,7 +340,7 @@ static void test_pattention_gelu_accuracy(void) {
         sum += a[j] * a[j];
     float tau = (float)(zmax * sqrt(sum));
     float *a32 = to_f32(a, n), *s32 = new_f32(n), *norm32 = new_f32(1);
-    f32->pattention_norm_forward(s32, norm32, a32, 1, n, tau, 0.0f);
+    f32->pattention_norm_forward(s32, norm32, a32, 1, n, tau, 0.0f, NULL);
     float scale = tau / norm32[0];
     double worst_relative = 0.0, worst_absolute = 0.0;
     for (int j = 0; j < n; j++) {
@@ -356,10 +358,37 @@ static void test_pattention_gelu_accuracy(void) {
     free_all();
 }
 
+/* eps scaled per row (the inference form's eps_scale): r = sqrt(sum A^2 + eps e_row), with A
+ * small enough that the eps term moves r. */
+static void test_pattention_norm_eps_scale(int rows, int n) {
+    size_t count = (size_t)rows * n;
+    float tau = sqrtf((float)n), eps = 1e-3f;
+    double *a = random_input(count, 0.01), *s = new_f64(count), *row_norm = new_f64(rows);
+    double *eps_scale = new_f64(rows), *expected_s = new_f64(count), *expected_norm = new_f64(rows);
+    for (int i = 0; i < rows; i++) eps_scale[i] = (float)(0.1 + 2.0 * tf_rng_uniform(&rng));
+    f64->pattention_norm_forward(s, row_norm, a, rows, n, tau, eps, eps_scale);
+    for (int i = 0; i < rows; i++) {
+        double sum = (double)eps * eps_scale[i];
+        for (int j = 0; j < n; j++) sum += a[(size_t)i * n + j] * a[(size_t)i * n + j];
+        expected_norm[i] = sqrt(sum);
+        for (int j = 0; j < n; j++)
+            expected_s[(size_t)i * n + j] = reference_gelu(tau * a[(size_t)i * n + j] / expected_norm[i]);
+    }
+    expect_close_f64("pattention_norm forward, eps scaled per row: row norms fp64", row_norm, expected_norm, rows,
+                     F64_BOUND);
+    expect_close_f64("pattention_norm forward, eps scaled per row: S fp64", s, expected_s, count, F64_BOUND);
+    float *s32 = new_f32(count), *norm32 = new_f32(rows);
+    f32->pattention_norm_forward(s32, norm32, to_f32(a, count), rows, n, tau, eps, to_f32(eps_scale, rows));
+    expect_f32_close("pattention_norm forward, eps scaled per row: row norms fp32", norm32, expected_norm, rows,
+                     F32_BOUND);
+    expect_f32_close("pattention_norm forward, eps scaled per row: S fp32", s32, expected_s, count, F32_BOUND);
+}
+
 static void test_pattention_norm(void) {
     printf("pattention_norm\n");
     test_pattention_norm_case(6, 37, sqrtf(29.0f), 1e-5f);
     test_pattention_norm_case(5, 64, sqrtf(64.0f), 0.5f); /* a large eps, so that r^2 must include it */
+    test_pattention_norm_eps_scale(9, 40);
     test_pattention_gelu_accuracy();
     free_all();
 }
@@ -704,8 +733,39 @@ static void test_residual_layernorm(bool with_scale) {
     expect_f32_close(what, rstd32, rstd, rows, F32_BOUND);
 }
 
+/* center_rows and layernorm_variance (the blocks' inference form) against their definitions. */
+static void test_layernorm_statistics(int rows, int dim) {
+    size_t count = (size_t)rows * dim;
+    double *x = random_input(count, 1.0);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < dim; j++) x[(size_t)i * dim + j] += (float)(i - rows / 2); /* a mean per row */
+    double *centered = new_f64(count), *variance = new_f64(rows);
+    double *expected_centered = new_f64(count), *expected_variance = new_f64(rows);
+    float eps = 1e-3f;
+    for (int i = 0; i < rows; i++) {
+        const double *row = x + (size_t)i * dim;
+        double mean = 0.0, squares = 0.0;
+        for (int j = 0; j < dim; j++) mean += row[j] / dim;
+        for (int j = 0; j < dim; j++) {
+            expected_centered[(size_t)i * dim + j] = row[j] - mean;
+            squares += (row[j] - mean) * (row[j] - mean);
+        }
+        expected_variance[i] = squares / dim + eps;
+    }
+    f64->center_rows(centered, x, rows, dim);
+    expect_close_f64("center_rows fp64", centered, expected_centered, count, F64_BOUND);
+    f64->layernorm_variance(variance, x, rows, dim, eps);
+    expect_close_f64("layernorm_variance fp64", variance, expected_variance, rows, F64_BOUND);
+    float *x32 = to_f32(x, count), *centered32 = new_f32(count), *variance32 = new_f32(rows);
+    f32->center_rows(centered32, x32, rows, dim);
+    expect_f32_close("center_rows fp32", centered32, expected_centered, count, F32_BOUND);
+    f32->layernorm_variance(variance32, x32, rows, dim, eps);
+    expect_f32_close("layernorm_variance fp32", variance32, expected_variance, rows, F32_BOUND);
+}
+
 static void test_layernorm(void) {
     printf("layernorm\n");
+    test_layernorm_statistics(7, 45);
     test_layernorm_case(5, 19, false);
     test_layernorm_case(5, 19, true);
     test_layernorm_case(9, 45, true); /* more than one column block in the parameter gradients */

@@ -322,8 +322,8 @@ static void pattention_norm_case(int rows, int n, bool in_place) {
     pair_random(&a, 1.0f);
     pair_poison(&s);
     pair_poison(&r);
-    cpu->pattention_norm_forward(s.cpu, r.cpu, a.cpu, rows, n, tau, eps);
-    gpu->pattention_norm_forward(s.gpu, r.gpu, a.gpu, rows, n, tau, eps);
+    cpu->pattention_norm_forward(s.cpu, r.cpu, a.cpu, rows, n, tau, eps, NULL);
+    gpu->pattention_norm_forward(s.gpu, r.gpu, a.gpu, rows, n, tau, eps, NULL);
     op_compare(&c, &s, BF16_LIMIT);
     op_compare(&c, &r, BF16_LIMIT);
     pair_random(&ds, 1.0f);
@@ -353,6 +353,29 @@ static void pattention_norm_case(int rows, int n, bool in_place) {
     op_end(&c);
 }
 
+/* The eps scaled per row (eps_scale, the inference form's sigma^2), with scores small enough that
+ * the eps term moves r. */
+static void pattention_norm_eps_scale_case(int rows, int n) {
+    op_check c;
+    float tau = sqrtf((float)n), eps = 1e-3f;
+    op_begin(&c, "pattention_norm forward, eps scaled per row, rows=%d n=%d", rows, n);
+    pair a = pair_new("A", (size_t)rows * n, true), s = pair_new("S", (size_t)rows * n, true);
+    pair r = pair_new("row_norm", (size_t)rows, false), scale = pair_new("eps_scale", (size_t)rows, false);
+    pair_random(&a, 0.01f);
+    pair_uniform(&scale, 0.1f, 2.1f);
+    pair_poison(&s);
+    pair_poison(&r);
+    cpu->pattention_norm_forward(s.cpu, r.cpu, a.cpu, rows, n, tau, eps, scale.cpu);
+    gpu->pattention_norm_forward(s.gpu, r.gpu, a.gpu, rows, n, tau, eps, scale.gpu);
+    op_compare(&c, &s, BF16_LIMIT);
+    op_compare(&c, &r, BF16_LIMIT);
+    pair_free(&a);
+    pair_free(&s);
+    pair_free(&r);
+    pair_free(&scale);
+    op_end(&c);
+}
+
 static void test_pattention_norm(void) {
     pattention_norm_case(17, 96, false);
     pattention_norm_case(50, 192, false);
@@ -362,6 +385,8 @@ static void test_pattention_norm(void) {
     pattention_norm_case(33, 100, false);  /* width not a multiple of 8: plain kernel */
     pattention_norm_case(9, 2304, false);  /* two warps per row */
     pattention_norm_case(5, 8200, false);  /* wider than 8192: plain kernel */
+    pattention_norm_eps_scale_case(9, 768);
+    pattention_norm_eps_scale_case(33, 100); /* plain kernel */
     if (small_only) return;
     pattention_norm_case(256 * 197, 768, false);
     pattention_norm_case(256 * 197, 3072, true);
@@ -442,6 +467,39 @@ static void test_attention(void) {
 }
 
 /* ---- LayerNorm ---- */
+/* center_rows (fp32 rows -> bf16 centred) and layernorm_variance (bf16 rows -> fp32 sigma^2), the
+ * inference form's two row statistics, on rows with means of their own. */
+static void layernorm_statistics_case(int rows, int dim) {
+    op_check c;
+    float eps = 1e-6f;
+    op_begin(&c, "center_rows, layernorm_variance rows=%d dim=%d", rows, dim);
+    size_t n = (size_t)rows * dim;
+    pair keys = pair_new("keys", n, false), centered = pair_new("centred keys", n, true);
+    pair x = pair_new("x", n, true), variance = pair_new("variance", rows, false);
+    pair_random(&keys, 0.02f);
+    pair_random(&x, 1.5f);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < dim; j++) {
+            keys.host[(size_t)i * dim + j] += 0.01f * (float)(i % 5);
+            x.host[(size_t)i * dim + j] += 0.25f * (float)(i % 7);
+        }
+    pair_upload(&keys);
+    pair_upload(&x);
+    pair_poison(&centered);
+    pair_poison(&variance);
+    cpu->center_rows(centered.cpu, keys.cpu, rows, dim);
+    gpu->center_rows(centered.gpu, keys.gpu, rows, dim);
+    op_compare(&c, &centered, BF16_LIMIT);
+    cpu->layernorm_variance(variance.cpu, x.cpu, rows, dim, eps);
+    gpu->layernorm_variance(variance.gpu, x.gpu, rows, dim, eps);
+    op_compare(&c, &variance, F32_LIMIT);
+    pair_free(&keys);
+    pair_free(&centered);
+    pair_free(&x);
+    pair_free(&variance);
+    op_end(&c);
+}
+
 static void layernorm_case(int rows, int dim, bool parametric) {
     op_check c;
     float eps = 1e-6f;
@@ -531,6 +589,10 @@ static void residual_layernorm_case(int batch, int tokens, int dim, bool scaled,
 }
 
 static void test_layernorm(void) {
+    layernorm_statistics_case(17, 96);
+    layernorm_statistics_case(33, 100);  /* plain kernel */
+    layernorm_statistics_case(9, 768);   /* B/16's width */
+    layernorm_statistics_case(5, 3072);  /* an FFN's key tokens: n rows of dim; and a wide row */
     layernorm_case(17, 96, false);
     layernorm_case(50, 192, true);
     layernorm_case(33, 100, true); /* plain kernel */

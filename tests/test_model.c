@@ -1,7 +1,8 @@
 /* The whole model on the CPU: gradients of every parameter tensor against central finite
  * differences in double precision (the fp64 CPU backend), with drop path active and both pooling
  * modes; the fp32 backend against the fp64 one; the parameter layout's counts for the four presets
- * of DESIGN.md section 2; drop-path scale statistics. */
+ * of DESIGN.md section 2; drop-path scale statistics; the inference form (model_infer) against
+ * model_forward. */
 #include "common/config.h"
 #include "tests/test_util.h"
 #include "vision/model.h"
@@ -172,6 +173,47 @@ static void check_inference_model(void) {
     model_destroy(&inference);
 }
 
+/* Relative error ||got - want|| / ||want|| of two logit arrays. */
+static double logits_error(const float *got, const float *want, size_t n) {
+    double difference = 0.0, norm = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        difference += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+        norm += (double)want[i] * want[i];
+    }
+    return sqrt(difference / norm);
+}
+
+/* model_infer (LayerNorms folded into the Pattentions, vision/block.c) against model_forward
+ * without drop path: the same function, so on the CPU the same logits up to rounding, with the
+ * parameters of the moment (the centred keys are rewritten each call). */
+static void check_inference_form(tf_dtype dtype, tf_pool pool, double limit) {
+    tf_model_config config = tiny_config(pool);
+    config.depth = 3;
+    enum { BATCH = 4 };
+    tf_model model;
+    if (!CHECK_OK(model_create(&model, &config, tf_cpu_backend(dtype), BATCH, true))) return;
+    tiny_inputs inputs = make_inputs(&config, BATCH, 31);
+    size_t count = (size_t)BATCH * config.classes;
+    float forward_logits[BATCH * 5], infer_logits[BATCH * 5];
+    for (uint64_t seed = 3; seed <= 4; seed++) {
+        CHECK_OK(model_init_params(&model, seed));
+        model_load_pixels(&model, inputs.pixels, BATCH);
+        model_forward(&model, BATCH, NULL);
+        CHECK_OK(model_logits(&model, forward_logits, BATCH));
+        model_infer(&model, BATCH);
+        CHECK_OK(model_logits(&model, infer_logits, BATCH));
+        double error = logits_error(infer_logits, forward_logits, count);
+        CHECK(error <= limit, "%s, %s pool, parameters of seed %d: model_infer's logits within %.3g of "
+              "model_forward's: %.3g",
+              tf_dtype_name(dtype), pool == TF_POOL_AVG ? "avg" : "cls", (int)seed, limit, error);
+    }
+    double loss;
+    CHECK(model_backward(&model, inputs.targets, BATCH, 0.25f, &loss) != TF_OK,
+          "model_backward after model_infer is refused (nothing was kept for it)");
+    free_inputs(&inputs);
+    model_destroy(&model);
+}
+
 /* The trainer loads the next micro-batch between a forward and its backward (model.h: only the
  * forward's first operation reads model->images): the loss and gradients stay bit for bit those
  * of a step with no load in between. */
@@ -299,6 +341,11 @@ int main(void) {
     check_gradients("cls pool", TF_POOL_CLS);
     check_fp32_matches_fp64();
     check_inference_model();
+    /* fp64: equal up to the rounding of the fp32 logits that model_logits hands out. */
+    check_inference_form(TF_DTYPE_F64, TF_POOL_AVG, 1e-7);
+    check_inference_form(TF_DTYPE_F64, TF_POOL_CLS, 1e-7);
+    check_inference_form(TF_DTYPE_F32, TF_POOL_AVG, 1e-5);
+    check_inference_form(TF_DTYPE_F32, TF_POOL_CLS, 1e-5);
     check_load_before_backward();
     check_gradient_hook();
     check_preset_counts();

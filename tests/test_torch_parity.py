@@ -256,7 +256,8 @@ def check_inputs(config: ref.ModelConfig, bundle: dict, case: dict) -> list:
     problems, batch = [], case["batch"]
     expected = {"input.images": (batch, config.channels, config.img_size, config.img_size),
                 "input.targets": (batch, config.classes), "input.drop_scales": (config.depth, 2, batch),
-                "output.logits": (batch, config.classes), "output.loss": (1,)}
+                "output.logits": (batch, config.classes), "output.loss": (1,),
+                "output.inference_logits": (batch, config.classes)}
     for name, shape in expected.items():
         if name not in bundle or tuple(bundle[name].shape) != shape:
             got = list(bundle[name].shape) if name in bundle else "absent"
@@ -322,6 +323,13 @@ def compare_case(case: dict, scratch: str, dump: str, device: str):
     rows = [("logits", "output.logits", relative_error(bundle["output.logits"], logits.detach()),
              max(bound, AUTOCAST_TENSOR_FACTOR * autocast.get("logits", 0.0))),
             ("loss", "output.loss", relative_error(bundle["output.loss"], loss.detach().reshape(1)), bound)]
+    # The inference form (model_infer: LayerNorms folded into the Pattentions, the residual stream
+    # in the compute dtype) against the reference without drop path, at the same bound.
+    no_drop = torch.ones(config.depth, 2, case["batch"], dtype=torch.float64)
+    with torch.no_grad():
+        plain_logits = ref.forward(params, config, as_torch("input.images"), no_drop)
+    inference_error = relative_error(bundle["output.inference_logits"], plain_logits)
+    rows.append(("logits", "output.inference_logits", inference_error, bound))
     grads = {name: relative_error(bundle["grad." + name], t.grad) for name, t in params.items()}
     rows += [("grad", name, error, max(bound, AUTOCAST_TENSOR_FACTOR * autocast.get(name, 0.0)))
              for name, error in grads.items()]

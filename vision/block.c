@@ -54,6 +54,40 @@ void block_forward(tf_model *model, int block, int batch, const void *drop_scale
     }
 }
 
+/* The inference form. A non-parametric LayerNorm is y = (x - mean(x)) / sigma(x), and a
+ * Pattention reads y only through A = y K^T and the row normalisation A tau / sqrt(|A|^2 + eps):
+ *   (x - mean(x)) K^T = x Kc^T with Kc = K minus each key token's own mean (centred once per
+ *   forward), and with A' = x Kc^T = sigma A the normalisation is A' tau / sqrt(|A'|^2 + eps
+ *   sigma^2): the LayerNorm's 1 / sigma cancels but for eps, which the norm pass scales per row.
+ * So Q, K, V and the FFN read the residual stream itself with centred keys, a pass that only
+ * reads the stream gives sigma^2 per row, and P_o's and the FFN's value GEMMs add their outputs to
+ * the stream (beta = 1): instead of 2 x depth LayerNorm passes that read and write the stream
+ * (12 bytes an element with the fp32 stream), 2 x depth that read it (2 bytes in bf16). The
+ * stream is a compute buffer here (bf16 on CUDA), as a GEMM operand must be; in training it is
+ * fp32 for the gradients' sake (kernels.h), which inference has none of. Without the eps scaling
+ * the logits moved by up to 1e-4 relative (a fresh small model, whose stream has sigma ~ 0.1). */
+void block_infer(tf_model *model, int block, int batch) {
+    const tf_backend *backend = model->backend;
+    const tf_model_config *config = &model->config;
+    tf_block_cache *cache = &model->blocks[block];
+    int tokens = model->tokens, rows = batch * tokens, dim = config->dim;
+    void *x = model->stream;
+
+    model_op_class(model, TF_OP_LAYERNORM);
+    backend->layernorm_variance(model->stream_variance, x, rows, dim, TF_LAYERNORM_EPS);
+    pattention_infer(model, block, TF_PATT_Q, cache->q, false, x, rows);
+    pattention_infer(model, block, TF_PATT_K, cache->k, false, x, rows);
+    pattention_infer(model, block, TF_PATT_V, cache->v, false, x, rows);
+    model_op_class(model, TF_OP_ATTENTION);
+    backend->attention_forward(cache->attention, cache->attention_lse, cache->q, cache->k, cache->v, batch, tokens,
+                               config->heads, dim / config->heads);
+    pattention_infer(model, block, TF_PATT_O, x, true, cache->attention, rows);
+    model_op_class(model, TF_OP_LAYERNORM);
+    backend->layernorm_variance(model->stream_variance, x, rows, dim, TF_LAYERNORM_EPS);
+    /* Reads x with its first GEMM and adds to it with its last, in queue order. */
+    pattention_infer(model, block, TF_PATT_FFN, x, true, x, rows);
+}
+
 /* d loss / d branch output: the residual gradient scaled per sample, or the residual gradient
  * itself when nothing is dropped. */
 static const void *branch_gradient(tf_model *model, const void *scales, int rows) {

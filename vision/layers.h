@@ -30,6 +30,10 @@ void embed_backward(tf_model *model, int batch);
 
 /* out = Pattention `which` of block `block` applied to in [rows, dim]; keeps its cache. */
 void pattention_forward(tf_model *model, int block, int which, void *out, const void *in, int rows);
+/* The inference form's (block_infer): where the model has centred key tokens for it
+ * (model->centered_keys), `in` is the residual stream itself rather than its LayerNorm, and
+ * model->stream_variance holds the LayerNorm's sigma^2 per row; out += the result with accumulate. */
+void pattention_infer(tf_model *model, int block, int which, void *out, bool accumulate, const void *in, int rows);
 /* From d_out, adds the key and value gradients, and writes (or adds, with accumulate) d_in. */
 void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,
                          const void *in, int rows);
@@ -38,6 +42,8 @@ void pattention_backward(tf_model *model, int block, int which, void *d_in, bool
  * next block's LN(x) (or, for the last block, nothing more). drop_scales: the master buffer
  * [depth, 2, batch], or NULL. */
 void block_forward(tf_model *model, int block, int batch, const void *drop_scales);
+/* The same block without drop path in its inference form, on model->stream (model_infer). */
+void block_infer(tf_model *model, int block, int batch);
 /* model->d_residual: d loss / d the block's output on entry, d loss / d its input on return. */
 void block_backward(tf_model *model, int block, int batch, const void *drop_scales);
 

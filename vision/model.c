@@ -81,6 +81,13 @@ static void plan_buffers(tf_model *model, arena *compute, arena *master) {
     model->patch_rows = arena_take(compute, patch_rows * patch_size);
     model->patch_tokens = arena_take(compute, patch_rows * dim);
     model->residual = arena_take(master, rows * dim);
+    model->stream = arena_take(compute, rows * dim);
+    model->stream_variance = arena_take(master, rows);
+    for (int l = 0; l < config->depth; l++)
+        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++) {
+            size_t count = model->layout.tensors[model->layout.keys[l][which]].count;
+            model->centered_keys[l][which] = which == TF_PATT_O ? NULL : arena_take(compute, count);
+        }
     for (int l = 0; l < config->depth; l++) {
         if (model->training || l == 0)
             plan_block_cache(&model->blocks[l], config, rows, compute, master);
@@ -293,6 +300,33 @@ void model_forward(tf_model *model, int batch, const float *drop_scales) {
     head_forward(model, batch);
     /* Remembered for backward: whether this forward dropped paths. */
     model->forward_dropped = scales != NULL;
+    model->forward_kept = true;
+}
+
+/* The centred key tokens that block_infer reads, from the master parameters as they are now. */
+static void center_keys(tf_model *model) {
+    const tf_param_layout *layout = &model->layout;
+    for (int block = 0; block < model->config.depth; block++)
+        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++) {
+            if (!model->centered_keys[block][which]) continue;
+            int keys = layout->keys[block][which];
+            int dim = model->config.dim, n = (int)(layout->tensors[keys].count / (size_t)dim);
+            model->backend->center_rows(model->centered_keys[block][which], model_master_param(model, keys), n, dim);
+        }
+}
+
+void model_infer(tf_model *model, int batch) {
+    const tf_backend *backend = model->backend;
+    size_t elements = (size_t)batch * model->tokens * model->config.dim;
+    model_op_class(model, TF_OP_OTHER);
+    center_keys(model);
+    embed_forward(model, batch);
+    backend->convert(model->stream, backend->compute_dtype, model->residual, backend->master_dtype, elements);
+    for (int block = 0; block < model->config.depth; block++) block_infer(model, block, batch);
+    model_op_class(model, TF_OP_OTHER);
+    backend->convert(model->residual, backend->master_dtype, model->stream, backend->compute_dtype, elements);
+    head_forward(model, batch);
+    model->forward_kept = false;
 }
 
 static tf_status cross_entropy(tf_model *model, const float *targets, int batch, float loss_scale, bool backward,
@@ -322,6 +356,7 @@ static void gradients_ready(tf_model *model, int first, int last) {
 
 tf_status model_backward(tf_model *model, const float *targets, int batch, float loss_scale, double *mean_loss) {
     if (!model->training) return tf_fail(TF_ERR_RUNTIME, "model_backward on a model made without training");
+    if (!model->forward_kept) return tf_fail(TF_ERR_RUNTIME, "model_backward needs model_forward before it");
     TF_TRY(cross_entropy(model, targets, batch, loss_scale, true, model->host_losses));
     double sum = 0.0;
     for (int b = 0; b < batch; b++) sum += model->host_losses[b];

@@ -8,7 +8,8 @@
  *   (batch-level augmentation such as mixup works on model->images here)
  *   model_forward(model, batch, drop_scales);                  images -> logits
  *   model_backward(model, targets, batch, loss_scale, &loss);  loss, gradients += d loss
- * Evaluation calls model_forward() with drop_scales NULL, then model_loss() / model_logits(). */
+ * Evaluation calls model_infer(), the forward pass in its inference form (the same function,
+ * computed with fewer passes and without what backward needs), then model_loss() / model_logits(). */
 #ifndef TF_VISION_MODEL_H
 #define TF_VISION_MODEL_H
 
@@ -87,6 +88,12 @@ typedef struct {
     void *patch_rows;   /* compute [B * patches, C p p] */
     void *patch_tokens; /* compute [B * patches, dim] */
     void *residual;     /* master [B * tokens, dim]: the residual stream, updated in place by each block */
+    void *stream;       /* compute [B * tokens, dim]: the residual stream of the inference form */
+    void *stream_variance; /* master [B * tokens]: sigma^2 of the LayerNorm it folds in (block_infer) */
+    /* Compute [n, dim]: the key tokens of Q, K, V and the FFN of each block minus each token's
+     * mean, which the inference form reads in place of the LayerNorms (block_infer); rewritten by
+     * every model_infer from the master parameters. NULL for P_o, whose input is no LayerNorm's. */
+    void *centered_keys[TF_MAX_DEPTH][TF_PATTENTIONS_PER_BLOCK];
     tf_block_cache *blocks;
     void *branch;       /* compute [B * tokens, dim]: P_o or FFN output before the residual add */
     void *probs;        /* compute [B * tokens, max(n_attn, n_ffn)]: S of the Pattention at hand */
@@ -109,6 +116,7 @@ typedef struct {
     void *d_patch_tokens;
 
     bool forward_dropped; /* the last forward used drop_scales, so backward uses them too */
+    bool forward_kept;    /* the last forward was model_forward's, which keeps what backward reads */
     tf_op_profile *profile; /* NULL unless profiling (model_profile_start) */
     /* Called by model_backward() as each range of the gradient buffer becomes final (see
      * model_set_gradient_hook); NULL for none. */
@@ -161,16 +169,24 @@ void model_load_pixels(tf_model *model, const uint8_t *pixels, int batch);
  * none (evaluation). */
 void model_forward(tf_model *model, int batch, const float *drop_scales);
 
+/* The forward pass without drop path, in its inference form: the logits of model_forward(model,
+ * batch, NULL) up to rounding, faster, and with nothing kept for backward. Each block's LayerNorms
+ * are folded into the Pattentions that read them and the residual stream is a compute buffer
+ * (block_infer in vision/block.c says how and why); on the CPU the two forms differ only in the
+ * order of floating-point operations and in the Pattention eps acting as eps / sigma^2. */
+void model_infer(tf_model *model, int batch);
+
 /* After model_forward(): soft-target cross-entropy against targets (host [batch, classes], rows
  * sum to 1), then the backward pass, adding (loss_scale * d sum_b loss_b) to the gradients. Returns
  * the mean loss over the batch, or a backend failure. Use loss_scale = 1 / global batch so that
  * accumulated micro-batches give the gradient of the mean loss. */
 tf_status model_backward(tf_model *model, const float *targets, int batch, float loss_scale, double *mean_loss);
 
-/* After model_forward(): per-sample losses without backward (evaluation). losses: host [batch]. */
+/* After model_forward() or model_infer(): per-sample losses without backward (evaluation).
+ * losses: host [batch]. */
 tf_status model_loss(tf_model *model, const float *targets, int batch, float *losses);
 
-/* After model_forward(): host fp32 logits [batch, classes]. */
+/* After model_forward() or model_infer(): host fp32 logits [batch, classes]. */
 tf_status model_logits(tf_model *model, float *logits, int batch);
 
 /* Profiling of the passes that follow (into *profile, which the caller owns), and the sum per

@@ -24,21 +24,36 @@ static float pattention_tau(const tf_model *model, int block, int which) {
     return sqrtf((float)model->config.n_norm[block][which]);
 }
 
-void pattention_forward(tf_model *model, int block, int which, void *out, const void *in, int rows) {
+/* out = S V (or out += S V) with S = GELU(norm(in keys^T)), eps scaled per row by eps_scale when
+ * given; A and the row norms stay in the cache. */
+static void pattention_apply(tf_model *model, int block, int which, const void *keys, const void *eps_scale,
+                             void *out, bool accumulate, const void *in, int rows) {
     const tf_backend *backend = model->backend;
-    const tf_param_layout *layout = &model->layout;
     tf_pattention_cache *cache = &model->blocks[block].patt[which];
     int n = pattention_tokens(model, which), dim = model->config.dim;
 
     model_op_class(model, TF_OP_PATTENTION_GEMM);
-    backend->matmul(cache->scores, in, model_param(model, layout->keys[block][which]),
-                    &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
+    backend->matmul(cache->scores, in, keys, &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
     model_op_class(model, TF_OP_PATTENTION_NORM);
     backend->pattention_norm_forward(model->probs, cache->row_norm, cache->scores, rows, n,
-                                     pattention_tau(model, block, which), model->config.eps);
+                                     pattention_tau(model, block, which), model->config.eps, eps_scale);
     model_op_class(model, TF_OP_PATTENTION_GEMM);
-    backend->matmul(out, model->probs, model_param(model, layout->values[block][which]),
-                    &(tf_matmul_desc){.m = rows, .n = dim, .k = n});
+    backend->matmul(out, model->probs, model_param(model, model->layout.values[block][which]),
+                    &(tf_matmul_desc){.m = rows, .n = dim, .k = n, .accumulate = accumulate});
+}
+
+void pattention_forward(tf_model *model, int block, int which, void *out, const void *in, int rows) {
+    pattention_apply(model, block, which, model_param(model, model->layout.keys[block][which]), NULL, out, false, in,
+                     rows);
+}
+
+void pattention_infer(tf_model *model, int block, int which, void *out, bool accumulate, const void *in, int rows) {
+    const void *keys = model->centered_keys[block][which];
+    if (keys)
+        pattention_apply(model, block, which, keys, model->stream_variance, out, accumulate, in, rows);
+    else
+        pattention_apply(model, block, which, model_param(model, model->layout.keys[block][which]), NULL, out,
+                         accumulate, in, rows);
 }
 
 void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,

@@ -42,6 +42,8 @@ const tf_backend CPU_FN(backend) = {
     .layernorm_forward = CPU_FN(layernorm_forward),
     .residual_layernorm_forward = CPU_FN(residual_layernorm_forward),
     .layernorm_backward = CPU_FN(layernorm_backward),
+    .center_rows = CPU_FN(center_rows),
+    .layernorm_variance = CPU_FN(layernorm_variance),
 
     .residual_forward = CPU_FN(residual_forward),
     .residual_backward = CPU_FN(residual_backward),

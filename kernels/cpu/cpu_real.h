@@ -147,7 +147,7 @@ void CPU_FN(cutmix_images)(void *images, int batch, int channels, int size, int 
 void CPU_FN(matmul)(void *c, const void *a, const void *b, const tf_matmul_desc *desc);
 
 void CPU_FN(pattention_norm_forward)(void *s, void *row_norm, const void *a, int rows, int n, float tau,
-                                     float eps);
+                                     float eps, const void *eps_scale);
 void CPU_FN(pattention_norm_backward)(void *da, void *s, const void *ds, const void *a, const void *row_norm,
                                       int rows, int n, float tau);
 
@@ -164,6 +164,8 @@ void CPU_FN(residual_layernorm_forward)(void *residual_out, void *ln_out, void *
                                         int rows_per_sample, float eps);
 void CPU_FN(layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
                                 const void *rstd, const void *weight, int rows, int dim);
+void CPU_FN(center_rows)(void *out, const void *x, int rows, int dim);
+void CPU_FN(layernorm_variance)(void *variance, const void *x, int rows, int dim, float eps);
 
 void CPU_FN(residual_forward)(void *out, const void *residual_in, const void *branch,
                               const void *sample_scale, int rows, int dim, int rows_per_sample);

@@ -126,3 +126,42 @@ void CPU_FN(layernorm_backward)(void *dx_buffer, void *dweight_buffer, void *dbi
         }
     }
 }
+
+/* out = x minus its row's mean (kernels.h: the LayerNorm's centring, folded into key tokens by
+ * the blocks' inference form). The mean is summed in double, as the LayerNorm's is. */
+void CPU_FN(center_rows)(void *out_buffer, const void *x_buffer, int rows, int dim) {
+    real *out = out_buffer;
+    const real *x = x_buffer;
+#pragma omp parallel for schedule(static)
+    for (int row = 0; row < rows; row++) {
+        const real *x_row = x + (size_t)row * dim;
+        real *out_row = out + (size_t)row * dim;
+        double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < dim; j++)
+            sum += x_row[j];
+        real mean = (real)(sum / dim);
+#pragma omp simd
+        for (int j = 0; j < dim; j++)
+            out_row[j] = x_row[j] - mean;
+    }
+}
+
+/* sigma^2 = var(x) + eps per row (kernels.h), in double, two passes as normalize_row's. */
+void CPU_FN(layernorm_variance)(void *variance_buffer, const void *x_buffer, int rows, int dim, float eps) {
+    real *variance = variance_buffer;
+    const real *x = x_buffer;
+#pragma omp parallel for schedule(static)
+    for (int row = 0; row < rows; row++) {
+        const real *x_row = x + (size_t)row * dim;
+        double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < dim; j++)
+            sum += x_row[j];
+        double mean = sum / dim, squares = 0.0;
+#pragma omp simd reduction(+ : squares)
+        for (int j = 0; j < dim; j++)
+            squares += ((double)x_row[j] - mean) * ((double)x_row[j] - mean);
+        variance[row] = (real)(squares / dim + (double)eps);
+    }
+}

@@ -1,14 +1,15 @@
 /* The Pattention normalisation (DESIGN.md section 2): between A = X K^T and out = S V, each row
  * of scores is scaled to a fixed norm and passed through GELU:
- *   r = sqrt(sum_j A_j^2 + eps),  Z = tau A / r,  S = GELU(Z)  (exact erf GELU).
+ *   r = sqrt(sum_j A_j^2 + eps),  Z = tau A / r,  S = GELU(Z)  (exact erf GELU),
+ * eps scaled per row when eps_scale is given (kernels.h).
  * The row norms r are kept for backward, which recomputes Z and S from A rather than storing them.
  * Row sums are accumulated in double in both builds. */
 #include "kernels/cpu/cpu_real.h"
 
 void CPU_FN(pattention_norm_forward)(void *s_buffer, void *row_norm_buffer, const void *a_buffer, int rows,
-                                     int n, float tau, float eps) {
+                                     int n, float tau, float eps, const void *eps_scale_buffer) {
     real *s = s_buffer, *row_norm = row_norm_buffer;
-    const real *a = a_buffer;
+    const real *a = a_buffer, *eps_scale = eps_scale_buffer;
 #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++) {
         const real *a_row = a + (size_t)row * n;
@@ -18,7 +19,8 @@ void CPU_FN(pattention_norm_forward)(void *s_buffer, void *row_norm_buffer, cons
         for (int j = 0; j < n; j++)
             sum_squares += (double)a_row[j] * (double)a_row[j];
         /* Z is computed from the stored (rounded) r so that backward recomputes the same Z. */
-        real r = (real)sqrt(sum_squares + (double)eps);
+        double row_eps = eps_scale ? (double)eps * (double)eps_scale[row] : (double)eps;
+        real r = (real)sqrt(sum_squares + row_eps);
         real scale = (real)tau / r;
         row_norm[row] = r;
 #pragma omp simd

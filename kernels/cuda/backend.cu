@@ -261,6 +261,8 @@ static void fill_table(tf_backend *t) {
     t->layernorm_forward = cuda_layernorm_forward;
     t->residual_layernorm_forward = cuda_residual_layernorm_forward;
     t->layernorm_backward = cuda_layernorm_backward;
+    t->center_rows = cuda_center_rows;
+    t->layernorm_variance = cuda_layernorm_variance;
     t->residual_forward = cuda_residual_forward;
     t->residual_backward = cuda_residual_backward;
     t->patch_im2col = cuda_patch_im2col;

@@ -291,7 +291,8 @@ void cuda_cutmix_images(void *images, int batch, int channels, int size, int y0,
 /* matmul.cu */
 void cuda_matmul(void *c, const void *a, const void *b, const tf_matmul_desc *desc);
 /* pattention_norm.cu */
-void cuda_pattention_norm_forward(void *s, void *row_norm, const void *a, int rows, int n, float tau, float eps);
+void cuda_pattention_norm_forward(void *s, void *row_norm, const void *a, int rows, int n, float tau, float eps,
+                                  const void *eps_scale);
 void cuda_pattention_norm_backward(void *da, void *s, const void *ds, const void *a, const void *row_norm, int rows,
                                    int n, float tau);
 /* attention.cu */
@@ -308,6 +309,8 @@ void cuda_residual_layernorm_forward(void *residual_out, void *ln_out, void *rst
                                      int rows_per_sample, float eps);
 void cuda_layernorm_backward(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
                              const void *rstd, const void *weight, int rows, int dim);
+void cuda_center_rows(void *out, const void *x, int rows, int dim);
+void cuda_layernorm_variance(void *variance, const void *x, int rows, int dim, float eps);
 /* residual.cu */
 void cuda_residual_forward(void *out, const void *residual_in, const void *branch, const void *sample_scale,
                            int rows, int dim, int rows_per_sample);

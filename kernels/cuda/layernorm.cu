@@ -345,3 +345,85 @@ extern "C" void cuda_layernorm_backward(void *dx, void *dweight, void *dbias, co
 #undef BACKWARD_PLAIN
     LAUNCH_CHECK("layernorm_backward_kernel", "rows %d dim %d affine %d", rows, dim, (int)affine);
 }
+
+/* out (bf16) = x (fp32) minus its row's mean, one warp per row: the key tokens of the blocks'
+ * inference form (kernels.h), a few MB once per forward, so the plain form is enough. */
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void center_rows_kernel(bf16 *out, const float *x, int rows, int dim) {
+    int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float *x_row = x + (size_t)row * dim;
+    bf16 *out_row = out + (size_t)row * dim;
+    float sum = 0.0f;
+    for (int j = lane; j < dim; j += 32) sum += x_row[j];
+    float mean = warp_sum(sum) / dim;
+    for (int j = lane; j < dim; j += 32) bf16_store(out_row + j, x_row[j] - mean);
+}
+
+extern "C" void cuda_center_rows(void *out, const void *x, int rows, int dim) {
+    if (rows <= 0 || dim <= 0) return;
+    center_rows_kernel<<<ceil_div_u((size_t)rows, ROW_BLOCK_THREADS / 32), ROW_BLOCK_THREADS, 0, cuda_ctx.stream>>>(
+        (bf16 *)out, (const float *)x, rows, dim);
+    LAUNCH_CHECK("center_rows_kernel", "rows %d dim %d", rows, dim);
+}
+
+/* sigma^2 = var(x) + eps of bf16 rows (kernels.h): the row in registers as the other row kernels
+ * hold it, then the mean and the squares about it, two reductions. */
+template <int CHUNKS, int WARPS>
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_variance_kernel(float *variance, const bf16 *x,
+                                                                                 int rows, int dim, float eps) {
+    __shared__ float scratch[8];
+    int row = row_of_thread<WARPS>(), t = row_thread_index<WARPS>();
+    bool active = row < rows;
+    int chunks = dim >> 3;
+    const uint4 *x_row = reinterpret_cast<const uint4 *>(x + (size_t)row * dim);
+    float values[CHUNKS][8];
+    float sum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+        int index = c * 32 * WARPS + t;
+        bf16x8_unpack(active && index < chunks ? x_row[index] : make_uint4(0, 0, 0, 0), values[c]);
+#pragma unroll
+        for (int i = 0; i < 8; i++) sum += values[c][i];
+    }
+    float mean = row_sum<WARPS>(sum, scratch) / dim, squares = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++)
+        if (c * 32 * WARPS + t < chunks)
+#pragma unroll
+            for (int i = 0; i < 8; i++) squares = fmaf(values[c][i] - mean, values[c][i] - mean, squares);
+    squares = row_sum<WARPS>(squares, scratch);
+    if (active && t == 0) variance[row] = squares / dim + eps;
+}
+
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_variance_plain_kernel(float *variance, const bf16 *x,
+                                                                                       int rows, int dim, float eps) {
+    int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const bf16 *x_row = x + (size_t)row * dim;
+    float sum = 0.0f, squares = 0.0f;
+    for (int j = lane; j < dim; j += 32) sum += bf16_load(x_row + j);
+    float mean = warp_sum(sum) / dim;
+    for (int j = lane; j < dim; j += 32) {
+        float centered = bf16_load(x_row + j) - mean;
+        squares = fmaf(centered, centered, squares);
+    }
+    squares = warp_sum(squares);
+    if (lane == 0) variance[row] = squares / dim + eps;
+}
+
+extern "C" void cuda_layernorm_variance(void *variance, const void *x, int rows, int dim, float eps) {
+    if (rows <= 0 || dim <= 0) return;
+    float *variance_ = (float *)variance;
+    const bf16 *x_ = (const bf16 *)x;
+    row_layout layout = plan_row(dim, is_aligned16(x));
+    unsigned grid = row_grid(rows, layout);
+    cudaStream_t stream = cuda_ctx.stream;
+#define VARIANCE_CASE(C, W)                                                                                        \
+    layernorm_variance_kernel<C, W><<<grid, ROW_BLOCK_THREADS, 0, stream>>>(variance_, x_, rows, dim, eps);
+#define VARIANCE_PLAIN                                                                                             \
+    layernorm_variance_plain_kernel<<<grid, ROW_BLOCK_THREADS, 0, stream>>>(variance_, x_, rows, dim, eps);
+    ROW_LAYOUT_SWITCH(layout, VARIANCE_CASE, VARIANCE_PLAIN)
+#undef VARIANCE_CASE
+#undef VARIANCE_PLAIN
+    LAUNCH_CHECK("layernorm_variance_kernel", "rows %d dim %d", rows, dim);
+}

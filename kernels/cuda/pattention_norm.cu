@@ -1,6 +1,6 @@
 /* The Pattention normalisation (DESIGN.md section 2), per row of A = X K^T:
  *   r = sqrt(sum_j A_j^2 + eps),  Z = tau A / r,  S = GELU(Z)  (exact erf GELU)
- * Forward keeps r (fp32, per row) for backward; S is bf16.
+ * (eps times eps_scale[row] where one is given: kernels.h). Forward keeps r (fp32, per row) for backward; S is bf16.
  *
  * Backward. Z_i = tau A_i / r with r^2 = sum_k A_k^2 + eps, so dr/dA_j = A_j / r and
  *   dZ_i/dA_j = tau (delta_ij / r - A_i A_j / r^3).
@@ -20,7 +20,8 @@
 template <int CHUNKS, int WARPS>
 __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_kernel(bf16 *s, float *row_norm,
                                                                                       const bf16 *a, int rows, int n,
-                                                                                      float tau, float eps) {
+                                                                                      float tau, float eps,
+                                                                                      const float *eps_scale) {
     __shared__ float scratch[8];
     int row = row_of_thread<WARPS>(), t = row_thread_index<WARPS>();
     bool active = row < rows;
@@ -42,7 +43,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_ker
     }
     sum = row_sum<WARPS>(sum, scratch);
     if (!active) return;
-    float r = sqrtf(sum + eps), scale = tau / r;
+    float r = sqrtf(sum + (eps_scale ? eps * eps_scale[row] : eps)), scale = tau / r;
     if (t == 0) row_norm[row] = r;
     uint4 *s_row = reinterpret_cast<uint4 *>(s + (size_t)row * n);
 #pragma unroll
@@ -119,7 +120,8 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_ke
 __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_plain_kernel(bf16 *s, float *row_norm,
                                                                                             const bf16 *a, int rows,
                                                                                             int n, float tau,
-                                                                                            float eps) {
+                                                                                            float eps,
+                                                                                            const float *eps_scale) {
     int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     const bf16 *a_row = a + (size_t)row * n;
@@ -129,7 +131,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_pla
         sum = fmaf(x, x, sum);
     }
     sum = warp_sum(sum);
-    float r = sqrtf(sum + eps), scale = tau / r;
+    float r = sqrtf(sum + (eps_scale ? eps * eps_scale[row] : eps)), scale = tau / r;
     if (lane == 0) row_norm[row] = r;
     for (int j = lane; j < n; j += 32) bf16_store(s + (size_t)row * n + j, gelu_erf(bf16_load(a_row + j) * scale));
 }
@@ -160,18 +162,20 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_pl
 #define PATTENTION_SHAPE "rows %d n %d tau %g", rows, n, (double)tau
 
 extern "C" void cuda_pattention_norm_forward(void *s, void *row_norm, const void *a, int rows, int n, float tau,
-                                             float eps) {
+                                             float eps, const void *eps_scale) {
     if (rows <= 0 || n <= 0) return;
     cudaStream_t stream = cuda_ctx.stream;
     bf16 *s_ = (bf16 *)s;
     float *r_ = (float *)row_norm;
     const bf16 *a_ = (const bf16 *)a;
+    const float *e_ = (const float *)eps_scale;
     row_layout layout = plan_row(n, is_aligned16(s) && is_aligned16(a));
     unsigned grid = row_grid(rows, layout);
 #define FORWARD_CASE(C, W)                                                                                         \
-    pattention_norm_forward_kernel<C, W><<<grid, ROW_BLOCK_THREADS, 0, stream>>>(s_, r_, a_, rows, n, tau, eps);
+    pattention_norm_forward_kernel<C, W><<<grid, ROW_BLOCK_THREADS, 0, stream>>>(s_, r_, a_, rows, n, tau, eps, e_);
 #define FORWARD_PLAIN                                                                                              \
-    pattention_norm_forward_plain_kernel<<<grid, ROW_BLOCK_THREADS, 0, stream>>>(s_, r_, a_, rows, n, tau, eps);
+    pattention_norm_forward_plain_kernel<<<grid, ROW_BLOCK_THREADS, 0, stream>>>(s_, r_, a_, rows, n, tau, eps,   \
+                                                                                  e_);
     ROW_LAYOUT_SWITCH(layout, FORWARD_CASE, FORWARD_PLAIN)
 #undef FORWARD_CASE
 #undef FORWARD_PLAIN

@@ -143,7 +143,7 @@ typedef struct {
 
 static void run_norm_forward(void *context) {
     norm_context *c = context;
-    gpu->pattention_norm_forward(c->s, c->r, c->a, c->rows, c->n, 27.7f, 1e-6f);
+    gpu->pattention_norm_forward(c->s, c->r, c->a, c->rows, c->n, 27.7f, 1e-6f, NULL);
 }
 
 static void run_norm_backward(void *context) {

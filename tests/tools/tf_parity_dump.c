@@ -2,7 +2,8 @@
  * independent implementation needs to check it (tests/test_torch_parity.py, whose README states
  * the contract): the initial model, the inputs (normalised images, soft targets, drop-path
  * scales), the logits, the mean loss, every parameter gradient, and the parameters after one
- * AdamW step.
+ * AdamW step; and the logits of the inference form (model_infer) on the same images, which the
+ * reference computes without drop path.
  *
  *   tf_parity_dump --config FILE.yaml [--set section.key=value]... --batch B --seed S --out DIR
  *                  [--device cpu|cuda] */
@@ -30,7 +31,7 @@ typedef struct {
 
 /* Host copies of everything the bundle holds. */
 typedef struct {
-    float *images, *targets, *drop_scales, *logits, *initial, *grads, *updated;
+    float *images, *targets, *drop_scales, *logits, *inference_logits, *initial, *grads, *updated;
     float loss;
 } dump_data;
 
@@ -83,6 +84,8 @@ static tf_status run_step(const tf_config *config, int batch, tf_model *model, d
     model_load_pixels(model, pixels, batch);
     model->backend->download(data->images, model->images, model->backend->compute_dtype, (size_t)batch * image);
     free(pixels); /* after the download, which waited for the upload */
+    model_infer(model, batch);
+    TF_TRY(model_logits(model, data->inference_logits, batch));
     model_zero_grads(model);
     model_forward(model, batch, data->drop_scales);
     TF_TRY(model_logits(model, data->logits, batch));
@@ -120,7 +123,7 @@ static tf_status write_bundle(const char *path, const tf_config *config, const t
                               const dump_data *data) {
     const tf_model_config *m = &model->config;
     const tf_param_layout *layout = &model->layout;
-    size_t count = 6 + 2 * (size_t)layout->count;
+    size_t count = 7 + 2 * (size_t)layout->count;
     safetensors_tensor_data *table = calloc(count, sizeof *table);
     char *names = malloc(2 * (size_t)layout->count * TF_CHECKPOINT_NAME_MAX);
     char *adamw = adamw_metadata(config, layout);
@@ -132,6 +135,8 @@ static tf_status write_bundle(const char *path, const tf_config *config, const t
     table[n++] = (safetensors_tensor_data){"input.drop_scales", "F32", 3, {m->depth, 2, batch}, data->drop_scales};
     table[n++] = (safetensors_tensor_data){"output.logits", "F32", 2, {batch, m->classes}, data->logits};
     table[n++] = (safetensors_tensor_data){"output.loss", "F32", 1, {1}, &data->loss};
+    table[n++] = (safetensors_tensor_data){"output.inference_logits", "F32", 2, {batch, m->classes},
+                                           data->inference_logits};
     checkpoint_tensor_table(layout, "grad.", data->grads, names, table + n);
     n += (size_t)layout->count;
     checkpoint_tensor_table(layout, "adamw.", data->updated, names + (size_t)layout->count * TF_CHECKPOINT_NAME_MAX,
@@ -174,6 +179,7 @@ static tf_status dump(const dump_arguments *arguments) {
         .targets = malloc((size_t)batch * config.model.classes * sizeof(float)),
         .drop_scales = malloc((size_t)config.model.depth * 2 * batch * sizeof(float)),
         .logits = malloc((size_t)batch * config.model.classes * sizeof(float)),
+        .inference_logits = malloc((size_t)batch * config.model.classes * sizeof(float)),
         .initial = malloc(total * sizeof(float)),
         .grads = malloc(total * sizeof(float)),
         .updated = malloc(total * sizeof(float)),
@@ -192,6 +198,7 @@ static tf_status dump(const dump_arguments *arguments) {
     free(data.targets);
     free(data.drop_scales);
     free(data.logits);
+    free(data.inference_logits);
     free(data.initial);
     free(data.grads);
     free(data.updated);
