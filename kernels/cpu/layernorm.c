@@ -8,19 +8,29 @@
  * request). */
 #include "kernels/cpu/cpu_real.h"
 
-/* Normalises one row and stores rstd, and xhat when asked (xhat_out may be NULL); out may be x. */
-static void normalize_row(real *out, real *xhat_out, real *rstd_out, const real *x, const real *weight,
-                          const real *bias, int dim, float eps) {
+/* The mean of a row, summed in double. */
+static double row_mean(const real *x, int dim) {
     double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
     for (int j = 0; j < dim; j++)
         sum += x[j];
-    double mean = sum / dim;
+    return sum / dim;
+}
+
+/* var(x) + eps of a row: the squares about its mean (two passes, no cancellation), in double. */
+static double row_variance(const real *x, int dim, double mean, float eps) {
     double squares = 0.0;
 #pragma omp simd reduction(+ : squares)
     for (int j = 0; j < dim; j++)
         squares += ((double)x[j] - mean) * ((double)x[j] - mean);
-    real rstd = (real)(1.0 / sqrt(squares / dim + (double)eps));
+    return squares / dim + (double)eps;
+}
+
+/* Normalises one row and stores rstd, and xhat when asked (xhat_out may be NULL); out may be x. */
+static void normalize_row(real *out, real *xhat_out, real *rstd_out, const real *x, const real *weight,
+                          const real *bias, int dim, float eps) {
+    double mean = row_mean(x, dim);
+    real rstd = (real)(1.0 / sqrt(row_variance(x, dim, mean, eps)));
     real mean_real = (real)mean;
     *rstd_out = rstd;
     if (xhat_out) {
@@ -136,11 +146,7 @@ void CPU_FN(center_rows)(void *out_buffer, const void *x_buffer, int rows, int d
     for (int row = 0; row < rows; row++) {
         const real *x_row = x + (size_t)row * dim;
         real *out_row = out + (size_t)row * dim;
-        double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < dim; j++)
-            sum += x_row[j];
-        real mean = (real)(sum / dim);
+        real mean = (real)row_mean(x_row, dim);
 #pragma omp simd
         for (int j = 0; j < dim; j++)
             out_row[j] = x_row[j] - mean;
@@ -154,14 +160,6 @@ void CPU_FN(layernorm_variance)(void *variance_buffer, const void *x_buffer, int
 #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++) {
         const real *x_row = x + (size_t)row * dim;
-        double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < dim; j++)
-            sum += x_row[j];
-        double mean = sum / dim, squares = 0.0;
-#pragma omp simd reduction(+ : squares)
-        for (int j = 0; j < dim; j++)
-            squares += ((double)x_row[j] - mean) * ((double)x_row[j] - mean);
-        variance[row] = (real)(squares / dim + (double)eps);
+        variance[row] = (real)row_variance(x_row, dim, row_mean(x_row, dim), eps);
     }
 }
