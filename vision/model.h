@@ -173,7 +173,7 @@ void model_forward(tf_model *model, int batch, const float *drop_scales);
  * batch, NULL) up to rounding, faster, and with nothing kept for backward. Each block's LayerNorms
  * are folded into the Pattentions that read them and the residual stream is a compute buffer
  * (block_infer in vision/block.c says how and why); on the CPU the two forms differ only in the
- * order of floating-point operations and in the Pattention eps acting as eps / sigma^2. */
+ * order of floating-point operations. */
 void model_infer(tf_model *model, int batch);
 
 /* After model_forward(): soft-target cross-entropy against targets (host [batch, classes], rows

@@ -48,12 +48,9 @@ void pattention_forward(tf_model *model, int block, int which, void *out, const 
 }
 
 void pattention_infer(tf_model *model, int block, int which, void *out, bool accumulate, const void *in, int rows) {
-    const void *keys = model->centered_keys[block][which];
-    if (keys)
-        pattention_apply(model, block, which, keys, model->stream_variance, out, accumulate, in, rows);
-    else
-        pattention_apply(model, block, which, model_param(model, model->layout.keys[block][which]), NULL, out,
-                         accumulate, in, rows);
+    const void *centered = model->centered_keys[block][which];
+    const void *keys = centered ? centered : model_param(model, model->layout.keys[block][which]);
+    pattention_apply(model, block, which, keys, centered ? model->stream_variance : NULL, out, accumulate, in, rows);
 }
 
 void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,
