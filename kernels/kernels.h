@@ -165,10 +165,12 @@ struct tf_backend {
      * (master, accumulated) may be NULL when weight is. */
     void (*layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
                                const void *rstd, const void *weight, int rows, int dim);
-    /* out = x minus the mean of its row: x master [rows, dim], out compute. The inference form of
-     * the blocks (vision/block.c, block_infer) folds a non-parametric LayerNorm's centring into
-     * the key tokens of the Pattentions that read it this way. Means summed in fp32 or better. */
-    void (*center_rows)(void *out, const void *x, int rows, int dim);
+    /* out[i] = x[i] minus the mean of its row, for count matrices x[i] master [rows[i], dim] and
+     * out[i] compute (host arrays of device pointers). The inference form of the blocks
+     * (vision/block.c, block_infer) folds a non-parametric LayerNorm's centring into the key
+     * tokens of the Pattentions that read it this way, all of a model's in one call (a GPU does
+     * them in one launch: they are a few MB each). Means summed in fp32 or better. */
+    void (*center_rows)(void *const *out, const void *const *x, const int *rows, int count, int dim);
     /* variance[row] = the biased variance of row x[row] plus eps: sigma^2 of LayerNorm(x, eps),
      * which the inference form hands the Pattention norm as its eps_scale. x: compute [rows, dim];
      * variance: master [rows]. Two reductions (mean, then squares about it), no cancellation. */
@@ -189,20 +191,23 @@ struct tf_backend {
      * [batch * (size/patch)^2, channels * patch * patch], patches in row-major order, each row in
      * (channel, y, x) order so that it matches a conv weight [dim, channels, patch, patch]. */
     void (*patch_im2col)(void *patches, const void *images, int batch, int channels, int size, int patch);
-    /* x[b, 0] = cls + pos[0]; x[b, 1 + i] = patch_tokens[b, i] + pos[1 + i].
-     * x: master [batch, 1 + patches, dim] (the residual stream); patch_tokens, cls [dim], pos
-     * [1 + patches, dim]: compute. */
-    void (*tokens_forward)(void *x, const void *patch_tokens, const void *cls, const void *pos, int batch,
-                           int patches, int dim);
+    /* x[b, 0] = cls + pos[0]; x[b, 1 + i] = patch_tokens[b, i] + pos[1 + i], summed in fp32 or
+     * better and rounded once to x_dtype. x: [batch, 1 + patches, dim], the residual stream, in
+     * the master dtype (training's form) or the compute dtype (inference's; the CPU backend's
+     * two are one); patch_tokens, cls [dim], pos [1 + patches, dim]: compute. */
+    void (*tokens_forward)(void *x, tf_dtype x_dtype, const void *patch_tokens, const void *cls, const void *pos,
+                           int batch, int patches, int dim);
     /* dpatch_tokens (compute) = dx of the patch positions; dcls, dpos: master, accumulated. */
     void (*tokens_backward)(void *dpatch_tokens, void *dcls, void *dpos, const void *dx, int batch,
                             int patches, int dim);
 
     /* ---- head ----
      * pool: out[b] = mean over tokens 1..tokens-1 of x[b] (TF_POOL_AVG) or x[b, 0] (TF_POOL_CLS).
-     * forward: x, out [batch, dim]: master (the residual stream, and the head LayerNorm's input).
+     * forward: x [batch, tokens, dim], the residual stream, master or compute as x_dtype says (as
+     * tokens_forward's); out [batch, dim]: master (the head LayerNorm's input), summed in fp32 or better.
      * backward: dx [batch, tokens, dim], dout: compute; it overwrites all of dx. */
-    void (*token_pool_forward)(void *out, const void *x, int batch, int tokens, int dim, tf_pool pool);
+    void (*token_pool_forward)(void *out, const void *x, tf_dtype x_dtype, int batch, int tokens, int dim,
+                               tf_pool pool);
     void (*token_pool_backward)(void *dx, const void *dout, int batch, int tokens, int dim, tf_pool pool);
     /* dbias (master, accumulated) += column sums of dout (compute [rows, dim]). */
     void (*bias_backward)(void *dbias, const void *dout, int rows, int dim);

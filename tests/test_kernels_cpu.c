@@ -733,7 +733,8 @@ static void test_residual_layernorm(bool with_scale) {
     expect_f32_close(what, rstd32, rstd, rows, F32_BOUND);
 }
 
-/* center_rows and layernorm_variance (the blocks' inference form) against their definitions. */
+/* center_rows and layernorm_variance (the blocks' inference form) against their definitions;
+ * center_rows on the rows as two matrices of different heights in one call. */
 static void test_layernorm_statistics(int rows, int dim) {
     size_t count = (size_t)rows * dim;
     double *x = random_input(count, 1.0);
@@ -752,12 +753,17 @@ static void test_layernorm_statistics(int rows, int dim) {
         }
         expected_variance[i] = squares / dim + eps;
     }
-    f64->center_rows(centered, x, rows, dim);
+    int split = rows / 3, heights[2] = {split, rows - split};
+    void *centered_parts[2] = {centered, centered + (size_t)split * dim};
+    const void *x_parts[2] = {x, x + (size_t)split * dim};
+    f64->center_rows(centered_parts, x_parts, heights, 2, dim);
     expect_close_f64("center_rows fp64", centered, expected_centered, count, F64_BOUND);
     f64->layernorm_variance(variance, x, rows, dim, eps);
     expect_close_f64("layernorm_variance fp64", variance, expected_variance, rows, F64_BOUND);
     float *x32 = to_f32(x, count), *centered32 = new_f32(count), *variance32 = new_f32(rows);
-    f32->center_rows(centered32, x32, rows, dim);
+    void *centered32_parts[2] = {centered32, centered32 + (size_t)split * dim};
+    const void *x32_parts[2] = {x32, x32 + (size_t)split * dim};
+    f32->center_rows(centered32_parts, x32_parts, heights, 2, dim);
     expect_f32_close("center_rows fp32", centered32, expected_centered, count, F32_BOUND);
     f32->layernorm_variance(variance32, x32, rows, dim, eps);
     expect_f32_close("layernorm_variance fp32", variance32, expected_variance, rows, F32_BOUND);
@@ -882,7 +888,7 @@ typedef struct {
 
 static double tokens_objective(void *context) {
     tokens_context *c = context;
-    f64->tokens_forward(c->x, c->patch_tokens, c->cls, c->pos, c->batch, c->patches, c->dim);
+    f64->tokens_forward(c->x, TF_DTYPE_F64, c->patch_tokens, c->cls, c->pos, c->batch, c->patches, c->dim);
     return dot(c->w, c->x, (size_t)c->batch * (c->patches + 1) * c->dim);
 }
 
@@ -892,7 +898,7 @@ static void test_tokens(void) {
     double *patch_tokens = random_input(patch_count, 1.0), *cls = random_input(dim, 1.0);
     double *pos = random_input((size_t)tokens * dim, 1.0), *x = new_f64(x_count),
            *expected = new_f64(x_count);
-    f64->tokens_forward(x, patch_tokens, cls, pos, batch, patches, dim);
+    f64->tokens_forward(x, TF_DTYPE_F64, patch_tokens, cls, pos, batch, patches, dim);
     for (int b = 0; b < batch; b++)
         for (int t = 0; t < tokens; t++)
             for (int j = 0; j < dim; j++)
@@ -932,7 +938,7 @@ static void test_tokens(void) {
 
     float *x32 = new_f32(x_count), *dpatch32 = new_f32(patch_count), *dcls32 = new_f32(dim);
     float *dpos32 = new_f32((size_t)tokens * dim);
-    f32->tokens_forward(x32, to_f32(patch_tokens, patch_count), to_f32(cls, dim),
+    f32->tokens_forward(x32, TF_DTYPE_F32, to_f32(patch_tokens, patch_count), to_f32(cls, dim),
                         to_f32(pos, (size_t)tokens * dim), batch, patches, dim);
     f32->tokens_backward(dpatch32, dcls32, dpos32, to_f32(w, x_count), batch, patches, dim);
     for (int j = 0; j < dim; j++)
@@ -964,7 +970,7 @@ typedef struct {
 
 static double pool_objective(void *context) {
     pool_context *c = context;
-    f64->token_pool_forward(c->out, c->x, c->batch, c->tokens, c->dim, c->pool);
+    f64->token_pool_forward(c->out, c->x, TF_DTYPE_F64, c->batch, c->tokens, c->dim, c->pool);
     return dot(c->w, c->out, (size_t)c->batch * c->dim);
 }
 
@@ -974,7 +980,7 @@ static void test_token_pool(tf_pool pool) {
     const char *kind = pool == TF_POOL_AVG ? "avg" : "cls";
     size_t x_count = (size_t)batch * tokens * dim, out_count = (size_t)batch * dim;
     double *x = random_input(x_count, 1.0), *out = new_f64(out_count), *expected = new_f64(out_count);
-    f64->token_pool_forward(out, x, batch, tokens, dim, pool);
+    f64->token_pool_forward(out, x, TF_DTYPE_F64, batch, tokens, dim, pool);
     for (int b = 0; b < batch; b++)
         for (int j = 0; j < dim; j++) {
             double value = 0.0;
@@ -995,7 +1001,7 @@ static void test_token_pool(tf_pool pool) {
     expect_close_f64(what, dx, numerical_gradient(x, x_count, pool_objective, &context), x_count, FD_BOUND);
 
     float *out32 = new_f32(out_count), *dx32 = to_f32(random_input(x_count, 100.0), x_count);
-    f32->token_pool_forward(out32, to_f32(x, x_count), batch, tokens, dim, pool);
+    f32->token_pool_forward(out32, to_f32(x, x_count), TF_DTYPE_F32, batch, tokens, dim, pool);
     f32->token_pool_backward(dx32, to_f32(w, out_count), batch, tokens, dim, pool);
     snprintf(what, sizeof what, "token_pool %s fp32 vs fp64: out, dx", kind);
     expect_f32_close(what, out32, out, out_count, F32_BOUND);

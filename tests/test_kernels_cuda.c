@@ -468,11 +468,12 @@ static void test_attention(void) {
 
 /* ---- LayerNorm ---- */
 /* center_rows (fp32 rows -> bf16 centred) and layernorm_variance (bf16 rows -> fp32 sigma^2), the
- * inference form's two row statistics, on rows with means of their own. */
-static void layernorm_statistics_case(int rows, int dim) {
+ * inference form's two row statistics, on rows with means of their own; center_rows on the rows
+ * as `matrices` matrices of unequal heights (some empty) in one call. */
+static void layernorm_statistics_case(int rows, int dim, int matrices) {
     op_check c;
     float eps = 1e-6f;
-    op_begin(&c, "center_rows, layernorm_variance rows=%d dim=%d", rows, dim);
+    op_begin(&c, "center_rows, layernorm_variance rows=%d dim=%d matrices=%d", rows, dim, matrices);
     size_t n = (size_t)rows * dim;
     pair keys = pair_new("keys", n, false), centered = pair_new("centred keys", n, true);
     pair x = pair_new("x", n, true), variance = pair_new("variance", rows, false);
@@ -487,8 +488,25 @@ static void layernorm_statistics_case(int rows, int dim) {
     pair_upload(&x);
     pair_poison(&centered);
     pair_poison(&variance);
-    cpu->center_rows(centered.cpu, keys.cpu, rows, dim);
-    gpu->center_rows(centered.gpu, keys.gpu, rows, dim);
+    void **out_cpu = xmalloc(matrices * sizeof(void *)), **out_gpu = xmalloc(matrices * sizeof(void *));
+    const void **in_cpu = xmalloc(matrices * sizeof(void *)), **in_gpu = xmalloc(matrices * sizeof(void *));
+    int *heights = xmalloc(matrices * sizeof(int)), first = 0;
+    for (int i = 0; i < matrices; i++) {
+        heights[i] = i == matrices - 1 ? rows - first : (rows / matrices) * (i % 3) / 2; /* 0, rows/m/2, rows/m */
+        size_t offset = (size_t)first * dim;
+        out_cpu[i] = (float *)centered.cpu + offset;
+        out_gpu[i] = (uint16_t *)centered.gpu + offset; /* bf16 */
+        in_cpu[i] = (const float *)keys.cpu + offset;
+        in_gpu[i] = (const float *)keys.gpu + offset;
+        first += heights[i];
+    }
+    cpu->center_rows(out_cpu, in_cpu, heights, matrices, dim);
+    gpu->center_rows(out_gpu, in_gpu, heights, matrices, dim);
+    free(out_cpu);
+    free(out_gpu);
+    free(in_cpu);
+    free(in_gpu);
+    free(heights);
     op_compare(&c, &centered, BF16_LIMIT);
     cpu->layernorm_variance(variance.cpu, x.cpu, rows, dim, eps);
     gpu->layernorm_variance(variance.gpu, x.gpu, rows, dim, eps);
@@ -589,10 +607,11 @@ static void residual_layernorm_case(int batch, int tokens, int dim, bool scaled,
 }
 
 static void test_layernorm(void) {
-    layernorm_statistics_case(17, 96);
-    layernorm_statistics_case(33, 100);  /* plain kernel */
-    layernorm_statistics_case(9, 768);   /* B/16's width */
-    layernorm_statistics_case(5, 3072);  /* an FFN's key tokens: n rows of dim; and a wide row */
+    layernorm_statistics_case(17, 96, 1);
+    layernorm_statistics_case(33, 100, 3);  /* plain kernel */
+    layernorm_statistics_case(9, 768, 1);   /* B/16's width */
+    layernorm_statistics_case(5, 3072, 2);  /* an FFN's key tokens: n rows of dim; and a wide row */
+    layernorm_statistics_case(700, 64, 70); /* more matrices than one launch takes */
     layernorm_case(17, 96, false);
     layernorm_case(50, 192, true);
     layernorm_case(33, 100, true); /* plain kernel */
@@ -661,13 +680,14 @@ static void im2col_case(int batch, int channels, int size, int patch) {
     op_end(&c);
 }
 
-static void tokens_case(int batch, int patches, int dim) {
+/* bf16_stream: x in the compute dtype (the inference form's stream) instead of the master one. */
+static void tokens_case(int batch, int patches, int dim, bool bf16_stream) {
     op_check c;
-    op_begin(&c, "tokens fwd+bwd batch=%d patches=%d dim=%d", batch, patches, dim);
+    op_begin(&c, "tokens fwd+bwd batch=%d patches=%d dim=%d x %s", batch, patches, dim, bf16_stream ? "bf16" : "fp32");
     int tokens = patches + 1;
     size_t n = (size_t)batch * tokens * dim, np = (size_t)batch * patches * dim;
     pair pt = pair_new("patch_tokens", np, true), cls = pair_new("cls", dim, true);
-    pair pos = pair_new("pos", (size_t)tokens * dim, true), x = pair_new("x", n, false);
+    pair pos = pair_new("pos", (size_t)tokens * dim, true), x = pair_new("x", n, bf16_stream);
     pair dx = pair_new("dx", n, true), dpt = pair_new("dpatch_tokens", np, true);
     pair dcls = pair_new("dcls", dim, false), dpos = pair_new("dpos", (size_t)tokens * dim, false);
     pair_random(&pt, 1.0f);
@@ -678,11 +698,12 @@ static void tokens_case(int batch, int patches, int dim) {
     pair_random(&dpos, 0.1f);
     pair_poison(&x);
     pair_poison(&dpt);
-    cpu->tokens_forward(x.cpu, pt.cpu, cls.cpu, pos.cpu, batch, patches, dim);
-    gpu->tokens_forward(x.gpu, pt.gpu, cls.gpu, pos.gpu, batch, patches, dim);
+    cpu->tokens_forward(x.cpu, TF_DTYPE_F32, pt.cpu, cls.cpu, pos.cpu, batch, patches, dim);
+    gpu->tokens_forward(x.gpu, bf16_stream ? TF_DTYPE_BF16 : TF_DTYPE_F32, pt.gpu, cls.gpu, pos.gpu, batch, patches,
+                        dim);
     cpu->tokens_backward(dpt.cpu, dcls.cpu, dpos.cpu, dx.cpu, batch, patches, dim);
     gpu->tokens_backward(dpt.gpu, dcls.gpu, dpos.gpu, dx.gpu, batch, patches, dim);
-    op_compare(&c, &x, F32_LIMIT);
+    op_compare(&c, &x, bf16_stream ? BF16_LIMIT : F32_LIMIT);
     op_compare(&c, &dpt, BF16_LIMIT);
     op_compare(&c, &dcls, BF16_LIMIT);
     op_compare(&c, &dpos, BF16_LIMIT);
@@ -701,27 +722,31 @@ static void test_patch_embed(void) {
     im2col_case(2, 3, 28, 4);
     im2col_case(3, 3, 32, 16);
     im2col_case(2, 1, 28, 7);
-    tokens_case(2, 49, 192);
-    tokens_case(3, 16, 100); /* plain kernel */
+    tokens_case(2, 49, 192, false);
+    tokens_case(2, 49, 192, true);
+    tokens_case(3, 16, 100, false); /* plain kernel */
+    tokens_case(3, 16, 100, true);
     if (small_only) return;
     im2col_case(256, 3, 224, 16);
-    tokens_case(256, 196, 768);
+    tokens_case(256, 196, 768, false);
+    tokens_case(256, 196, 768, true);
 }
 
 /* ---- head ---- */
-static void pool_case(int batch, int tokens, int dim, tf_pool pool) {
+/* bf16_stream: x in the compute dtype (the inference form's stream) instead of the master one. */
+static void pool_case(int batch, int tokens, int dim, tf_pool pool, bool bf16_stream) {
     op_check c;
-    op_begin(&c, "token_pool fwd+bwd batch=%d tokens=%d dim=%d %s", batch, tokens, dim,
-             pool == TF_POOL_CLS ? "cls" : "avg");
+    op_begin(&c, "token_pool fwd+bwd batch=%d tokens=%d dim=%d %s x %s", batch, tokens, dim,
+             pool == TF_POOL_CLS ? "cls" : "avg", bf16_stream ? "bf16" : "fp32");
     size_t n = (size_t)batch * tokens * dim;
-    pair x = pair_new("x", n, false), out = pair_new("out", (size_t)batch * dim, false); /* fp32 stream */
+    pair x = pair_new("x", n, bf16_stream), out = pair_new("out", (size_t)batch * dim, false);
     pair dout = pair_new("dout", (size_t)batch * dim, true), dx = pair_new("dx", n, true);
     pair_random(&x, 1.0f);
     pair_random(&dout, 1.0f);
     pair_poison(&out);
     pair_poison(&dx);
-    cpu->token_pool_forward(out.cpu, x.cpu, batch, tokens, dim, pool);
-    gpu->token_pool_forward(out.gpu, x.gpu, batch, tokens, dim, pool);
+    cpu->token_pool_forward(out.cpu, x.cpu, TF_DTYPE_F32, batch, tokens, dim, pool);
+    gpu->token_pool_forward(out.gpu, x.gpu, bf16_stream ? TF_DTYPE_BF16 : TF_DTYPE_F32, batch, tokens, dim, pool);
     cpu->token_pool_backward(dx.cpu, dout.cpu, batch, tokens, dim, pool);
     gpu->token_pool_backward(dx.gpu, dout.gpu, batch, tokens, dim, pool);
     op_compare(&c, &out, F32_LIMIT);
@@ -748,13 +773,16 @@ static void bias_backward_case(int rows, int dim) {
 }
 
 static void test_head(void) {
-    pool_case(4, 50, 192, TF_POOL_AVG);
-    pool_case(3, 17, 100, TF_POOL_CLS);
+    pool_case(4, 50, 192, TF_POOL_AVG, false);
+    pool_case(4, 50, 192, TF_POOL_AVG, true);
+    pool_case(3, 17, 100, TF_POOL_CLS, false);
+    pool_case(3, 17, 100, TF_POOL_CLS, true);
     bias_backward_case(37, 100);
     bias_backward_case(1000, 10);
     if (small_only) return;
-    pool_case(256, 197, 768, TF_POOL_AVG);
-    pool_case(256, 197, 768, TF_POOL_CLS);
+    pool_case(256, 197, 768, TF_POOL_AVG, false);
+    pool_case(256, 197, 768, TF_POOL_AVG, true);
+    pool_case(256, 197, 768, TF_POOL_CLS, false);
     bias_backward_case(256 * 196, 768);
 }
 

@@ -3,7 +3,7 @@
  * cls token in front; a learned position embedding added to all 1 + patches tokens. */
 #include "vision/layers.h"
 
-void embed_forward(tf_model *model, int batch) {
+void embed_forward(tf_model *model, int batch, void *x, tf_dtype x_dtype) {
     const tf_backend *backend = model->backend;
     const tf_model_config *config = &model->config;
     const tf_param_layout *layout = &model->layout;
@@ -15,7 +15,7 @@ void embed_forward(tf_model *model, int batch) {
     backend->matmul(model->patch_tokens, model->patch_rows, model_param(model, layout->patch_weight),
                     &(tf_matmul_desc){.m = batch * model->patches, .n = config->dim, .k = patch_size,
                                       .transpose_b = true, .bias = model_param(model, layout->patch_bias)});
-    backend->tokens_forward(model->residual, model->patch_tokens, model_param(model, layout->cls_token),
+    backend->tokens_forward(x, x_dtype, model->patch_tokens, model_param(model, layout->cls_token),
                             model_param(model, layout->pos_embed), batch, model->patches, config->dim);
 }
 

@@ -23,8 +23,9 @@ const void *model_param(const tf_model *model, int tensor);
 const void *model_master_param(const tf_model *model, int tensor);
 void *model_grad(const tf_model *model, int tensor);
 
-/* images -> model->residual (the tokens, fp32). */
-void embed_forward(tf_model *model, int batch);
+/* images -> x, the tokens: model->residual (master) in training's form, model->stream (compute) in
+ * inference's. */
+void embed_forward(tf_model *model, int batch, void *x, tf_dtype x_dtype);
 /* Reads model->d_residual (d loss / d tokens). */
 void embed_backward(tf_model *model, int batch);
 
@@ -47,8 +48,8 @@ void block_infer(tf_model *model, int block, int batch);
 /* model->d_residual: d loss / d the block's output on entry, d loss / d its input on return. */
 void block_backward(tf_model *model, int block, int batch, const void *drop_scales);
 
-/* model->residual (the last block's output) -> logits. */
-void head_forward(tf_model *model, int batch);
+/* x (the last block's output: model->residual or model->stream, as embed_forward's) -> logits. */
+void head_forward(tf_model *model, int batch, const void *x, tf_dtype x_dtype);
 /* d_logits -> d_residual (overwritten) and the head's gradients. */
 void head_backward(tf_model *model, int batch);
 

@@ -295,9 +295,9 @@ void model_forward(tf_model *model, int batch, const float *drop_scales) {
         backend->upload(model->drop_scales, backend->master_dtype, drop_scales, (size_t)config->depth * 2 * batch);
         scales = model->drop_scales;
     }
-    embed_forward(model, batch);
+    embed_forward(model, batch, model->residual, backend->master_dtype);
     for (int block = 0; block < config->depth; block++) block_forward(model, block, batch, scales);
-    head_forward(model, batch);
+    head_forward(model, batch, model->residual, backend->master_dtype);
     /* Remembered for backward: whether this forward dropped paths. */
     model->forward_dropped = scales != NULL;
     model->forward_kept = true;
@@ -306,26 +306,28 @@ void model_forward(tf_model *model, int batch, const float *drop_scales) {
 /* The centred key tokens that block_infer reads, from the master parameters as they are now. */
 static void center_keys(tf_model *model) {
     const tf_param_layout *layout = &model->layout;
+    int dim = model->config.dim, count = 0;
+    void *out[TF_MAX_DEPTH * TF_PATTENTIONS_PER_BLOCK];
+    const void *keys[TF_MAX_DEPTH * TF_PATTENTIONS_PER_BLOCK];
+    int rows[TF_MAX_DEPTH * TF_PATTENTIONS_PER_BLOCK];
     for (int block = 0; block < model->config.depth; block++)
         for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++) {
             if (!model->centered_keys[block][which]) continue;
-            int keys = layout->keys[block][which];
-            int dim = model->config.dim, n = (int)(layout->tensors[keys].count / (size_t)dim);
-            model->backend->center_rows(model->centered_keys[block][which], model_master_param(model, keys), n, dim);
+            int tensor = layout->keys[block][which];
+            out[count] = model->centered_keys[block][which];
+            keys[count] = model_master_param(model, tensor);
+            rows[count++] = (int)(layout->tensors[tensor].count / (size_t)dim);
         }
+    model->backend->center_rows(out, keys, rows, count, dim);
 }
 
 void model_infer(tf_model *model, int batch) {
     const tf_backend *backend = model->backend;
-    size_t elements = (size_t)batch * model->tokens * model->config.dim;
     model_op_class(model, TF_OP_OTHER);
     center_keys(model);
-    embed_forward(model, batch);
-    backend->convert(model->stream, backend->compute_dtype, model->residual, backend->master_dtype, elements);
+    embed_forward(model, batch, model->stream, backend->compute_dtype);
     for (int block = 0; block < model->config.depth; block++) block_infer(model, block, batch);
-    model_op_class(model, TF_OP_OTHER);
-    backend->convert(model->residual, backend->master_dtype, model->stream, backend->compute_dtype, elements);
-    head_forward(model, batch);
+    head_forward(model, batch, model->stream, backend->compute_dtype);
     model->forward_kept = false;
 }
 

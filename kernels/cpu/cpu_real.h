@@ -164,7 +164,7 @@ void CPU_FN(residual_layernorm_forward)(void *residual_out, void *ln_out, void *
                                         int rows_per_sample, float eps);
 void CPU_FN(layernorm_backward)(void *dx, void *dweight, void *dbias, const void *dout, const void *xhat,
                                 const void *rstd, const void *weight, int rows, int dim);
-void CPU_FN(center_rows)(void *out, const void *x, int rows, int dim);
+void CPU_FN(center_rows)(void *const *out, const void *const *x, const int *rows, int count, int dim);
 void CPU_FN(layernorm_variance)(void *variance, const void *x, int rows, int dim, float eps);
 
 void CPU_FN(residual_forward)(void *out, const void *residual_in, const void *branch,
@@ -173,12 +173,13 @@ void CPU_FN(residual_backward)(void *dbranch, const void *dout, const void *samp
                                int rows_per_sample);
 
 void CPU_FN(patch_im2col)(void *patches, const void *images, int batch, int channels, int size, int patch);
-void CPU_FN(tokens_forward)(void *x, const void *patch_tokens, const void *cls, const void *pos, int batch,
-                            int patches, int dim);
+void CPU_FN(tokens_forward)(void *x, tf_dtype x_dtype, const void *patch_tokens, const void *cls,
+                            const void *pos, int batch, int patches, int dim);
 void CPU_FN(tokens_backward)(void *dpatch_tokens, void *dcls, void *dpos, const void *dx, int batch,
                              int patches, int dim);
 
-void CPU_FN(token_pool_forward)(void *out, const void *x, int batch, int tokens, int dim, tf_pool pool);
+void CPU_FN(token_pool_forward)(void *out, const void *x, tf_dtype x_dtype, int batch, int tokens, int dim,
+                                tf_pool pool);
 void CPU_FN(token_pool_backward)(void *dx, const void *dout, int batch, int tokens, int dim, tf_pool pool);
 void CPU_FN(bias_backward)(void *dbias, const void *dout, int rows, int dim);
 

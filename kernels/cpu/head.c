@@ -3,9 +3,11 @@
  * sums of its output gradient). */
 #include "kernels/cpu/cpu_real.h"
 
-/* out[b] = mean over t = 1 .. tokens-1 of x[b, t] (TF_POOL_AVG) or x[b, 0] (TF_POOL_CLS). */
-void CPU_FN(token_pool_forward)(void *out_buffer, const void *x_buffer, int batch, int tokens, int dim,
-                                tf_pool pool) {
+/* out[b] = mean over t = 1 .. tokens-1 of x[b, t] (TF_POOL_AVG) or x[b, 0] (TF_POOL_CLS). The
+ * stream's dtype is this backend's one dtype, whichever form the model runs. */
+void CPU_FN(token_pool_forward)(void *out_buffer, const void *x_buffer, tf_dtype x_dtype, int batch, int tokens,
+                                int dim, tf_pool pool) {
+    (void)x_dtype;
     real *out = out_buffer;
     const real *x = x_buffer;
 #pragma omp parallel for schedule(static)

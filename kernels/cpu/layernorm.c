@@ -137,19 +137,22 @@ void CPU_FN(layernorm_backward)(void *dx_buffer, void *dweight_buffer, void *dbi
     }
 }
 
-/* out = x minus its row's mean (kernels.h: the LayerNorm's centring, folded into key tokens by
- * the blocks' inference form). The mean is summed in double, as the LayerNorm's is. */
-void CPU_FN(center_rows)(void *out_buffer, const void *x_buffer, int rows, int dim) {
-    real *out = out_buffer;
-    const real *x = x_buffer;
+/* out[i] = x[i] minus its rows' means (kernels.h: the LayerNorm's centring, folded into key
+ * tokens by the blocks' inference form). The mean is summed in double, as the LayerNorm's is. */
+void CPU_FN(center_rows)(void *const *out_buffers, const void *const *x_buffers, const int *rows, int count,
+                         int dim) {
+    for (int i = 0; i < count; i++) {
+        real *out = out_buffers[i];
+        const real *x = x_buffers[i];
 #pragma omp parallel for schedule(static)
-    for (int row = 0; row < rows; row++) {
-        const real *x_row = x + (size_t)row * dim;
-        real *out_row = out + (size_t)row * dim;
-        real mean = (real)row_mean(x_row, dim);
+        for (int row = 0; row < rows[i]; row++) {
+            const real *x_row = x + (size_t)row * dim;
+            real *out_row = out + (size_t)row * dim;
+            real mean = (real)row_mean(x_row, dim);
 #pragma omp simd
-        for (int j = 0; j < dim; j++)
-            out_row[j] = x_row[j] - mean;
+            for (int j = 0; j < dim; j++)
+                out_row[j] = x_row[j] - mean;
+        }
     }
 }
 

@@ -27,9 +27,11 @@ void CPU_FN(patch_im2col)(void *patches_buffer, const void *images_buffer, int b
     }
 }
 
-/* x[b, 0] = cls + pos[0];  x[b, 1 + i] = patch_tokens[b, i] + pos[1 + i]. */
-void CPU_FN(tokens_forward)(void *x_buffer, const void *patch_tokens_buffer, const void *cls_buffer,
-                            const void *pos_buffer, int batch, int patches, int dim) {
+/* x[b, 0] = cls + pos[0];  x[b, 1 + i] = patch_tokens[b, i] + pos[1 + i]. The stream's dtype is
+ * this backend's one dtype, whichever form the model runs. */
+void CPU_FN(tokens_forward)(void *x_buffer, tf_dtype x_dtype, const void *patch_tokens_buffer,
+                            const void *cls_buffer, const void *pos_buffer, int batch, int patches, int dim) {
+    (void)x_dtype;
     real *x = x_buffer;
     const real *patch_tokens = patch_tokens_buffer, *cls = cls_buffer, *pos = pos_buffer;
     const int tokens = patches + 1;

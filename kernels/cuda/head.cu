@@ -7,19 +7,21 @@
  *                  rows, each summed in fp32 and added with one atomic per column per slab. */
 #include "kernels/cuda/cuda_common.cuh"
 
-/* One thread per (b, d): the mean over tokens (coalesced along d). */
-__global__ void token_pool_forward_kernel(float *out, const float *x, int batch, int tokens, int dim, int cls) {
+/* One thread per (b, d): the mean over tokens (coalesced along d), summed in fp32 whether the
+ * stream X is (training's fp32 or inference's bf16). */
+template <typename X>
+__global__ void token_pool_forward_kernel(float *out, const X *x, int batch, int tokens, int dim, int cls) {
     size_t count = (size_t)batch * dim;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
         size_t b = i / dim;
         int d = (int)(i % dim);
-        const float *sample = x + b * tokens * dim + d;
+        const X *sample = x + b * tokens * dim + d;
         if (cls) {
-            out[i] = sample[0];
+            out[i] = load_float(sample);
             continue;
         }
         float sum = 0.0f;
-        for (int t = 1; t < tokens; t++) sum += sample[(size_t)t * dim];
+        for (int t = 1; t < tokens; t++) sum += load_float(sample + (size_t)t * dim);
         out[i] = tokens > 1 ? sum / (tokens - 1) : 0.0f;
     }
 }
@@ -38,12 +40,20 @@ __global__ void token_pool_backward_kernel(bf16 *dx, const bf16 *dout, int batch
     }
 }
 
-extern "C" void cuda_token_pool_forward(void *out, const void *x, int batch, int tokens, int dim, tf_pool pool) {
+extern "C" void cuda_token_pool_forward(void *out, const void *x, tf_dtype x_dtype, int batch, int tokens, int dim,
+                                        tf_pool pool) {
     if (batch <= 0 || dim <= 0) return;
     size_t count = (size_t)batch * dim;
-    token_pool_forward_kernel<<<grid_for(count, 256), 256, 0, cuda_ctx.stream>>>(
-        (float *)out, (const float *)x, batch, tokens, dim, pool == TF_POOL_CLS);
-    LAUNCH_CHECK("token_pool_forward_kernel", "batch %d tokens %d dim %d pool %d", batch, tokens, dim, (int)pool);
+    unsigned grid = grid_for(count, 256);
+    int cls = pool == TF_POOL_CLS;
+    if (x_dtype == TF_DTYPE_BF16)
+        token_pool_forward_kernel<<<grid, 256, 0, cuda_ctx.stream>>>((float *)out, (const bf16 *)x, batch, tokens,
+                                                                     dim, cls);
+    else
+        token_pool_forward_kernel<<<grid, 256, 0, cuda_ctx.stream>>>((float *)out, (const float *)x, batch, tokens,
+                                                                     dim, cls);
+    LAUNCH_CHECK("token_pool_forward_kernel", "batch %d tokens %d dim %d pool %d x %s", batch, tokens, dim, (int)pool,
+                 tf_dtype_name(x_dtype));
 }
 
 extern "C" void cuda_token_pool_backward(void *dx, const void *dout, int batch, int tokens, int dim, tf_pool pool) {

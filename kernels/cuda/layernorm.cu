@@ -346,24 +346,46 @@ extern "C" void cuda_layernorm_backward(void *dx, void *dweight, void *dbias, co
     LAUNCH_CHECK("layernorm_backward_kernel", "rows %d dim %d affine %d", rows, dim, (int)affine);
 }
 
-/* out (bf16) = x (fp32) minus its row's mean, one warp per row: the key tokens of the blocks'
- * inference form (kernels.h), a few MB once per forward, so the plain form is enough. */
-__global__ __launch_bounds__(ROW_BLOCK_THREADS) void center_rows_kernel(bf16 *out, const float *x, int rows, int dim) {
-    int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const float *x_row = x + (size_t)row * dim;
-    bf16 *out_row = out + (size_t)row * dim;
+/* out[i] (bf16) = x[i] (fp32) minus its rows' means, one warp per row: the key tokens of the
+ * blocks' inference form (kernels.h), a few MB each, all of a model's in one launch per
+ * CENTER_BATCH matrices (blockIdx.y picks the matrix; blocks past its rows return), since one
+ * launch each cost ~5 us against a fraction of that in memory traffic. */
+enum { CENTER_BATCH = 64 };
+typedef struct {
+    bf16 *out[CENTER_BATCH];
+    const float *x[CENTER_BATCH];
+    int rows[CENTER_BATCH];
+} center_batch;
+
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void center_rows_kernel(center_batch batch, int dim) {
+    int matrix = blockIdx.y, lane = threadIdx.x & 31;
+    int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5);
+    if (row >= batch.rows[matrix]) return;
+    const float *x_row = batch.x[matrix] + (size_t)row * dim;
+    bf16 *out_row = batch.out[matrix] + (size_t)row * dim;
     float sum = 0.0f;
     for (int j = lane; j < dim; j += 32) sum += x_row[j];
     float mean = warp_sum(sum) / dim;
     for (int j = lane; j < dim; j += 32) bf16_store(out_row + j, x_row[j] - mean);
 }
 
-extern "C" void cuda_center_rows(void *out, const void *x, int rows, int dim) {
-    if (rows <= 0 || dim <= 0) return;
-    center_rows_kernel<<<ceil_div_u((size_t)rows, ROW_BLOCK_THREADS / 32), ROW_BLOCK_THREADS, 0, cuda_ctx.stream>>>(
-        (bf16 *)out, (const float *)x, rows, dim);
-    LAUNCH_CHECK("center_rows_kernel", "rows %d dim %d", rows, dim);
+extern "C" void cuda_center_rows(void *const *out, const void *const *x, const int *rows, int count, int dim) {
+    if (dim <= 0) return;
+    for (int first = 0; first < count; first += CENTER_BATCH) {
+        center_batch batch;
+        int matrices = count - first < CENTER_BATCH ? count - first : CENTER_BATCH, most_rows = 0;
+        for (int i = 0; i < matrices; i++) {
+            batch.out[i] = (bf16 *)out[first + i];
+            batch.x[i] = (const float *)x[first + i];
+            batch.rows[i] = rows[first + i];
+            if (rows[first + i] > most_rows) most_rows = rows[first + i];
+        }
+        if (most_rows == 0) continue;
+        dim3 grid(ceil_div_u((size_t)most_rows, ROW_BLOCK_THREADS / 32), (unsigned)matrices);
+        center_rows_kernel<<<grid, ROW_BLOCK_THREADS, 0, cuda_ctx.stream>>>(batch, dim);
+        LAUNCH_CHECK("center_rows_kernel", "%d matrices from %d, at most %d rows, dim %d", matrices, first, most_rows,
+                     dim);
+    }
 }
 
 /* sigma^2 = var(x) + eps of bf16 rows (kernels.h): the row in registers as the other row kernels

@@ -56,9 +56,10 @@ extern "C" void cuda_patch_im2col(void *patches, const void *images, int batch, 
     LAUNCH_CHECK("patch_im2col_kernel", "batch %d channels %d size %d patch %d", batch, channels, size, patch);
 }
 
-/* One thread per element of x. */
-__global__ void tokens_forward_kernel(float *x, const bf16 *patch_tokens, const bf16 *cls, const bf16 *pos,
-                                      int patches, int dim, size_t count) {
+/* One thread per element of x; X is float (training's stream) or bf16 (inference's). */
+template <typename X>
+__global__ void tokens_forward_kernel(X *x, const bf16 *patch_tokens, const bf16 *cls, const bf16 *pos, int patches,
+                                      int dim, size_t count) {
     int tokens = patches + 1;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
         int d = (int)(i % dim);
@@ -66,11 +67,12 @@ __global__ void tokens_forward_kernel(float *x, const bf16 *patch_tokens, const 
         int t = (int)(row % tokens);
         size_t b = row / tokens;
         float value = t == 0 ? bf16_load(cls + d) : bf16_load(patch_tokens + (b * patches + t - 1) * dim + d);
-        x[i] = value + bf16_load(pos + (size_t)t * dim + d);
+        store_float(x + i, value + bf16_load(pos + (size_t)t * dim + d));
     }
 }
 
-__global__ void tokens_forward_vector_kernel(float *x, const bf16 *patch_tokens, const bf16 *cls, const bf16 *pos,
+template <typename X>
+__global__ void tokens_forward_vector_kernel(X *x, const bf16 *patch_tokens, const bf16 *cls, const bf16 *pos,
                                              int patches, int dim, size_t chunk_count) {
     int tokens = patches + 1, dim_chunks = dim / 8;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < chunk_count;
@@ -87,21 +89,32 @@ __global__ void tokens_forward_vector_kernel(float *x, const bf16 *patch_tokens,
         bf16x8_unpack(reinterpret_cast<const uint4 *>(pos + (size_t)t * dim)[d_chunk], position);
 #pragma unroll
         for (int j = 0; j < 8; j++) value[j] += position[j];
-        f32x8_store(x + i * 8, 0, value);
+        store_float8(x + i * 8, 0, value);
     }
 }
 
-extern "C" void cuda_tokens_forward(void *x, const void *patch_tokens, const void *cls, const void *pos, int batch,
-                                    int patches, int dim) {
-    if (batch <= 0 || dim <= 0) return;
+template <typename X>
+static void tokens_forward(X *x, const bf16 *patch_tokens, const bf16 *cls, const bf16 *pos, int batch, int patches,
+                           int dim) {
     size_t count = (size_t)batch * (patches + 1) * dim;
     if (dim % 8 == 0 && is_aligned16(x) && is_aligned16(patch_tokens) && is_aligned16(cls) && is_aligned16(pos))
-        tokens_forward_vector_kernel<<<grid_for(count / 8, 256), 256, 0, cuda_ctx.stream>>>(
-            (float *)x, (const bf16 *)patch_tokens, (const bf16 *)cls, (const bf16 *)pos, patches, dim, count / 8);
+        tokens_forward_vector_kernel<<<grid_for(count / 8, 256), 256, 0, cuda_ctx.stream>>>(x, patch_tokens, cls, pos,
+                                                                                          patches, dim, count / 8);
     else
-        tokens_forward_kernel<<<grid_for(count, 256), 256, 0, cuda_ctx.stream>>>(
-            (float *)x, (const bf16 *)patch_tokens, (const bf16 *)cls, (const bf16 *)pos, patches, dim, count);
-    LAUNCH_CHECK("tokens_forward_kernel", "batch %d patches %d dim %d", batch, patches, dim);
+        tokens_forward_kernel<<<grid_for(count, 256), 256, 0, cuda_ctx.stream>>>(x, patch_tokens, cls, pos, patches,
+                                                                               dim, count);
+}
+
+extern "C" void cuda_tokens_forward(void *x, tf_dtype x_dtype, const void *patch_tokens, const void *cls,
+                                    const void *pos, int batch, int patches, int dim) {
+    if (batch <= 0 || dim <= 0) return;
+    const bf16 *patch_tokens_ = (const bf16 *)patch_tokens, *cls_ = (const bf16 *)cls, *pos_ = (const bf16 *)pos;
+    if (x_dtype == TF_DTYPE_BF16)
+        tokens_forward((bf16 *)x, patch_tokens_, cls_, pos_, batch, patches, dim);
+    else
+        tokens_forward((float *)x, patch_tokens_, cls_, pos_, batch, patches, dim);
+    LAUNCH_CHECK("tokens_forward_kernel", "batch %d patches %d dim %d x %s", batch, patches, dim,
+                 tf_dtype_name(x_dtype));
 }
 
 /* One thread per (token, d): the sum over the batch (coalesced along d). */
