@@ -98,6 +98,17 @@ stage_infer() {
     return $status
 }
 
+# Per-kernel times of one B/16 inference batch (Nsight Compute, clocks left alone): which
+# kernels the profile's classes are made of.
+stage_kernel_times() {
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+        $build/tokenformer bench infer --config configs/tokenformer_b16.yaml --batch 512 --steps 1 --warmup 1 \
+        >"$OUT/ncu_infer.csv" 2>"$OUT/ncu_infer.err"
+    local status=$?
+    $python scripts/experiments/kernel_times.py "$OUT/ncu_infer.csv" | tee "$OUT/kernel_times.txt" | head -40
+    return $status
+}
+
 # Evaluation with the real loader (issue 6): a B/16 checkpoint of 10 classes after two steps,
 # evaluated over the ImageNet-like training images (13500 with the copies) at two batch sizes.
 stage_evalspeed() {
