@@ -109,6 +109,23 @@ stage_kernel_times() {
     return $status
 }
 
+# SM clock and power under a sustained B/16 inference run (150 batches), sampled every 200 ms:
+# whether the GPU runs at its power limit rather than its top clock.
+stage_clocks() {
+    nvidia-smi --query-gpu=clocks.sm,power.draw,power.limit --format=csv,noheader,nounits -lms 200 \
+        >"$OUT/clocks.csv" &
+    local sampler=$!
+    $build/tokenformer bench infer --config configs/tokenformer_b16.yaml --batch 512 --steps 150 --warmup 3 \
+        >"$OUT/clocks_bench.log" 2>&1
+    local status=$?
+    kill $sampler
+    grep img/s "$OUT/clocks_bench.log"
+    awk -F', ' '$2 > 300 { n++; clock += $1; power += $2; limit = $3 }
+        END { if (n) printf "under load (> 300 W): %d samples, SM clock %.0f MHz, power %.0f W of %.0f W\n",
+                             n, clock / n, power / n, limit }' "$OUT/clocks.csv"
+    return $status
+}
+
 # Evaluation with the real loader (issue 6): a B/16 checkpoint of 10 classes after two steps,
 # evaluated over the ImageNet-like training images (13500 with the copies) at two batch sizes.
 stage_evalspeed() {
