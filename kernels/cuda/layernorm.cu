@@ -348,8 +348,8 @@ extern "C" void cuda_layernorm_backward(void *dx, void *dweight, void *dbias, co
 
 /* out[i] (bf16) = x[i] (fp32) minus its rows' means, one warp per row: the key tokens of the
  * blocks' inference form (kernels.h), a few MB each, all of a model's in one launch per
- * CENTER_BATCH matrices (blockIdx.y picks the matrix; blocks past its rows return), since one
- * launch each cost ~5 us against a fraction of that in memory traffic. */
+ * CENTER_BATCH matrices (blockIdx.y picks the matrix; blocks past its rows return). For B/16 one
+ * launch each took 0.30 ms a forward (48 of 5-10 us); one launch 0.13 ms, the 300 MB it moves. */
 enum { CENTER_BATCH = 64 };
 typedef struct {
     bf16 *out[CENTER_BATCH];
