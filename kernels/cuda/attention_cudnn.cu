@@ -24,6 +24,10 @@
  * 0.210 ms, batch 256, H100); the masked graph is its fallback. A forward without statistics
  * (inference) is not offered by cuDNN 9.14 for these shapes, so forward always writes them.
  *
+ * The heuristics offer several engine configs for a graph (B/16's forward: five of mode A, two
+ * engines); the first run of a shape times every one that finalizes and keeps the fastest, as
+ * the GEMMs do (matmul.cu).
+ *
  * A shape whose graph cannot be built (or whose first execution fails) is remembered as
  * unusable with the reason; the caller then runs our own kernels (attention.cu). */
 #include "kernels/cuda/cuda_common.cuh"
@@ -38,7 +42,8 @@ extern "C" {
 #include <stdio.h>
 #include <string.h>
 
-enum { MAX_GRAPH_DESCRIPTORS = 160, MAX_GRAPH_OPS = 48, MAX_CUDNN_PLANS = 32 };
+enum { MAX_GRAPH_DESCRIPTORS = 160, MAX_GRAPH_OPS = 48, MAX_CUDNN_PLANS = 32, MAX_PLAN_CANDIDATES = 8,
+       PLAN_TIMED_RUNS = 3 };
 
 /* ---- building a graph ---- */
 typedef struct {
@@ -258,49 +263,52 @@ static graph_tensor graph_padding_mask(graph_builder *g, const graph_tensor *sco
     return masked;
 }
 
-/* Operation graph -> heuristics (mode A, then fallback) -> the first engine config that
- * finalizes into an execution plan. The plan is not in g->created: the caller keeps it. */
-static cudnnBackendDescriptor_t graph_build_plan(graph_builder *g, int64_t *workspace_bytes) {
-    if (g->failed) return NULL;
+/* Operation graph -> heuristics (mode A, then fallback) -> every engine config that finalizes
+ * into an execution plan, in the heuristics' order, up to MAX_PLAN_CANDIDATES (the first run of a
+ * shape times them: execute_plan). The plans are not in g->created: the caller keeps them.
+ * Returns how many; 0 with g->why when none. */
+static int graph_build_plans(graph_builder *g, cudnnBackendDescriptor_t *candidates, int64_t *workspace_bytes) {
+    if (g->failed) return 0;
+    int found = 0;
     cudnnBackendDescriptor_t graph = graph_create(g, CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph");
     GRAPH_SET(g, graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &cuda_ctx.cudnn);
     GRAPH_SET(g, graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, g->op_count, g->ops);
     graph_finalize(g, graph, "operation graph");
     char tried[512] = "";
     cudnnBackendHeurMode_t modes[2] = {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK};
-    for (int mode_index = 0; mode_index < 2 && !g->failed; mode_index++) {
+    for (int mode_index = 0; mode_index < 2 && !g->failed && found < MAX_PLAN_CANDIDATES; mode_index++) {
         cudnnBackendDescriptor_t heuristics = graph_create(g, CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "heuristics");
         GRAPH_SET(g, heuristics, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &graph);
         GRAPH_SET(g, heuristics, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &modes[mode_index]);
         graph_finalize(g, heuristics, "heuristics");
-        if (g->failed) return NULL;
+        if (g->failed) return 0;
         int64_t count = 0;
         cudnnStatus_t status = cudnnBackendGetAttribute(heuristics, CUDNN_ATTR_ENGINEHEUR_RESULTS,
                                                         CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, NULL);
         if (status != CUDNN_STATUS_SUCCESS) {
             graph_fail(g, status, "cudnnBackendGetAttribute(CUDNN_ATTR_ENGINEHEUR_RESULTS count)");
-            return NULL;
+            return 0;
         }
         if (count > 16) count = 16;
         cudnnBackendDescriptor_t configs[16];
         for (int64_t i = 0; i < count; i++)
             configs[i] = graph_create(g, CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, "engine config");
-        if (g->failed) return NULL;
+        if (g->failed) return 0;
         int64_t returned = 0;
         if (count > 0) {
             status = cudnnBackendGetAttribute(heuristics, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
                                               count, &returned, configs);
             if (status != CUDNN_STATUS_SUCCESS) {
                 graph_fail(g, status, "cudnnBackendGetAttribute(CUDNN_ATTR_ENGINEHEUR_RESULTS)");
-                return NULL;
+                return 0;
             }
         }
-        for (int64_t i = 0; i < returned; i++) {
+        for (int64_t i = 0; i < returned && found < MAX_PLAN_CANDIDATES; i++) {
             cudnnBackendDescriptor_t plan = NULL;
             status = cudnnBackendCreateDescriptor(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, &plan);
             if (status != CUDNN_STATUS_SUCCESS) {
                 graph_fail(g, status, "cudnnBackendCreateDescriptor(execution plan)");
-                return NULL;
+                return 0;
             }
             status = cudnnBackendSetAttribute(plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1,
                                               &cuda_ctx.cudnn);
@@ -311,8 +319,11 @@ static cudnnBackendDescriptor_t graph_build_plan(graph_builder *g, int64_t *work
             int64_t returned_count = 0;
             if (status == CUDNN_STATUS_SUCCESS)
                 status = cudnnBackendGetAttribute(plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1,
-                                                  &returned_count, workspace_bytes);
-            if (status == CUDNN_STATUS_SUCCESS) return plan;
+                                                  &returned_count, &workspace_bytes[found]);
+            if (status == CUDNN_STATUS_SUCCESS) {
+                candidates[found++] = plan;
+                continue;
+            }
             char last[160] = "";
             cudnnGetLastErrorString(last, sizeof last);
             size_t used = strlen(tried);
@@ -322,9 +333,10 @@ static cudnnBackendDescriptor_t graph_build_plan(graph_builder *g, int64_t *work
             cudnnBackendDestroyDescriptor(plan);
         }
     }
-    graph_fail(g, CUDNN_STATUS_NOT_SUPPORTED, "no engine config finalizes into an execution plan %s",
-               tried[0] ? tried : "(the heuristics returned none)");
-    return NULL;
+    if (found == 0)
+        graph_fail(g, CUDNN_STATUS_NOT_SUPPORTED, "no engine config finalizes into an execution plan %s",
+                   tried[0] ? tried : "(the heuristics returned none)");
+    return found;
 }
 
 /* ---- the plans, one per (shape, direction) ---- */
@@ -355,8 +367,12 @@ typedef struct {
     bool padded; /* the graph has the sequence lengths and the padding mask */
     bool usable;
     char why[1024];
-    cudnnBackendDescriptor_t plan;
+    cudnnBackendDescriptor_t plan; /* the one run: the fastest candidate once tuned */
     int64_t workspace_bytes;
+    cudnnBackendDescriptor_t candidates[MAX_PLAN_CANDIDATES];
+    int64_t candidate_workspace[MAX_PLAN_CANDIDATES];
+    int candidate_count;
+    bool tuned;
     bool second_mask; /* the 9.0-9.9 backward workaround is in the graph */
     bool dq_direct;   /* backward writes dQ from the matmul (no fp32 accumulator tensor) */
     graph_builder *builder; /* the descriptors the plan was made from, kept alive with it */
@@ -564,6 +580,13 @@ static void build_backward(graph_builder *g, cudnn_plan *p) {
     graph_pointwise(g, CUDNN_POINTWISE_IDENTITY, CUDNN_DATA_FLOAT, &dq_accum, NULL, NULL, &dq, -1);
 }
 
+/* Keeps p->plan, destroys the other candidates. */
+static void drop_other_candidates(cudnn_plan *p) {
+    for (int i = 0; i < p->candidate_count; i++)
+        if (p->candidates[i] != p->plan) cudnnBackendDestroyDescriptor(p->candidates[i]);
+    p->candidate_count = 0;
+}
+
 /* The plan for a shape and direction: found, or built now (once). */
 static cudnn_plan *find_plan(int batch, int tokens, int heads, int head_dim, bool backward) {
     for (int i = 0; i < plan_count; i++) {
@@ -605,9 +628,17 @@ static cudnn_plan *find_plan(int batch, int tokens, int heads, int head_dim, boo
                 build_backward(g, p);
             else
                 build_forward(g, p);
-            p->plan = graph_build_plan(g, &p->workspace_bytes);
-            if (p->plan) {
+            p->candidate_count = graph_build_plans(g, p->candidates, p->candidate_workspace);
+            if (p->candidate_count > 0) {
+                p->plan = p->candidates[0];
+                p->workspace_bytes = p->candidate_workspace[0];
                 p->usable = true;
+                /* Before 9.6 backward's dQ accumulator is zeroed by the caller before each run, so
+                 * repeated runs would not give the same dQ: that backward keeps the first config. */
+                if (p->candidate_count == 1 || (backward && !p->dq_direct && version < 90600)) {
+                    p->tuned = true;
+                    drop_other_candidates(p);
+                }
                 p->builder = g;
             } else {
                 size_t used = strlen(p->why);
@@ -639,36 +670,90 @@ static void add_entry(variant_entries *entries, int64_t uid, const void *pointer
     entries->count++;
 }
 
-/* Runs a plan; false (with the reason, and the plan marked unusable) when cuDNN refuses. */
-static bool execute_plan(cudnn_plan *p, variant_entries *entries) {
-    if (!grow(&shared.workspace, &shared.workspace_bytes, (size_t)p->workspace_bytes, "workspace")) return false;
+/* Runs `plan` on the variant pack's pointers; on failure *step names the call that failed. */
+static cudnnStatus_t run_plan(cudnnBackendDescriptor_t plan, variant_entries *entries, const char **step) {
     cudnnBackendDescriptor_t pack = NULL;
     cudnnStatus_t status = cudnnBackendCreateDescriptor(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &pack);
     void *workspace = shared.workspace;
-    const char *step = "cudnnBackendCreateDescriptor(variant pack)";
+    *step = "cudnnBackendCreateDescriptor(variant pack)";
     if (status == CUDNN_STATUS_SUCCESS) {
-        step = "CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS";
+        *step = "CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS";
         status = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, entries->count,
                                           entries->uids);
     }
     if (status == CUDNN_STATUS_SUCCESS) {
-        step = "CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS";
+        *step = "CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS";
         status = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR,
                                           entries->count, entries->pointers);
     }
     if (status == CUDNN_STATUS_SUCCESS) {
-        step = "CUDNN_ATTR_VARIANT_PACK_WORKSPACE";
+        *step = "CUDNN_ATTR_VARIANT_PACK_WORKSPACE";
         status = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &workspace);
     }
     if (status == CUDNN_STATUS_SUCCESS) {
-        step = "cudnnBackendFinalize(variant pack)";
+        *step = "cudnnBackendFinalize(variant pack)";
         status = cudnnBackendFinalize(pack);
     }
     if (status == CUDNN_STATUS_SUCCESS) {
-        step = "cudnnBackendExecute";
-        status = cudnnBackendExecute(cuda_ctx.cudnn, p->plan, pack);
+        *step = "cudnnBackendExecute";
+        status = cudnnBackendExecute(cuda_ctx.cudnn, plan, pack);
     }
     if (pack) cudnnBackendDestroyDescriptor(pack);
+    return status;
+}
+
+/* Mean ms of PLAN_TIMED_RUNS runs of a candidate after one untimed run; -1 when it fails. */
+static float time_candidate(cudnnBackendDescriptor_t plan, variant_entries *entries, cudaEvent_t start,
+                            cudaEvent_t stop) {
+    const char *step;
+    if (run_plan(plan, entries, &step) != CUDNN_STATUS_SUCCESS) return -1.0f;
+    cudaEventRecord(start, cuda_ctx.stream);
+    for (int run = 0; run < PLAN_TIMED_RUNS; run++)
+        if (run_plan(plan, entries, &step) != CUDNN_STATUS_SUCCESS) return -1.0f;
+    cudaEventRecord(stop, cuda_ctx.stream);
+    float ms = -1.0f;
+    if (cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess)
+        return -1.0f;
+    return ms / PLAN_TIMED_RUNS;
+}
+
+/* The first run of a shape times every engine config that finalized, on this call's own
+ * buffers (a run only writes the call's outputs, so repeating it is harmless), and keeps the
+ * fastest; the heuristics' first choice is not always it. Failing to time keeps the first. */
+static void tune_plan(cudnn_plan *p, variant_entries *entries) {
+    p->tuned = true;
+    cudaEvent_t start, stop;
+    if (cudaEventCreate(&start) == cudaSuccess) {
+        if (cudaEventCreate(&stop) == cudaSuccess) {
+            float best = -1.0f;
+            for (int i = 0; i < p->candidate_count; i++) {
+                float ms = time_candidate(p->candidates[i], entries, start, stop);
+                if (ms >= 0.0f && (best < 0.0f || ms < best)) {
+                    best = ms;
+                    p->plan = p->candidates[i];
+                    p->workspace_bytes = p->candidate_workspace[i];
+                }
+            }
+            cudaEventDestroy(stop);
+        }
+        cudaEventDestroy(start);
+    }
+    cudaGetLastError(); /* a candidate that failed leaves nothing behind */
+    drop_other_candidates(p);
+}
+
+/* Runs a plan; false (with the reason, and the plan marked unusable) when cuDNN refuses. */
+static bool execute_plan(cudnn_plan *p, variant_entries *entries) {
+    if (!p->tuned) {
+        int64_t most = 0;
+        for (int i = 0; i < p->candidate_count; i++)
+            if (p->candidate_workspace[i] > most) most = p->candidate_workspace[i];
+        if (!grow(&shared.workspace, &shared.workspace_bytes, (size_t)most, "workspace")) return false;
+        tune_plan(p, entries);
+    }
+    if (!grow(&shared.workspace, &shared.workspace_bytes, (size_t)p->workspace_bytes, "workspace")) return false;
+    const char *step;
+    cudnnStatus_t status = run_plan(p->plan, entries, &step);
     if (status == CUDNN_STATUS_SUCCESS) {
         if (cuda_ctx.debug_sync)
             LAUNCH_CHECK("cuDNN attention", "%s batch %d tokens %d heads %d head_dim %d",
