@@ -24,8 +24,8 @@
  * 0.210 ms, batch 256, H100); the masked graph is its fallback. A forward without statistics
  * (inference) is not offered by cuDNN 9.14 for these shapes, so forward always writes them.
  *
- * The heuristics offer several engine configs for a graph (B/16's forward: five of mode A, two
- * engines); the first run of a shape times every one that finalizes and keeps the fastest, as
+ * The heuristics offer several engine configs for a graph (B/16's forward: seven, five from mode A
+ * and two from fallback, of two engines); the first run of a shape times every one that finalizes and keeps the fastest, as
  * the GEMMs do (matmul.cu).
  *
  * A shape whose graph cannot be built (or whose first execution fails) is remembered as
@@ -369,10 +369,10 @@ typedef struct {
     char why[1024];
     cudnnBackendDescriptor_t plan; /* the one run: the fastest candidate once tuned */
     int64_t workspace_bytes;
+    /* Engine configs still to time (none once timed or when there is only one). */
     cudnnBackendDescriptor_t candidates[MAX_PLAN_CANDIDATES];
     int64_t candidate_workspace[MAX_PLAN_CANDIDATES];
     int candidate_count;
-    bool tuned;
     bool second_mask; /* the 9.0-9.9 backward workaround is in the graph */
     bool dq_direct;   /* backward writes dQ from the matmul (no fp32 accumulator tensor) */
     graph_builder *builder; /* the descriptors the plan was made from, kept alive with it */
@@ -635,10 +635,8 @@ static cudnn_plan *find_plan(int batch, int tokens, int heads, int head_dim, boo
                 p->usable = true;
                 /* Before 9.6 backward's dQ accumulator is zeroed by the caller before each run, so
                  * repeated runs would not give the same dQ: that backward keeps the first config. */
-                if (p->candidate_count == 1 || (backward && !p->dq_direct && version < 90600)) {
-                    p->tuned = true;
+                if (p->candidate_count == 1 || (backward && !p->dq_direct && version < 90600))
                     drop_other_candidates(p);
-                }
                 p->builder = g;
             } else {
                 size_t used = strlen(p->why);
@@ -702,49 +700,24 @@ static cudnnStatus_t run_plan(cudnnBackendDescriptor_t plan, variant_entries *en
     return status;
 }
 
-/* Mean ms of PLAN_TIMED_RUNS runs of a candidate after one untimed run; -1 when it fails. */
-static float time_candidate(cudnnBackendDescriptor_t plan, variant_entries *entries, cudaEvent_t start,
-                            cudaEvent_t stop) {
-    const char *step;
-    if (run_plan(plan, entries, &step) != CUDNN_STATUS_SUCCESS) return -1.0f;
-    cudaEventRecord(start, cuda_ctx.stream);
-    for (int run = 0; run < PLAN_TIMED_RUNS; run++)
-        if (run_plan(plan, entries, &step) != CUDNN_STATUS_SUCCESS) return -1.0f;
-    cudaEventRecord(stop, cuda_ctx.stream);
-    float ms = -1.0f;
-    if (cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess)
-        return -1.0f;
-    return ms / PLAN_TIMED_RUNS;
-}
-
 /* The first run of a shape times every engine config that finalized, on this call's own
  * buffers (a run only writes the call's outputs, so repeating it is harmless), and keeps the
  * fastest; the heuristics' first choice is not always it. Failing to time keeps the first. */
 static void tune_plan(cudnn_plan *p, variant_entries *entries) {
-    p->tuned = true;
-    cudaEvent_t start, stop;
-    if (cudaEventCreate(&start) == cudaSuccess) {
-        if (cudaEventCreate(&stop) == cudaSuccess) {
-            float best = -1.0f;
-            for (int i = 0; i < p->candidate_count; i++) {
-                float ms = time_candidate(p->candidates[i], entries, start, stop);
-                if (ms >= 0.0f && (best < 0.0f || ms < best)) {
-                    best = ms;
-                    p->plan = p->candidates[i];
-                    p->workspace_bytes = p->candidate_workspace[i];
-                }
-            }
-            cudaEventDestroy(stop);
-        }
-        cudaEventDestroy(start);
+    int fastest = fastest_candidate(p->candidate_count, PLAN_TIMED_RUNS, [&](int i) {
+        const char *step;
+        return run_plan(p->candidates[i], entries, &step) == CUDNN_STATUS_SUCCESS;
+    });
+    if (fastest >= 0) {
+        p->plan = p->candidates[fastest];
+        p->workspace_bytes = p->candidate_workspace[fastest];
     }
-    cudaGetLastError(); /* a candidate that failed leaves nothing behind */
     drop_other_candidates(p);
 }
 
 /* Runs a plan; false (with the reason, and the plan marked unusable) when cuDNN refuses. */
 static bool execute_plan(cudnn_plan *p, variant_entries *entries) {
-    if (!p->tuned) {
+    if (p->candidate_count > 0) {
         int64_t most = 0;
         for (int i = 0; i < p->candidate_count; i++)
             if (p->candidate_workspace[i] > most) most = p->candidate_workspace[i];

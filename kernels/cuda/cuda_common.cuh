@@ -92,6 +92,47 @@ static inline unsigned grid_for(size_t n, unsigned per_block) {
     return (unsigned)(needed ? needed : 1);
 }
 
+/* The fastest of `count` candidate ways to run one operation (cuBLASLt algorithms, cuDNN engine
+ * configs: their heuristics do not always put it first), timed on the call's own operands at a
+ * shape's first call: run(i) launches candidate i once on the backend's stream and returns false
+ * when it cannot; each is timed as timed_runs runs after one untimed. Returns the index, or -1
+ * when none ran (the caller keeps its first choice). A failed candidate leaves no error behind. */
+template <typename Run>
+static int fastest_candidate(int count, int timed_runs, Run run) {
+    cudaEvent_t start, stop;
+    if (cudaEventCreate(&start) != cudaSuccess) {
+        cudaGetLastError();
+        return -1;
+    }
+    if (cudaEventCreate(&stop) != cudaSuccess) {
+        cudaEventDestroy(start);
+        cudaGetLastError();
+        return -1;
+    }
+    int fastest = -1;
+    float fastest_ms = 0.0f;
+    for (int i = 0; i < count; i++) {
+        bool ran = true;
+        for (int r = 0; r <= timed_runs && ran; r++) {
+            if (r == 1) cudaEventRecord(start, cuda_ctx.stream);
+            ran = run(i);
+        }
+        if (!ran) continue;
+        cudaEventRecord(stop, cuda_ctx.stream);
+        float ms = 0.0f;
+        if (cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess)
+            continue;
+        if (fastest < 0 || ms < fastest_ms) {
+            fastest = i;
+            fastest_ms = ms;
+        }
+    }
+    cudaEventDestroy(stop);
+    cudaEventDestroy(start);
+    cudaGetLastError();
+    return fastest;
+}
+
 /* ---- bf16 and reductions on the device ---- */
 typedef __nv_bfloat16 bf16;
 

@@ -144,22 +144,6 @@ static cublasStatus_t run_matmul(const matmul_plan *plan, const cublasLtMatmulAl
                           cuda_ctx.stream);
 }
 
-/* Milliseconds of one run of a candidate (the mean of MATMUL_TIMED_RUNS after one untimed), or
- * a negative number when it fails to launch (it is then not chosen; the failure is not an error
- * of the run, so it is not recorded). */
-static float time_candidate(const matmul_plan *plan, const cublasLtMatmulAlgo_t *algo, void *c, const void *a,
-                            const void *b, cudaEvent_t start, cudaEvent_t stop) {
-    for (int run = 0; run <= MATMUL_TIMED_RUNS; run++) {
-        if (run == 1) cudaEventRecord(start, cuda_ctx.stream);
-        if (run_matmul(plan, algo, c, a, b, false) != CUBLAS_STATUS_SUCCESS) return -1.0f;
-    }
-    cudaEventRecord(stop, cuda_ctx.stream);
-    float ms = 0.0f;
-    if (cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess)
-        return -1.0f;
-    return ms / MATMUL_TIMED_RUNS;
-}
-
 /* Times the candidates on this call's operands and keeps the fastest. The runs write C with
  * beta = 0: harmless when the call overwrites C anyway, and into a scratch copy of C's size when
  * the call accumulates into it (parameter gradients: at most a few MB). Bias pointers are set
@@ -175,22 +159,11 @@ static void tune_plan(matmul_plan *plan, void *c, const void *a, const void *b, 
         }
         target = scratch;
     }
-    cudaEvent_t start, stop;
-    if (cudaEventCreate(&start) == cudaSuccess) {
-        if (cudaEventCreate(&stop) == cudaSuccess) {
-            float best = -1.0f;
-            for (int i = 0; i < plan->candidate_count; i++) {
-                float ms = time_candidate(plan, &plan->candidates[i], target, a, b, start, stop);
-                if (ms >= 0.0f && (best < 0.0f || ms < best)) {
-                    best = ms;
-                    plan->algo = plan->candidates[i];
-                }
-            }
-            cudaEventDestroy(stop);
-        }
-        cudaEventDestroy(start);
-    }
-    cudaGetLastError(); /* a candidate that failed to launch leaves nothing behind */
+    /* A candidate that fails to launch is not chosen; that is not an error of the run. */
+    int fastest = fastest_candidate(plan->candidate_count, MATMUL_TIMED_RUNS, [&](int i) {
+        return run_matmul(plan, &plan->candidates[i], target, a, b, false) == CUBLAS_STATUS_SUCCESS;
+    });
+    if (fastest >= 0) plan->algo = plan->candidates[fastest];
     if (scratch) cudaFree(scratch);
 }
 
