@@ -16,13 +16,14 @@
  * Descriptors and the algorithm are cached per (shape, transposes, output type, bias, pointer
  * alignment) in a small table, so a shape is planned once (at warm-up). The heuristic's first
  * choice is not always the fastest on our shapes (M ~ 10^5 rows against N, K of 768-3072), so
- * the first call of a shape times the heuristic's top candidates on the call's own operands and
- * keeps the fastest (tune_plan). */
+ * the first call of a shape times candidates on the call's own operands and keeps the fastest
+ * (tune_plan): the heuristic's top 8, and its first algorithm with the tiles around the ones it
+ * picks for such shapes (add_tile_variants). */
 #include "kernels/cuda/cuda_common.cuh"
 
 #include <string.h>
 
-enum { MATMUL_PLAN_CAPACITY = 1024, MATMUL_CANDIDATES = 8, MATMUL_TIMED_RUNS = 3 };
+enum { MATMUL_PLAN_CAPACITY = 1024, MATMUL_HEURISTIC_CANDIDATES = 8, MATMUL_CANDIDATES = 96, MATMUL_TIMED_RUNS = 3 };
 
 typedef struct {
     int m, n, k;
@@ -37,7 +38,7 @@ typedef struct {
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t layout_a, layout_b, layout_c; /* cuBLASLt's A (our b), B (our a), C = D */
     cublasLtMatmulAlgo_t algo;
-    cublasLtMatmulAlgo_t candidates[MATMUL_CANDIDATES]; /* the heuristic's order, best guess first */
+    cublasLtMatmulAlgo_t *candidates; /* [MATMUL_CANDIDATES] until tuned: the heuristic's order, then variants */
     int candidate_count;
 } matmul_plan;
 
@@ -60,6 +61,44 @@ static bool set_desc(cublasLtMatmulDesc_t op, cublasLtMatmulDescAttributes_t att
                      const matmul_key *key) {
     return CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, attribute, value, size), "attribute %d of " MATMUL_SHAPE_FORMAT,
                         (int)attribute, MATMUL_SHAPE_ARGS(*key));
+}
+
+/* For M ~ 10^5 rows the heuristic offers a few tiles (on Hopper 128 x 160 first, then 128 x 128,
+ * 128 x 256, ...: cuBLASLt's tiles are its m x n, ours N x M), but the last wave over M decides
+ * much: tiles 128 x 136 to 128 x 176 in steps of 8, with clusters of two along either side, ran
+ * 1.6-5.9% faster than the heuristic's best on every B/16 inference shape (docs/performance.md row 23).
+ * So the heuristic's first algorithm joins the candidates with each of those tiles, both cluster
+ * shapes and each custom option it has; cublasLtMatmulAlgoCheck drops what it does not support
+ * for this shape and device, and the timing decides. */
+static void add_tile_variants(matmul_plan *plan, const cublasLtMatmulAlgo_t *best) {
+    static const uint32_t tiles[] = {CUBLASLT_MATMUL_TILE_128x128, CUBLASLT_MATMUL_TILE_128x136,
+                                     CUBLASLT_MATMUL_TILE_128x144, CUBLASLT_MATMUL_TILE_128x152,
+                                     CUBLASLT_MATMUL_TILE_128x160, CUBLASLT_MATMUL_TILE_128x168,
+                                     CUBLASLT_MATMUL_TILE_128x176, CUBLASLT_MATMUL_TILE_128x184,
+                                     CUBLASLT_MATMUL_TILE_128x192};
+    static const uint16_t clusters[] = {CUBLASLT_CLUSTER_SHAPE_2x1x1, CUBLASLT_CLUSTER_SHAPE_1x2x1};
+    int custom_max = 0;
+    size_t written = 0;
+    if (cublasLtMatmulAlgoCapGetAttribute(best, CUBLASLT_ALGO_CAP_CUSTOM_OPTION_MAX, &custom_max, sizeof custom_max,
+                                          &written) != CUBLAS_STATUS_SUCCESS)
+        return;
+    for (uint32_t tile : tiles)
+        for (uint16_t cluster : clusters)
+            for (uint32_t custom = 0; custom <= (uint32_t)custom_max && custom < 4; custom++) {
+                if (plan->candidate_count == MATMUL_CANDIDATES) return;
+                cublasLtMatmulAlgo_t variant = *best;
+                cublasLtMatmulHeuristicResult_t check;
+                if (cublasLtMatmulAlgoConfigSetAttribute(&variant, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof tile) ==
+                        CUBLAS_STATUS_SUCCESS &&
+                    cublasLtMatmulAlgoConfigSetAttribute(&variant, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster,
+                                                         sizeof cluster) == CUBLAS_STATUS_SUCCESS &&
+                    cublasLtMatmulAlgoConfigSetAttribute(&variant, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, &custom,
+                                                         sizeof custom) == CUBLAS_STATUS_SUCCESS &&
+                    cublasLtMatmulAlgoCheck(cuda_ctx.lt, plan->op, plan->layout_a, plan->layout_b, plan->layout_c,
+                                            plan->layout_c, &variant, &check) == CUBLAS_STATUS_SUCCESS &&
+                    check.workspaceSize <= cuda_ctx.lt_workspace_bytes)
+                    plan->candidates[plan->candidate_count++] = variant;
+            }
 }
 
 /* Descriptors for one key and the heuristic's candidate algorithms. */
@@ -112,12 +151,12 @@ static bool plan_matmul(matmul_plan *plan) {
               CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                                                 &align_c, sizeof align_c),
                            MATMUL_SHAPE_FORMAT, MATMUL_SHAPE_ARGS(*key));
-    cublasLtMatmulHeuristicResult_t results[MATMUL_CANDIDATES];
+    cublasLtMatmulHeuristicResult_t results[MATMUL_HEURISTIC_CANDIDATES];
     int returned = 0;
     if (ok)
         ok = CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(cuda_ctx.lt, plan->op, plan->layout_a, plan->layout_b,
-                                                         plan->layout_c, plan->layout_c, preference, MATMUL_CANDIDATES,
-                                                         results, &returned),
+                                                         plan->layout_c, plan->layout_c, preference,
+                                                         MATMUL_HEURISTIC_CANDIDATES, results, &returned),
                           MATMUL_SHAPE_FORMAT " alignments A %d B %d C %d", MATMUL_SHAPE_ARGS(*key), key->align_a,
                           key->align_b, key->align_c);
     cublasLtMatmulPreferenceDestroy(preference);
@@ -128,10 +167,18 @@ static bool plan_matmul(matmul_plan *plan) {
                             key->align_b, key->align_c);
         return false;
     }
-    for (int i = 0; i < returned; i++)
-        if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates[plan->candidate_count++] = results[i].algo;
     plan->algo = results[0].algo;
-    plan->tuned = plan->candidate_count <= 1;
+    plan->candidates = (cublasLtMatmulAlgo_t *)malloc(MATMUL_CANDIDATES * sizeof *plan->candidates);
+    if (plan->candidates) { /* without them the heuristic's first choice serves */
+        for (int i = 0; i < returned; i++)
+            if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates[plan->candidate_count++] = results[i].algo;
+        add_tile_variants(plan, &results[0].algo);
+    }
+    if (plan->candidate_count <= 1) { /* nothing to choose between */
+        free(plan->candidates);
+        plan->candidates = NULL;
+        plan->tuned = true;
+    }
     return true;
 }
 
@@ -149,22 +196,26 @@ static cublasStatus_t run_matmul(const matmul_plan *plan, const cublasLtMatmulAl
  * the call accumulates into it (parameter gradients: at most a few MB). Bias pointers are set
  * already. Failing to tune keeps the heuristic's first choice. */
 static void tune_plan(matmul_plan *plan, void *c, const void *a, const void *b, bool accumulate) {
-    plan->tuned = true;
     void *target = c, *scratch = NULL;
+    bool ready = true;
     if (accumulate) {
         size_t bytes = (size_t)plan->key.m * plan->key.n * (plan->key.master_output ? sizeof(float) : sizeof(bf16));
-        if (cudaMalloc(&scratch, bytes) != cudaSuccess) {
-            cudaGetLastError(); /* out of memory here is not a failure of the run: keep the heuristic's choice */
-            return;
-        }
+        ready = cudaMalloc(&scratch, bytes) == cudaSuccess;
+        if (!ready) cudaGetLastError(); /* out of memory here is not a failure of the run: keep the heuristic's choice */
         target = scratch;
     }
-    /* A candidate that fails to launch is not chosen; that is not an error of the run. */
-    int fastest = fastest_candidate(plan->candidate_count, MATMUL_TIMED_RUNS, [&](int i) {
-        return run_matmul(plan, &plan->candidates[i], target, a, b, false) == CUBLAS_STATUS_SUCCESS;
-    });
-    if (fastest >= 0) plan->algo = plan->candidates[fastest];
+    if (ready) {
+        /* A candidate that fails to launch is not chosen; that is not an error of the run. */
+        int fastest = fastest_candidate(plan->candidate_count, MATMUL_TIMED_RUNS, [&](int i) {
+            return run_matmul(plan, &plan->candidates[i], target, a, b, false) == CUBLAS_STATUS_SUCCESS;
+        });
+        if (fastest >= 0) plan->algo = plan->candidates[fastest];
+    }
     if (scratch) cudaFree(scratch);
+    free(plan->candidates);
+    plan->candidates = NULL;
+    plan->candidate_count = 0;
+    plan->tuned = true;
 }
 
 static matmul_plan *find_plan(const matmul_key *key) {

@@ -11,15 +11,29 @@
  *   residual  the second GEMMs of P_o (K 768) and the FFN (K 3072) writing bf16, against
  *             accumulating into the fp32 residual stream (C = D, beta 1), which would take the
  *             add out of the LayerNorm pass
+ *   loaded    does the algorithm that wins a short burst on a cool card (how the backend picks,
+ *             kernels/cuda/matmul.cu) also win on a card held at its power limit? Each of the
+ *             heuristic's top 16 algorithms for the inference form's GEMM shapes, timed both ways:
+ *             3 runs after 1 untimed, and inside a loop that alternates the GEMM with a
+ *             norm-like memory pass (the model's duty cycle), 150 times before and 150 while timing
+ *   search    beyond the heuristic's 8: every configuration cuBLASLt accepts for these shapes
+ *             (each algorithm id's tiles and stage counts from its capabilities, cluster shapes
+ *             auto/1x1/2x1/1x2/2x2/4x1/1x4, CTA swizzling on and off, no split-K), a quick timing
+ *             of each, then the 12 fastest and the heuristic's pick re-timed in alternating rounds
  *
  * nvcc -O3 -arch=sm_90 gemm_experiments.cu -lcublasLt -lcurand -o gemm_experiments
- * ./gemm_experiments overlap qkv qkv-train residual */
+ * ./gemm_experiments overlap qkv qkv-train residual loaded search */
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <curand.h>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
+#include <chrono>
+#include <random>
+#include <utility>
+#include <vector>
 
 #include "experiments.cuh"
 
@@ -34,12 +48,15 @@ typedef struct {
     int m, n, k, batch, sm_target;
     bool b_transposed, accumulate;
     long long stride_a, stride_b, stride_d;
+    bool add_bf16; /* D = A op(B) + D with D bf16 (the inference form's stream), not fp32 */
 } gemm_shape;
+
+enum { MAX_ALGOS = 16 };
 
 typedef struct {
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t a, b, d; /* cuBLASLt's A is our B (column-major view), its B our A */
-    cublasLtMatmulAlgo_t algos[8];
+    cublasLtMatmulAlgo_t algos[MAX_ALGOS];
     int algo_count, best;
     float beta;
 } gemm_plan;
@@ -49,7 +66,7 @@ static void set_batch(cublasLtMatrixLayout_t layout, int batch, long long stride
     CK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof stride));
 }
 
-static gemm_plan plan(const gemm_shape &s) {
+static gemm_plan plan(const gemm_shape &s, int requested = 8) {
     gemm_plan p = {};
     CK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     cublasOperation_t ta = s.b_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, tb = CUBLAS_OP_N;
@@ -60,19 +77,20 @@ static gemm_plan plan(const gemm_shape &s) {
     if (s.b_transposed) CK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, s.k, s.n, s.k));
     else CK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, s.n, s.k, s.n));
     CK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, s.k, s.m, s.k));
-    CK(cublasLtMatrixLayoutCreate(&p.d, s.accumulate ? CUDA_R_32F : CUDA_R_16BF, s.n, s.m, s.n));
+    CK(cublasLtMatrixLayoutCreate(&p.d, s.accumulate && !s.add_bf16 ? CUDA_R_32F : CUDA_R_16BF, s.n, s.m, s.n));
     if (s.batch > 1) {
         set_batch(p.a, s.batch, s.stride_b);
         set_batch(p.b, s.batch, s.stride_a);
         set_batch(p.d, s.batch, s.stride_d);
     }
-    p.beta = s.accumulate ? 1.0f : 0.0f;
+    p.beta = s.accumulate || s.add_bf16 ? 1.0f : 0.0f;
     cublasLtMatmulPreference_t preference;
     CK(cublasLtMatmulPreferenceCreate(&preference));
     uint64_t bytes = workspace_bytes;
     CK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &bytes, sizeof bytes));
-    cublasLtMatmulHeuristicResult_t results[8];
-    CK(cublasLtMatmulAlgoGetHeuristic(lt, p.op, p.a, p.b, p.d, p.d, preference, 8, results, &p.algo_count));
+    cublasLtMatmulHeuristicResult_t results[MAX_ALGOS];
+    if (requested > MAX_ALGOS) requested = MAX_ALGOS;
+    CK(cublasLtMatmulAlgoGetHeuristic(lt, p.op, p.a, p.b, p.d, p.d, preference, requested, results, &p.algo_count));
     if (p.algo_count == 0) {
         printf("no cuBLASLt algorithm for m %d n %d k %d\n", s.m, s.n, s.k);
         exit(1);
@@ -217,7 +235,219 @@ static void experiment_residual(curandGenerator_t generator) {
     }
 }
 
+static int algo_config(const cublasLtMatmulAlgo_t &algo, cublasLtMatmulAlgoConfigAttributes_t attribute) {
+    int value = 0;
+    size_t written = 0;
+    cublasLtMatmulAlgoConfigGetAttribute(&algo, attribute, &value, sizeof value, &written);
+    return value;
+}
+
+/* GEMMs in a loop with a memory pass after each, as in the model; returns the GEMMs' mean time
+ * over the last `timed` of `total` iterations (events around each GEMM). */
+static float loaded_ms(const gemm_plan &p, int algo, const void *A, const void *B, void *Dm, const void *pass_in,
+                       void *pass_out, size_t pass_vectors, int total, int timed) {
+    static cudaEvent_t marks[2 * 512];
+    if (!marks[0])
+        for (cudaEvent_t &mark : marks) CK(cudaEventCreate(&mark));
+    int grid = (int)((pass_vectors + 255) / 256);
+    for (int i = 0; i < total; i++) {
+        int t = i - (total - timed);
+        if (t >= 0) CK(cudaEventRecord(marks[2 * t]));
+        run(p, algo, A, B, Dm, 0);
+        if (t >= 0) CK(cudaEventRecord(marks[2 * t + 1]));
+        gelu_pass<<<grid, 256>>>((const uint4 *)pass_in, (uint4 *)pass_out, pass_vectors);
+    }
+    CK(cudaDeviceSynchronize());
+    float sum = 0.0f;
+    for (int t = 0; t < timed; t++) {
+        float ms;
+        CK(cudaEventElapsedTime(&ms, marks[2 * t], marks[2 * t + 1]));
+        sum += ms;
+    }
+    return sum / timed;
+}
+
+static void experiment_loaded(curandGenerator_t generator) {
+    int n_ffn = 4 * D;
+    void *x = random_bf16((size_t)ROWS * D, 1.0f, generator);
+    void *keys = random_bf16((size_t)n_ffn * D, 0.02f, generator), *values = random_bf16((size_t)n_ffn * D, 0.02f, generator);
+    void *scores = random_bf16((size_t)ROWS * n_ffn, 1.0f, generator), *stream = random_bf16((size_t)ROWS * D, 1.0f, generator);
+    void *pass_out, *scores_out;
+    CK(cudaMalloc(&pass_out, (size_t)ROWS * n_ffn * 2));
+    CK(cudaMalloc(&scores_out, (size_t)ROWS * n_ffn * 2));
+    struct {
+        const char *name;
+        gemm_shape shape;
+        const void *a, *b;
+        void *d;
+        int pass_width;
+    } cases[] = {
+        {"scores n 768 (Q, K, V, O)", {ROWS, D, D, 1, 0, true, false, 0, 0, 0, false}, x, keys, scores_out, D},
+        {"scores n 3072 (FFN)", {ROWS, n_ffn, D, 1, 0, true, false, 0, 0, 0, false}, x, keys, scores_out, n_ffn},
+        {"values K 768 (Q, K, V)", {ROWS, D, D, 1, 0, false, false, 0, 0, 0, false}, scores, values, scores_out, D},
+        {"values K 768 + stream (O)", {ROWS, D, D, 1, 0, false, false, 0, 0, 0, true}, scores, values, stream, D},
+        {"values K 3072 + stream (FFN)", {ROWS, D, n_ffn, 1, 0, false, false, 0, 0, 0, true}, scores, values, stream, n_ffn},
+    };
+    for (auto &c : cases) {
+        gemm_plan p = plan(c.shape, MAX_ALGOS);
+        double flops = 2.0 * c.shape.m * c.shape.n * c.shape.k;
+        size_t pass_vectors = (size_t)ROWS * c.pass_width / 8;
+        int total = 300, timed = 150;
+        printf("loaded: %s, %d algorithms (burst: 3 runs after 1; loaded: GEMM + %zu MB pass, last %d of %d)\n",
+               c.name, p.algo_count, pass_vectors * 32 / 1000000, timed, total);
+        int burst_best = -1, loaded_best = -1;
+        float burst_best_ms = 0, loaded_best_ms = 0, loaded_of_burst_best = 0;
+        for (int i = 0; i < p.algo_count; i++) {
+            run(p, i, c.a, c.b, c.d, 0);
+            float burst = time_ms([&] { run(p, i, c.a, c.b, c.d, 0); }, 3, 0);
+            float loaded = loaded_ms(p, i, c.a, c.b, c.d, scores, pass_out, pass_vectors, total, timed);
+            printf("  algo %2d: id %3d tile %3d stages %3d cluster %2d splitK %d swizzle %d | burst %.4f ms (%.0f TFLOP/s) "
+                   "loaded %.4f ms (%.0f)\n",
+                   i, algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_ID), algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_TILE_ID),
+                   algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_STAGES_ID),
+                   algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID),
+                   algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+                   algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING), burst, flops / burst / 1e9, loaded,
+                   flops / loaded / 1e9);
+            if (burst_best < 0 || burst < burst_best_ms) burst_best = i, burst_best_ms = burst;
+            if (loaded_best < 0 || loaded < loaded_best_ms) loaded_best = i, loaded_best_ms = loaded;
+        }
+        /* The burst winner again under load, so both picks are compared at the same moment. */
+        loaded_of_burst_best = loaded_ms(p, burst_best, c.a, c.b, c.d, scores, pass_out, pass_vectors, total, timed);
+        float loaded_again = loaded_ms(p, loaded_best, c.a, c.b, c.d, scores, pass_out, pass_vectors, total, timed);
+        printf("  burst picks %d, loaded picks %d; re-timed under load: %.4f against %.4f ms (%+.1f%%)\n", burst_best,
+               loaded_best, loaded_of_burst_best, loaded_again, 100.0 * (loaded_again / loaded_of_burst_best - 1.0));
+    }
+}
+
+static void describe(const cublasLtMatmulAlgo_t &algo, char *out, size_t size) {
+    uint16_t cluster = 0;
+    size_t written;
+    cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster, sizeof cluster, &written);
+    snprintf(out, size, "id %3d tile %3d stages %3d cluster %2d swizzle %d custom %d", algo_config(algo, CUBLASLT_ALGO_CONFIG_ID),
+             algo_config(algo, CUBLASLT_ALGO_CONFIG_TILE_ID), algo_config(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID), cluster,
+             algo_config(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING), algo_config(algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION));
+}
+
+/* Every configuration that cublasLtMatmulAlgoCheck accepts for the plan's shape. */
+static std::vector<cublasLtMatmulAlgo_t> all_configs(const gemm_plan &p) {
+    std::vector<cublasLtMatmulAlgo_t> configs;
+    int ids[256], id_count = 0;
+    CK(cublasLtMatmulAlgoGetIds(lt, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, 256,
+                                ids, &id_count));
+    const uint16_t clusters[] = {CUBLASLT_CLUSTER_SHAPE_AUTO, CUBLASLT_CLUSTER_SHAPE_1x1x1, CUBLASLT_CLUSTER_SHAPE_2x1x1,
+                                 CUBLASLT_CLUSTER_SHAPE_1x2x1, CUBLASLT_CLUSTER_SHAPE_2x2x1, CUBLASLT_CLUSTER_SHAPE_4x1x1,
+                                 CUBLASLT_CLUSTER_SHAPE_1x4x1};
+    for (int a = 0; a < id_count; a++) {
+        cublasLtMatmulAlgo_t algo;
+        if (cublasLtMatmulAlgoInit(lt, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF,
+                                   ids[a], &algo) != CUBLAS_STATUS_SUCCESS)
+            continue;
+        size_t bytes = 0;
+        uint32_t swizzle_support = 0;
+        int custom_max = 0;
+        auto cap_list = [&](cublasLtMatmulAlgoCapAttributes_t attribute, uint32_t undefined) {
+            size_t needed = 0;
+            cublasLtMatmulAlgoCapGetAttribute(&algo, attribute, NULL, 0, &needed);
+            std::vector<uint32_t> list(needed / 4);
+            if (!list.empty()) cublasLtMatmulAlgoCapGetAttribute(&algo, attribute, list.data(), list.size() * 4, &needed);
+            else list.push_back(undefined);
+            return list;
+        };
+        std::vector<uint32_t> tiles = cap_list(CUBLASLT_ALGO_CAP_TILE_IDS, CUBLASLT_MATMUL_TILE_UNDEFINED);
+        std::vector<uint32_t> stages = cap_list(CUBLASLT_ALGO_CAP_STAGES_IDS, CUBLASLT_MATMUL_STAGES_UNDEFINED);
+        int tile_count = (int)tiles.size(), stage_count = (int)stages.size();
+        cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_CTA_SWIZZLING_SUPPORT, &swizzle_support,
+                                          sizeof swizzle_support, &bytes);
+        cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_CUSTOM_OPTION_MAX, &custom_max, sizeof custom_max, &bytes);
+        if (custom_max > 3) custom_max = 3;
+        for (int t = 0; t < tile_count; t++)
+            for (int st = 0; st < stage_count; st++)
+                for (uint16_t cluster : clusters)
+                    for (uint32_t swizzle = 0; swizzle <= (swizzle_support ? 1u : 0u); swizzle++)
+                        for (uint32_t custom = 0; custom <= (uint32_t)custom_max; custom++) {
+                            cublasLtMatmulAlgo_t c = algo;
+                            cublasLtMatmulAlgoConfigSetAttribute(&c, CUBLASLT_ALGO_CONFIG_TILE_ID, &tiles[t], 4);
+                            cublasLtMatmulAlgoConfigSetAttribute(&c, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages[st], 4);
+                            cublasLtMatmulAlgoConfigSetAttribute(&c, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster, 2);
+                            cublasLtMatmulAlgoConfigSetAttribute(&c, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, &swizzle, 4);
+                            cublasLtMatmulAlgoConfigSetAttribute(&c, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, &custom, 4);
+                            cublasLtMatmulHeuristicResult_t result;
+                            if (cublasLtMatmulAlgoCheck(lt, p.op, p.a, p.b, p.d, p.d, &c, &result) == CUBLAS_STATUS_SUCCESS &&
+                                result.workspaceSize <= workspace_bytes)
+                                configs.push_back(c);
+                        }
+    }
+    return configs;
+}
+
+static void experiment_search(curandGenerator_t generator) {
+    int n_ffn = 4 * D;
+    void *x = random_bf16((size_t)ROWS * D, 1.0f, generator);
+    void *keys = random_bf16((size_t)n_ffn * D, 0.02f, generator), *values = random_bf16((size_t)n_ffn * D, 0.02f, generator);
+    void *scores = random_bf16((size_t)ROWS * n_ffn, 1.0f, generator), *stream = random_bf16((size_t)ROWS * D, 1.0f, generator);
+    void *scores_out;
+    CK(cudaMalloc(&scores_out, (size_t)ROWS * n_ffn * 2));
+    struct {
+        const char *name;
+        gemm_shape shape;
+        const void *a, *b;
+        void *d;
+    } cases[] = {
+        {"scores n 768 (Q, K, V, O)", {ROWS, D, D, 1, 0, true, false, 0, 0, 0, false}, x, keys, scores_out},
+        {"scores n 3072 (FFN)", {ROWS, n_ffn, D, 1, 0, true, false, 0, 0, 0, false}, x, keys, scores_out},
+        {"values K 768 (Q, K, V)", {ROWS, D, D, 1, 0, false, false, 0, 0, 0, false}, scores, values, scores_out},
+        {"values K 768 + stream (O)", {ROWS, D, D, 1, 0, false, false, 0, 0, 0, true}, scores, values, stream},
+        {"values K 3072 + stream (FFN)", {ROWS, D, n_ffn, 1, 0, false, false, 0, 0, 0, true}, scores, values, stream},
+    };
+    for (auto &c : cases) {
+        gemm_plan p = plan(c.shape, 8);
+        double flops = 2.0 * c.shape.m * c.shape.n * c.shape.k;
+        std::vector<cublasLtMatmulAlgo_t> configs = all_configs(p);
+        printf("search: %s: %zu configurations accepted\n", c.name, configs.size());
+        std::vector<std::pair<float, int>> quick;
+        auto run_algo = [&](const cublasLtMatmulAlgo_t &algo) {
+            float one = 1.0f;
+            return cublasLtMatmul(lt, p.op, &one, c.b, p.a, c.a, p.b, &p.beta, c.d, p.d, c.d, p.d, &algo, workspace,
+                                  workspace_bytes, 0) == CUBLAS_STATUS_SUCCESS;
+        };
+        /* A fixed shuffle, so that a search cut short by its 45 s budget times a fair sample. */
+        std::mt19937 shuffle_rng(1);
+        std::shuffle(configs.begin(), configs.end(), shuffle_rng);
+        auto started = std::chrono::steady_clock::now();
+        for (size_t i = 0; i < configs.size(); i++) {
+            if (std::chrono::steady_clock::now() - started > std::chrono::seconds(45)) break;
+            if (!run_algo(configs[i])) continue;
+            float ms = time_ms([&] { run_algo(configs[i]); }, 2, 0);
+            quick.push_back({ms, (int)i});
+        }
+        cudaGetLastError();
+        std::sort(quick.begin(), quick.end());
+        /* Finalists: the 12 quickest and the heuristic's 8 (index -1 - h), timed in 5 alternating rounds. */
+        std::vector<int> finalists;
+        for (size_t i = 0; i < quick.size() && i < 12; i++) finalists.push_back(quick[i].second);
+        for (int h = 0; h < p.algo_count; h++) finalists.push_back(-1 - h);
+        std::vector<double> total(finalists.size(), 0.0);
+        for (int round = 0; round < 5; round++)
+            for (size_t f = 0; f < finalists.size(); f++) {
+                const cublasLtMatmulAlgo_t &algo = finalists[f] >= 0 ? configs[finalists[f]] : p.algos[-1 - finalists[f]];
+                total[f] += time_ms([&] { run_algo(algo); }, 10, 1);
+            }
+        printf("search: %s: %zu configurations accepted, %zu ran; finalists (mean of 5 rounds of 10 runs):\n", c.name,
+               configs.size(), quick.size());
+        for (size_t f = 0; f < finalists.size(); f++) {
+            const cublasLtMatmulAlgo_t &algo = finalists[f] >= 0 ? configs[finalists[f]] : p.algos[-1 - finalists[f]];
+            char text[160];
+            describe(algo, text, sizeof text);
+            double ms = total[f] / 5;
+            if (finalists[f] >= 0) printf("  searched  %s  %.4f ms (%.0f TFLOP/s)\n", text, ms, flops / ms / 1e9);
+            else printf("  heuristic %d %s  %.4f ms (%.0f TFLOP/s)\n", -1 - finalists[f], text, ms, flops / ms / 1e9);
+        }
+    }
+}
+
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IONBF, 0);
     CK(cublasLtCreate(&lt));
     CK(cudaMalloc(&workspace, workspace_bytes));
     curandGenerator_t generator;
@@ -227,7 +457,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "qkv")) experiment_qkv(generator, ROWS);
         else if (!strcmp(argv[i], "qkv-train")) experiment_qkv(generator, ROWS / 2);
         else if (!strcmp(argv[i], "residual")) experiment_residual(generator);
-        else printf("unknown experiment %s (overlap, qkv, qkv-train, residual)\n", argv[i]);
+        else if (!strcmp(argv[i], "loaded")) experiment_loaded(generator);
+        else if (!strcmp(argv[i], "search")) experiment_search(generator);
+        else printf("unknown experiment %s (overlap, qkv, qkv-train, residual, loaded, search)\n", argv[i]);
     }
     return 0;
 }
