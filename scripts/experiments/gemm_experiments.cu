@@ -19,10 +19,11 @@
  *   search    beyond the heuristic's 8: every configuration cuBLASLt accepts for these shapes
  *             (each algorithm id's tiles and stage counts from its capabilities, cluster shapes
  *             auto/1x1/2x1/1x2/2x2/4x1/1x4, CTA swizzling on and off, no split-K), a quick timing
- *             of each, then the 12 fastest and the heuristic's pick re-timed in alternating rounds
+ *             of each, then the 12 fastest and the heuristic's pick re-timed in alternating rounds;
+ *             search-train: the same for training's shapes at batch 256, parameter gradients included
  *
  * nvcc -O3 -arch=sm_90 gemm_experiments.cu -lcublasLt -lcurand -o gemm_experiments
- * ./gemm_experiments overlap qkv qkv-train residual loaded search */
+ * ./gemm_experiments overlap qkv qkv-train residual loaded search search-train */
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <curand.h>
@@ -48,7 +49,8 @@ typedef struct {
     int m, n, k, batch, sm_target;
     bool b_transposed, accumulate;
     long long stride_a, stride_b, stride_d;
-    bool add_bf16; /* D = A op(B) + D with D bf16 (the inference form's stream), not fp32 */
+    bool add_bf16;    /* D = A op(B) + D with D bf16 (the inference form's stream), not fp32 */
+    bool transpose_a; /* A stored [k, m] (parameter gradients: S^T dOut, dA^T X) */
 } gemm_shape;
 
 enum { MAX_ALGOS = 16 };
@@ -69,14 +71,15 @@ static void set_batch(cublasLtMatrixLayout_t layout, int batch, long long stride
 static gemm_plan plan(const gemm_shape &s, int requested = 8) {
     gemm_plan p = {};
     CK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t ta = s.b_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, tb = CUBLAS_OP_N;
+    cublasOperation_t ta = s.b_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, tb = s.transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     CK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     CK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
     if (s.sm_target)
         CK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &s.sm_target, sizeof s.sm_target));
     if (s.b_transposed) CK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, s.k, s.n, s.k));
     else CK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, s.n, s.k, s.n));
-    CK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, s.k, s.m, s.k));
+    if (s.transpose_a) CK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, s.m, s.k, s.m));
+    else CK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, s.k, s.m, s.k));
     CK(cublasLtMatrixLayoutCreate(&p.d, s.accumulate && !s.add_bf16 ? CUDA_R_32F : CUDA_R_16BF, s.n, s.m, s.n));
     if (s.batch > 1) {
         set_batch(p.a, s.batch, s.stride_b);
@@ -330,18 +333,18 @@ static void describe(const cublasLtMatmulAlgo_t &algo, char *out, size_t size) {
 }
 
 /* Every configuration that cublasLtMatmulAlgoCheck accepts for the plan's shape. */
-static std::vector<cublasLtMatmulAlgo_t> all_configs(const gemm_plan &p) {
+static std::vector<cublasLtMatmulAlgo_t> all_configs(const gemm_plan &p, cudaDataType_t d_type) {
     std::vector<cublasLtMatmulAlgo_t> configs;
     int ids[256], id_count = 0;
-    CK(cublasLtMatmulAlgoGetIds(lt, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, 256,
-                                ids, &id_count));
+    CK(cublasLtMatmulAlgoGetIds(lt, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF, d_type, d_type, 256, ids,
+                                &id_count));
     const uint16_t clusters[] = {CUBLASLT_CLUSTER_SHAPE_AUTO, CUBLASLT_CLUSTER_SHAPE_1x1x1, CUBLASLT_CLUSTER_SHAPE_2x1x1,
                                  CUBLASLT_CLUSTER_SHAPE_1x2x1, CUBLASLT_CLUSTER_SHAPE_2x2x1, CUBLASLT_CLUSTER_SHAPE_4x1x1,
                                  CUBLASLT_CLUSTER_SHAPE_1x4x1};
     for (int a = 0; a < id_count; a++) {
         cublasLtMatmulAlgo_t algo;
-        if (cublasLtMatmulAlgoInit(lt, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF,
-                                   ids[a], &algo) != CUBLAS_STATUS_SUCCESS)
+        if (cublasLtMatmulAlgoInit(lt, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF, d_type, d_type, ids[a],
+                                   &algo) != CUBLAS_STATUS_SUCCESS)
             continue;
         size_t bytes = 0;
         uint32_t swizzle_support = 0;
@@ -381,29 +384,54 @@ static std::vector<cublasLtMatmulAlgo_t> all_configs(const gemm_plan &p) {
     return configs;
 }
 
-static void experiment_search(curandGenerator_t generator) {
-    int n_ffn = 4 * D;
-    void *x = random_bf16((size_t)ROWS * D, 1.0f, generator);
+/* train: training's shapes at batch 256 (50432 rows): the forward's and the backward's
+ * activation GEMMs (dS = dOut V^T and dX = dA K have the scores' and the values' shapes) and the
+ * parameter gradients (S^T dOut, dA^T X: K = the rows, fp32 accumulated). */
+static void experiment_search(curandGenerator_t generator, bool train) {
+    int n_ffn = 4 * D, rows = train ? ROWS / 2 : ROWS;
+    void *x = random_bf16((size_t)rows * D, 1.0f, generator);
     void *keys = random_bf16((size_t)n_ffn * D, 0.02f, generator), *values = random_bf16((size_t)n_ffn * D, 0.02f, generator);
-    void *scores = random_bf16((size_t)ROWS * n_ffn, 1.0f, generator), *stream = random_bf16((size_t)ROWS * D, 1.0f, generator);
-    void *scores_out;
-    CK(cudaMalloc(&scores_out, (size_t)ROWS * n_ffn * 2));
-    struct {
+    void *scores = random_bf16((size_t)rows * n_ffn, 1.0f, generator), *stream = random_bf16((size_t)rows * D, 1.0f, generator);
+    void *scores_out, *gradient;
+    CK(cudaMalloc(&scores_out, (size_t)rows * n_ffn * 2));
+    CK(cudaMalloc(&gradient, (size_t)n_ffn * D * 4));
+    CK(cudaMemset(gradient, 0, (size_t)n_ffn * D * 4));
+    struct search_case {
         const char *name;
         gemm_shape shape;
         const void *a, *b;
         void *d;
-    } cases[] = {
-        {"scores n 768 (Q, K, V, O)", {ROWS, D, D, 1, 0, true, false, 0, 0, 0, false}, x, keys, scores_out},
-        {"scores n 3072 (FFN)", {ROWS, n_ffn, D, 1, 0, true, false, 0, 0, 0, false}, x, keys, scores_out},
-        {"values K 768 (Q, K, V)", {ROWS, D, D, 1, 0, false, false, 0, 0, 0, false}, scores, values, scores_out},
-        {"values K 768 + stream (O)", {ROWS, D, D, 1, 0, false, false, 0, 0, 0, true}, scores, values, stream},
-        {"values K 3072 + stream (FFN)", {ROWS, D, n_ffn, 1, 0, false, false, 0, 0, 0, true}, scores, values, stream},
     };
+    std::vector<search_case> cases;
+    if (!train) {
+        cases = {
+            {"scores n 768 (Q, K, V, O)", {rows, D, D, 1, 0, true, false, 0, 0, 0, false, false}, x, keys, scores_out},
+            {"scores n 3072 (FFN)", {rows, n_ffn, D, 1, 0, true, false, 0, 0, 0, false, false}, x, keys, scores_out},
+            {"values K 768 (Q, K, V)", {rows, D, D, 1, 0, false, false, 0, 0, 0, false, false}, scores, values, scores_out},
+            {"values K 768 + stream (O)", {rows, D, D, 1, 0, false, false, 0, 0, 0, true, false}, scores, values, stream},
+            {"values K 3072 + stream (FFN)", {rows, D, n_ffn, 1, 0, false, false, 0, 0, 0, true, false}, scores, values,
+             stream},
+        };
+    } else {
+        cases = {
+            {"train scores n 768, dS n 768", {rows, D, D, 1, 0, true, false, 0, 0, 0, false, false}, x, keys, scores_out},
+            {"train scores n 3072, dS n 3072", {rows, n_ffn, D, 1, 0, true, false, 0, 0, 0, false, false}, x, keys,
+             scores_out},
+            {"train values K 768, dX K 768", {rows, D, D, 1, 0, false, false, 0, 0, 0, false, false}, scores, values,
+             scores_out},
+            {"train values K 3072, dX K 3072", {rows, D, n_ffn, 1, 0, false, false, 0, 0, 0, false, false}, scores, values,
+             scores_out},
+            {"train parameter gradient 768 x 768, K rows", {D, D, rows, 1, 0, false, true, 0, 0, 0, false, true}, scores,
+             stream, gradient},
+            {"train parameter gradient 3072 x 768, K rows", {n_ffn, D, rows, 1, 0, false, true, 0, 0, 0, false, true},
+             scores, stream, gradient},
+        };
+    }
     for (auto &c : cases) {
         gemm_plan p = plan(c.shape, 8);
         double flops = 2.0 * c.shape.m * c.shape.n * c.shape.k;
-        std::vector<cublasLtMatmulAlgo_t> configs = all_configs(p);
+        std::vector<cublasLtMatmulAlgo_t> configs =
+            all_configs(p, c.shape.accumulate && !c.shape.add_bf16 ? CUDA_R_32F : CUDA_R_16BF);
         printf("search: %s: %zu configurations accepted\n", c.name, configs.size());
         std::vector<std::pair<float, int>> quick;
         auto run_algo = [&](const cublasLtMatmulAlgo_t &algo) {
@@ -411,12 +439,12 @@ static void experiment_search(curandGenerator_t generator) {
             return cublasLtMatmul(lt, p.op, &one, c.b, p.a, c.a, p.b, &p.beta, c.d, p.d, c.d, p.d, &algo, workspace,
                                   workspace_bytes, 0) == CUBLAS_STATUS_SUCCESS;
         };
-        /* A fixed shuffle, so that a search cut short by its 45 s budget times a fair sample. */
+        /* A fixed shuffle, so that a search cut short by its budget times a fair sample. */
         std::mt19937 shuffle_rng(1);
         std::shuffle(configs.begin(), configs.end(), shuffle_rng);
         auto started = std::chrono::steady_clock::now();
         for (size_t i = 0; i < configs.size(); i++) {
-            if (std::chrono::steady_clock::now() - started > std::chrono::seconds(45)) break;
+            if (std::chrono::steady_clock::now() - started > std::chrono::seconds(train ? 25 : 45)) break;
             if (!run_algo(configs[i])) continue;
             float ms = time_ms([&] { run_algo(configs[i]); }, 2, 0);
             quick.push_back({ms, (int)i});
@@ -440,7 +468,20 @@ static void experiment_search(curandGenerator_t generator) {
             char text[160];
             describe(algo, text, sizeof text);
             double ms = total[f] / 5;
-            if (finalists[f] >= 0) printf("  searched  %s  %.4f ms (%.0f TFLOP/s)\n", text, ms, flops / ms / 1e9);
+            /* Whether kernels/cuda/matmul.cu's add_tile_variants offers this one. */
+            uint16_t cluster = 0;
+            size_t written;
+            cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster, sizeof cluster,
+                                                 &written);
+            int tile = algo_config(algo, CUBLASLT_ALGO_CONFIG_TILE_ID);
+            bool offered = algo_config(algo, CUBLASLT_ALGO_CONFIG_ID) == algo_config(p.algos[0], CUBLASLT_ALGO_CONFIG_ID) &&
+                           (cluster == CUBLASLT_CLUSTER_SHAPE_2x1x1 || cluster == CUBLASLT_CLUSTER_SHAPE_1x2x1) &&
+                           (tile == CUBLASLT_MATMUL_TILE_128x128 || tile == CUBLASLT_MATMUL_TILE_128x160 ||
+                            tile == CUBLASLT_MATMUL_TILE_128x192 ||
+                            (tile >= CUBLASLT_MATMUL_TILE_128x136 && tile <= CUBLASLT_MATMUL_TILE_128x184));
+            if (finalists[f] >= 0)
+                printf("  searched  %s  %.4f ms (%.0f TFLOP/s)%s\n", text, ms, flops / ms / 1e9,
+                       offered ? " [a backend variant]" : "");
             else printf("  heuristic %d %s  %.4f ms (%.0f TFLOP/s)\n", -1 - finalists[f], text, ms, flops / ms / 1e9);
         }
     }
@@ -458,8 +499,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "qkv-train")) experiment_qkv(generator, ROWS / 2);
         else if (!strcmp(argv[i], "residual")) experiment_residual(generator);
         else if (!strcmp(argv[i], "loaded")) experiment_loaded(generator);
-        else if (!strcmp(argv[i], "search")) experiment_search(generator);
-        else printf("unknown experiment %s (overlap, qkv, qkv-train, residual, loaded, search)\n", argv[i]);
+        else if (!strcmp(argv[i], "search")) experiment_search(generator, false);
+        else if (!strcmp(argv[i], "search-train")) experiment_search(generator, true);
+        else printf("unknown experiment %s (overlap, qkv, qkv-train, residual, loaded, search, search-train)\n", argv[i]);
     }
     return 0;
 }
