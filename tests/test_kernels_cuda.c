@@ -15,8 +15,11 @@
  * that caused it. Without a GPU the test prints one SKIP line and exits 77.
  *
  * Usage: test_kernels_cuda [--small]   (--small leaves out the B/16 shapes) */
+#include "common/tuning_record.h"
 #include "kernels/kernels.h"
 #include "tests/test_util.h"
+
+#include <dirent.h>
 
 #include <math.h>
 #include <stdarg.h>
@@ -309,6 +312,65 @@ static void test_matmul(void) {
     matmul_case(rows, 768, 3072, false, false, false, false, false); /* out = S V */
     matmul_case(3072, 768, rows, true, false, true, true, false);    /* dV = S^T dO (master, +=) */
     matmul_case(768, 768, rows, true, false, true, true, false);     /* dK = dA^T X (master, +=) */
+}
+
+/* ---- the tuning record (kernels/cuda/matmul.cu, common/tuning_record.h) ---- */
+static char record_dir[1024];
+
+/* The record file that the matmul tests wrote into record_dir (its name holds cuBLASLt's version
+ * and the GPU's), or false. */
+static bool find_record(char *path, size_t size) {
+    DIR *dir = opendir(record_dir);
+    if (!dir) return false;
+    bool found = false;
+    for (struct dirent *entry; !found && (entry = readdir(dir));)
+        if (strncmp(entry->d_name, "cublaslt-", 9) == 0)
+            found = snprintf(path, size, "%s/%s", record_dir, entry->d_name) < (int)size;
+    closedir(dir);
+    return found;
+}
+
+static int record_lines(const char *path, const char *key) {
+    FILE *file = fopen(path, "r");
+    if (!file) return 0;
+    char line[2048];
+    int count = 0;
+    size_t length = key ? strlen(key) : 0;
+    while (fgets(line, sizeof line, file))
+        if (!key || (strncmp(line, key, length) == 0 && line[length] == '\t')) count++;
+    fclose(file);
+    return count;
+}
+
+/* The key matmul.cu writes for a plain bf16 GEMM on cudaMalloc'd (16-byte aligned) buffers. */
+static void plain_key(char *out, size_t size, int m, int n, int k) {
+    snprintf(out, size,
+             "matmul m=%d n=%d k=%d transpose_a=0 transpose_b=0 output=BF16 bias=0 align_a=16 align_b=16 align_c=16",
+             m, n, k);
+}
+
+/* After test_matmul: each tuned shape left a line; a recorded choice is taken instead of timing
+ * (no new line), and one that cublasLtMatmulAlgoCheck rejects is timed again (a new line), the
+ * results right either way. */
+static void test_tuning_record(void) {
+    char path[1400], tuned[200], reused[200], damaged[200];
+    if (!CHECK(find_record(path, sizeof path), "a tuning record in %s", record_dir)) return;
+    int lines = record_lines(path, NULL);
+    CHECK(lines >= 5, "%d lines in %s after the matmul tests", lines, path);
+    unsigned char algo[64]; /* sizeof(cublasLtMatmulAlgo_t) */
+    plain_key(tuned, sizeof tuned, 37, 45, 29);
+    if (!CHECK(tuning_record_find(path, tuned, algo, sizeof algo), "the record of %s", tuned)) return;
+    plain_key(reused, sizeof reused, 41, 45, 29);
+    CHECK(tuning_record_add(path, reused, algo, sizeof algo), "add %s", reused);
+    memset(algo, 0xff, sizeof algo);
+    plain_key(damaged, sizeof damaged, 43, 45, 29);
+    CHECK(tuning_record_add(path, damaged, algo, sizeof algo), "add %s", damaged);
+    matmul_case(41, 45, 29, false, false, false, false, false);
+    matmul_case(43, 45, 29, false, false, false, false, false);
+    CHECK(record_lines(path, reused) == 1, "the recorded choice of m=41 taken without timing: %d lines",
+          record_lines(path, reused));
+    CHECK(record_lines(path, damaged) == 2, "the rejected record of m=43 timed and recorded again: %d lines",
+          record_lines(path, damaged));
 }
 
 /* ---- Pattention norm ---- */
@@ -1020,6 +1082,12 @@ int main(int argc, char **argv) {
         snprintf(reason, sizeof reason, "no CUDA GPU (%s)", tf_error_message());
         return test_skip(reason);
     }
+    /* A fresh tuning record, so that every GEMM shape below is timed and recorded here. */
+    if (!test_make_temp_dir(record_dir, sizeof record_dir, "test_kernels_cuda")) {
+        perror("mkdtemp");
+        return 1;
+    }
+    setenv("TF_TUNING_DIR", record_dir, 1);
     tf_cpu_backend_set_threads(0);
     cpu = tf_cpu_backend(TF_DTYPE_F32);
     rng = tf_rng_make(1234, TF_RNG_TEST, 4, 0);
@@ -1031,6 +1099,7 @@ int main(int argc, char **argv) {
            small_only ? "; small shapes only" : "");
     test_memory();
     test_matmul();
+    test_tuning_record();
     test_pattention_norm();
     test_attention();
     test_layernorm();
@@ -1041,6 +1110,7 @@ int main(int argc, char **argv) {
     test_images();
     test_optimizer();
     test_failure_record();
+    test_remove_tree(record_dir);
     return test_finish("test_kernels_cuda");
 }
 

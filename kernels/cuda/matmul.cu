@@ -18,9 +18,20 @@
  * choice is not always the fastest on our shapes (M ~ 10^5 rows against N, K of 768-3072), so
  * the first call of a shape times candidates on the call's own operands and keeps the fastest
  * (tune_plan): the heuristic's top 8, and its first algorithm with the tiles around the ones it
- * picks for such shapes (add_tile_variants). */
+ * picks for such shapes (add_tile_variants). Timing ~80 candidates, most of them kernels not
+ * loaded yet, costs ~0.8 s over B/16's inference shapes, so the choices go into the tuning record
+ * (common/tuning_record.h, one file per cuBLASLt version and GPU) and a later process on the same
+ * machine takes them from there: cuBLASLt documents its algorithm struct as safe to store and
+ * restore with the same library version, and cublasLtMatmulAlgoCheck vets it again. */
 #include "kernels/cuda/cuda_common.cuh"
 
+extern "C" {
+#include "common/log.h"
+#include "common/tuning_record.h"
+}
+
+#include <errno.h>
+#include <stdio.h>
 #include <string.h>
 
 enum { MATMUL_PLAN_CAPACITY = 1024, MATMUL_HEURISTIC_CANDIDATES = 8, MATMUL_CANDIDATES = 96, MATMUL_TIMED_RUNS = 3 };
@@ -191,17 +202,76 @@ static cublasStatus_t run_matmul(const matmul_plan *plan, const cublasLtMatmulAl
                           cuda_ctx.stream);
 }
 
-/* Times the candidates on this call's operands and keeps the fastest. The runs write C with
- * beta = 0: harmless when the call overwrites C anyway, and into a scratch copy of C's size when
- * the call accumulates into it (parameter gradients: at most a few MB). Bias pointers are set
- * already. Failing to tune keeps the heuristic's first choice. */
+/* The record file of this cuBLASLt and GPU; NULL when there is none to be had (said once). */
+static const char *record_path(void) {
+    static char path[1200];
+    static int state; /* 0 not looked for, 1 ready, -1 none */
+    if (state == 0) {
+        cudaDeviceProp properties;
+        char name[320];
+        state = -1;
+        if (cudaGetDeviceProperties(&properties, cuda_ctx.device) == cudaSuccess) {
+            snprintf(name, sizeof name, "cublaslt-%zu-%s-%dsm.txt", cublasLtGetVersion(), properties.name,
+                     cuda_ctx.sm_count);
+            for (char *c = name; *c; c++)
+                if (*c == ' ' || *c == '/') *c = '_';
+            if (tuning_record_path(path, sizeof path, name)) state = 1;
+        } else {
+            cudaGetLastError();
+        }
+        if (state < 0)
+            tf_log("no tuning record (set TF_TUNING_DIR to a writable directory): every process times its GEMM "
+                   "algorithms again");
+    }
+    return state > 0 ? path : NULL;
+}
+
+static void record_key(const matmul_key *key, char *out, size_t size) {
+    snprintf(out, size, MATMUL_SHAPE_FORMAT " align_a=%d align_b=%d align_c=%d", MATMUL_SHAPE_ARGS(*key), key->align_a,
+             key->align_b, key->align_c);
+}
+
+/* The recorded choice of an earlier process, if it still passes cublasLtMatmulAlgoCheck. */
+static bool take_recorded(matmul_plan *plan) {
+    const char *path = record_path();
+    char key[256];
+    cublasLtMatmulAlgo_t algo;
+    cublasLtMatmulHeuristicResult_t check;
+    if (!path) return false;
+    record_key(&plan->key, key, sizeof key);
+    if (!tuning_record_find(path, key, &algo, sizeof algo) ||
+        cublasLtMatmulAlgoCheck(cuda_ctx.lt, plan->op, plan->layout_a, plan->layout_b, plan->layout_c, plan->layout_c,
+                                &algo, &check) != CUBLAS_STATUS_SUCCESS ||
+        check.workspaceSize > cuda_ctx.lt_workspace_bytes)
+        return false;
+    plan->algo = algo;
+    return true;
+}
+
+static void record_choice(const matmul_plan *plan) {
+    static bool warned;
+    const char *path = record_path();
+    char key[256];
+    if (!path) return;
+    record_key(&plan->key, key, sizeof key);
+    if (!tuning_record_add(path, key, &plan->algo, sizeof plan->algo) && !warned) {
+        warned = true;
+        tf_log("cannot add to the tuning record %s (%s): later processes will time their GEMM algorithms again", path,
+               strerror(errno));
+    }
+}
+
+/* Times the candidates on this call's operands, keeps the fastest and records it. The runs write
+ * C with beta = 0: harmless when the call overwrites C anyway, and into a scratch copy of C's size
+ * when the call accumulates into it (parameter gradients: at most a few MB). Bias pointers are
+ * set already. Failing to tune keeps the heuristic's first choice. */
 static void tune_plan(matmul_plan *plan, void *c, const void *a, const void *b, bool accumulate) {
     void *target = c, *scratch = NULL;
     bool ready = true;
     if (accumulate) {
         size_t bytes = (size_t)plan->key.m * plan->key.n * (plan->key.master_output ? sizeof(float) : sizeof(bf16));
         ready = cudaMalloc(&scratch, bytes) == cudaSuccess;
-        if (!ready) cudaGetLastError(); /* out of memory here is not a failure of the run: keep the heuristic's choice */
+        if (!ready) cudaGetLastError(); /* out of memory is not a failure of the run: keep the heuristic's choice */
         target = scratch;
     }
     if (ready) {
@@ -209,7 +279,10 @@ static void tune_plan(matmul_plan *plan, void *c, const void *a, const void *b, 
         int fastest = fastest_candidate(plan->candidate_count, MATMUL_TIMED_RUNS, [&](int i) {
             return run_matmul(plan, &plan->candidates[i], target, a, b, false) == CUBLAS_STATUS_SUCCESS;
         });
-        if (fastest >= 0) plan->algo = plan->candidates[fastest];
+        if (fastest >= 0) {
+            plan->algo = plan->candidates[fastest];
+            record_choice(plan);
+        }
     }
     if (scratch) cudaFree(scratch);
     free(plan->candidates);
@@ -231,6 +304,12 @@ static matmul_plan *find_plan(const matmul_key *key) {
     memset(plan, 0, sizeof *plan);
     plan->key = *key;
     plan->usable = plan_matmul(plan);
+    if (plan->usable && !plan->tuned && take_recorded(plan)) {
+        free(plan->candidates);
+        plan->candidates = NULL;
+        plan->candidate_count = 0;
+        plan->tuned = true;
+    }
     return plan;
 }
 
