@@ -112,7 +112,75 @@ static void add_tile_variants(matmul_plan *plan, const cublasLtMatmulAlgo_t *bes
             }
 }
 
-/* Descriptors for one key and the heuristic's candidate algorithms. */
+/* The record file of this cuBLASLt and GPU; NULL when there is none to be had (said once). */
+static const char *record_path(void) {
+    static char path[1200];
+    static int state; /* 0 not looked for, 1 ready, -1 none */
+    if (state == 0) {
+        cudaDeviceProp properties;
+        char name[320];
+        state = -1;
+        if (cudaGetDeviceProperties(&properties, cuda_ctx.device) == cudaSuccess) {
+            snprintf(name, sizeof name, "cublaslt-%zu-%s-%dsm.txt", cublasLtGetVersion(), properties.name,
+                     cuda_ctx.sm_count);
+            for (char *c = name; *c; c++)
+                if (*c == ' ' || *c == '/') *c = '_';
+            if (tuning_record_path(path, sizeof path, name)) state = 1;
+        } else {
+            cudaGetLastError();
+        }
+        if (state < 0)
+            tf_log("no tuning record (set TF_TUNING_DIR to a writable directory): every process times its GEMM "
+                   "algorithms again");
+    }
+    return state > 0 ? path : NULL;
+}
+
+static void record_key(const matmul_key *key, char *out, size_t size) {
+    snprintf(out, size, MATMUL_SHAPE_FORMAT " align_a=%d align_b=%d align_c=%d", MATMUL_SHAPE_ARGS(*key), key->align_a,
+             key->align_b, key->align_c);
+}
+
+/* The recorded choice of an earlier process, if it still passes cublasLtMatmulAlgoCheck. */
+static bool take_recorded(matmul_plan *plan) {
+    const char *path = record_path();
+    char key[256];
+    cublasLtMatmulAlgo_t algo;
+    cublasLtMatmulHeuristicResult_t check;
+    if (!path) return false;
+    record_key(&plan->key, key, sizeof key);
+    if (!tuning_record_find(path, key, &algo, sizeof algo) ||
+        cublasLtMatmulAlgoCheck(cuda_ctx.lt, plan->op, plan->layout_a, plan->layout_b, plan->layout_c, plan->layout_c,
+                                &algo, &check) != CUBLAS_STATUS_SUCCESS ||
+        check.workspaceSize > cuda_ctx.lt_workspace_bytes)
+        return false;
+    plan->algo = algo;
+    return true;
+}
+
+static void record_choice(const matmul_plan *plan) {
+    static bool warned;
+    const char *path = record_path();
+    char key[256];
+    if (!path) return;
+    record_key(&plan->key, key, sizeof key);
+    if (!tuning_record_add(path, key, &plan->algo, sizeof plan->algo) && !warned) {
+        warned = true;
+        tf_log("cannot add to the tuning record %s (%s): later processes will time their GEMM algorithms again", path,
+               strerror(errno));
+    }
+}
+
+/* The choice is made (timed, recorded earlier, or the only one): the candidates go. */
+static void settle_plan(matmul_plan *plan) {
+    free(plan->candidates);
+    plan->candidates = NULL;
+    plan->candidate_count = 0;
+    plan->tuned = true;
+}
+
+/* Descriptors for one key and, unless the tuning record has this shape's choice, the candidate
+ * algorithms to time. */
 static bool plan_matmul(matmul_plan *plan) {
     const matmul_key *key = &plan->key;
     cudaDataType_t c_type = key->master_output ? CUDA_R_32F : CUDA_R_16BF;
@@ -179,17 +247,17 @@ static bool plan_matmul(matmul_plan *plan) {
         return false;
     }
     plan->algo = results[0].algo;
+    if (take_recorded(plan)) { /* an earlier process timed this shape */
+        settle_plan(plan);
+        return true;
+    }
     plan->candidates = (cublasLtMatmulAlgo_t *)malloc(MATMUL_CANDIDATES * sizeof *plan->candidates);
     if (plan->candidates) { /* without them the heuristic's first choice serves */
         for (int i = 0; i < returned; i++)
             if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates[plan->candidate_count++] = results[i].algo;
         add_tile_variants(plan, &results[0].algo);
     }
-    if (plan->candidate_count <= 1) { /* nothing to choose between */
-        free(plan->candidates);
-        plan->candidates = NULL;
-        plan->tuned = true;
-    }
+    if (plan->candidate_count <= 1) settle_plan(plan); /* nothing to choose between */
     return true;
 }
 
@@ -200,65 +268,6 @@ static cublasStatus_t run_matmul(const matmul_plan *plan, const cublasLtMatmulAl
     return cublasLtMatmul(cuda_ctx.lt, plan->op, &alpha, b, plan->layout_a, a, plan->layout_b, &beta, c,
                           plan->layout_c, c, plan->layout_c, algo, cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes,
                           cuda_ctx.stream);
-}
-
-/* The record file of this cuBLASLt and GPU; NULL when there is none to be had (said once). */
-static const char *record_path(void) {
-    static char path[1200];
-    static int state; /* 0 not looked for, 1 ready, -1 none */
-    if (state == 0) {
-        cudaDeviceProp properties;
-        char name[320];
-        state = -1;
-        if (cudaGetDeviceProperties(&properties, cuda_ctx.device) == cudaSuccess) {
-            snprintf(name, sizeof name, "cublaslt-%zu-%s-%dsm.txt", cublasLtGetVersion(), properties.name,
-                     cuda_ctx.sm_count);
-            for (char *c = name; *c; c++)
-                if (*c == ' ' || *c == '/') *c = '_';
-            if (tuning_record_path(path, sizeof path, name)) state = 1;
-        } else {
-            cudaGetLastError();
-        }
-        if (state < 0)
-            tf_log("no tuning record (set TF_TUNING_DIR to a writable directory): every process times its GEMM "
-                   "algorithms again");
-    }
-    return state > 0 ? path : NULL;
-}
-
-static void record_key(const matmul_key *key, char *out, size_t size) {
-    snprintf(out, size, MATMUL_SHAPE_FORMAT " align_a=%d align_b=%d align_c=%d", MATMUL_SHAPE_ARGS(*key), key->align_a,
-             key->align_b, key->align_c);
-}
-
-/* The recorded choice of an earlier process, if it still passes cublasLtMatmulAlgoCheck. */
-static bool take_recorded(matmul_plan *plan) {
-    const char *path = record_path();
-    char key[256];
-    cublasLtMatmulAlgo_t algo;
-    cublasLtMatmulHeuristicResult_t check;
-    if (!path) return false;
-    record_key(&plan->key, key, sizeof key);
-    if (!tuning_record_find(path, key, &algo, sizeof algo) ||
-        cublasLtMatmulAlgoCheck(cuda_ctx.lt, plan->op, plan->layout_a, plan->layout_b, plan->layout_c, plan->layout_c,
-                                &algo, &check) != CUBLAS_STATUS_SUCCESS ||
-        check.workspaceSize > cuda_ctx.lt_workspace_bytes)
-        return false;
-    plan->algo = algo;
-    return true;
-}
-
-static void record_choice(const matmul_plan *plan) {
-    static bool warned;
-    const char *path = record_path();
-    char key[256];
-    if (!path) return;
-    record_key(&plan->key, key, sizeof key);
-    if (!tuning_record_add(path, key, &plan->algo, sizeof plan->algo) && !warned) {
-        warned = true;
-        tf_log("cannot add to the tuning record %s (%s): later processes will time their GEMM algorithms again", path,
-               strerror(errno));
-    }
 }
 
 /* Times the candidates on this call's operands, keeps the fastest and records it. The runs write
@@ -285,10 +294,7 @@ static void tune_plan(matmul_plan *plan, void *c, const void *a, const void *b, 
         }
     }
     if (scratch) cudaFree(scratch);
-    free(plan->candidates);
-    plan->candidates = NULL;
-    plan->candidate_count = 0;
-    plan->tuned = true;
+    settle_plan(plan);
 }
 
 static matmul_plan *find_plan(const matmul_key *key) {
@@ -304,12 +310,6 @@ static matmul_plan *find_plan(const matmul_key *key) {
     memset(plan, 0, sizeof *plan);
     plan->key = *key;
     plan->usable = plan_matmul(plan);
-    if (plan->usable && !plan->tuned && take_recorded(plan)) {
-        free(plan->candidates);
-        plan->candidates = NULL;
-        plan->candidate_count = 0;
-        plan->tuned = true;
-    }
     return plan;
 }
 
