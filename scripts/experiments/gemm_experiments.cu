@@ -245,6 +245,16 @@ static int algo_config(const cublasLtMatmulAlgo_t &algo, cublasLtMatmulAlgoConfi
     return value;
 }
 
+/* An algorithm's configuration in one line (the cluster shape is a 16-bit attribute). */
+static void describe(const cublasLtMatmulAlgo_t &algo, char *out, size_t size) {
+    uint16_t cluster = 0;
+    size_t written;
+    cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster, sizeof cluster, &written);
+    snprintf(out, size, "id %3d tile %3d stages %3d cluster %2d swizzle %d custom %d", algo_config(algo, CUBLASLT_ALGO_CONFIG_ID),
+             algo_config(algo, CUBLASLT_ALGO_CONFIG_TILE_ID), algo_config(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID), cluster,
+             algo_config(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING), algo_config(algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION));
+}
+
 /* GEMMs in a loop with a memory pass after each, as in the model; returns the GEMMs' mean time
  * over the last `timed` of `total` iterations (events around each GEMM). */
 static float loaded_ms(const gemm_plan &p, int algo, const void *A, const void *B, void *Dm, const void *pass_in,
@@ -304,13 +314,10 @@ static void experiment_loaded(curandGenerator_t generator) {
             run(p, i, c.a, c.b, c.d, 0);
             float burst = time_ms([&] { run(p, i, c.a, c.b, c.d, 0); }, 3, 0);
             float loaded = loaded_ms(p, i, c.a, c.b, c.d, scores, pass_out, pass_vectors, total, timed);
-            printf("  algo %2d: id %3d tile %3d stages %3d cluster %2d splitK %d swizzle %d | burst %.4f ms (%.0f TFLOP/s) "
-                   "loaded %.4f ms (%.0f)\n",
-                   i, algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_ID), algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_TILE_ID),
-                   algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_STAGES_ID),
-                   algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID),
-                   algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
-                   algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING), burst, flops / burst / 1e9, loaded,
+            char text[160];
+            describe(p.algos[i], text, sizeof text);
+            printf("  algo %2d: %s splitK %d | burst %.4f ms (%.0f TFLOP/s) loaded %.4f ms (%.0f)\n", i, text,
+                   algo_config(p.algos[i], CUBLASLT_ALGO_CONFIG_SPLITK_NUM), burst, flops / burst / 1e9, loaded,
                    flops / loaded / 1e9);
             if (burst_best < 0 || burst < burst_best_ms) burst_best = i, burst_best_ms = burst;
             if (loaded_best < 0 || loaded < loaded_best_ms) loaded_best = i, loaded_best_ms = loaded;
@@ -321,15 +328,6 @@ static void experiment_loaded(curandGenerator_t generator) {
         printf("  burst picks %d, loaded picks %d; re-timed under load: %.4f against %.4f ms (%+.1f%%)\n", burst_best,
                loaded_best, loaded_of_burst_best, loaded_again, 100.0 * (loaded_again / loaded_of_burst_best - 1.0));
     }
-}
-
-static void describe(const cublasLtMatmulAlgo_t &algo, char *out, size_t size) {
-    uint16_t cluster = 0;
-    size_t written;
-    cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster, sizeof cluster, &written);
-    snprintf(out, size, "id %3d tile %3d stages %3d cluster %2d swizzle %d custom %d", algo_config(algo, CUBLASLT_ALGO_CONFIG_ID),
-             algo_config(algo, CUBLASLT_ALGO_CONFIG_TILE_ID), algo_config(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID), cluster,
-             algo_config(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING), algo_config(algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION));
 }
 
 /* Every configuration that cublasLtMatmulAlgoCheck accepts for the plan's shape. */
