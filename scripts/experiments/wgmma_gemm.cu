@@ -1,48 +1,69 @@
-/* A first Hopper GEMM of our own (TMA, mbarriers, wgmma, warp specialisation), the building
- * block of the fused Pattention kernel that docs/performance.md says 10500 img/s needs, measured
- * against cuBLASLt on the Pattention's first GEMMs at B/16 inference's 100864 rows:
+/* A Hopper GEMM of our own (TMA, mbarriers, wgmma, warp specialisation), the building block of
+ * the fused Pattention kernels that docs/performance.md says 10500 img/s needs, measured against
+ * cuBLASLt on the Pattention's first GEMMs at B/16 inference's 100864 rows:
  *
  *   C [M, N] bf16 = A [M, K] B [N, K]^T   (A: tokens, B: key tokens, both K-major, fp32 accumulate)
- *   optionally with row_sumsq[m] += sum_n bf16(C[m, n])^2 in the epilogue: the Pattention norm's
- *   reduction, the first step of taking the norm pass out.
  *
- * Persistent: one CTA per SM walks 128 x 256 output tiles (N fastest, so the CTAs running at
- * once share A tiles and all of B stays in L2). Warp group 0 loads 128 x 64 of A and 256 x 64
- * of B per stage with TMA (128-byte swizzle) into a 4-stage ring, running ahead into the next
- * tile while the consumers finish one; warp groups 1 and 2 each multiply their 64 rows with
- * wgmma m64n256k16 (accumulators in registers), release a stage when the products reading it
- * are done, and store their 64 x 256 as four 64 x 64 boxes through two shared-memory buffers with
- * TMA (cp.async.bulk.tensor), so that the next tile's products start while the stores drain.
+ * with one of the epilogues of the enum below: C alone, C and the row sums of squares (the norm's
+ * reduction), the row sums alone (|x R^T|^2, the row norms known ahead of the scores GEMM), or
+ * S = GELU(tau C / r) written by the GEMM itself from known row sums, in three schedules.
  *
- * With clusters of 2 (CLUSTER = 2), the two CTAs take tiles stacked in M, each loads half of B
- * and multicasts it to both, and a stage is free once the consumers of both CTAs released it.
+ * Persistent: one CTA per SM walks the output tiles (N fastest, so the CTAs running at once share
+ * A tiles and all of B stays in L2). Warp group 0 loads A and 256 x 64 of B per stage with TMA
+ * (128-byte swizzle) into a ring, running ahead into the next tile while the consumers finish one;
+ * warp groups 1 and 2 multiply with wgmma m64n256k16 (accumulators in registers), release a stage
+ * when the products reading it are done, and store C as 64 x 64 boxes through shared memory with
+ * TMA (cp.async.bulk.tensor). Cooperative: both consumers share a 128 x 256 tile; ping-pong: each
+ * owns alternate 64 x 256 tiles; deferred: cooperative, with a tile's GELU and stores worked off
+ * during the next tile's products. With clusters of 2, the two CTAs take tiles stacked in M, each
+ * loads half of B and multicasts it to both, and a stage is free once the consumers of both CTAs
+ * released it (a plain remote mbarrier.arrive: with .release.cluster semantics clusters of 2 ran
+ * at 441-512 TFLOP/s).
  *
- * Measured on the H100 (docs/performance.md): non-persistent with direct stores 417-424 TFLOP/s;
- * persistent with a 3-stage ring and whole 64 x 256 store buffers 640-680; as here 681 (N 3072)
- * and 677 (N 768) against cuBLASLt's 746 and 731, C bit-identical to cuBLASLt's; the row sums of
- * squares cost 5-9% more and agree to 2.4e-7. Clusters of 2: 736 (N 3072) and 697 (N 768)
- * against cuBLASLt's 756 and 742 in the same run, 0.687 / 0.178 ms with the row sums. The
- * remote release must be a plain mbarrier.arrive.shared::cluster: with .release.cluster
- * semantics each arrive waited for the thread's memory operations to be visible cluster-wide,
- * and clusters of 2 ran at 441-512 TFLOP/s (with or without multicast).
+ * Measured on the H100 (docs/performance.md): C bit-identical to cuBLASLt's at 94-97% of its rate
+ * (clusters of 2); the row sums cost 3-9%; the GELU epilogue costs 0.31-0.45 ms on N 3072 in every
+ * schedule, which closes the routes that needed it.
  *
- * nvcc -O3 -gencode arch=compute_90a,code=sm_90a wgmma_gemm.cu -lcublasLt -o wgmma_gemm && ./wgmma_gemm */
+ * nvcc -O3 -gencode arch=compute_90a,code=sm_90a wgmma_gemm.cu -lcublasLt -o wgmma_gemm && ./wgmma_gemm
+ * ./wgmma_gemm profile   # the N 3072 kernels once each, clusters of 1, for ncu --kernel-name regex:gemm_kernel */
 #include <cublasLt.h>
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <cmath>
 #include <vector>
 
 #include "experiments.cuh"
 
-enum { BM = 128, BN = 256, BK = 64, STAGES = 4, THREADS = 384 };
-enum { A_STAGE_BYTES = BM * BK * 2, B_STAGE_BYTES = BN * BK * 2, STAGE_BYTES = A_STAGE_BYTES + B_STAGE_BYTES };
-enum { BOX_BYTES = 64 * 64 * 2, C_TILE_BYTES = 2 * BOX_BYTES /* two 64 x 64 boxes in turn */ };
-enum { SMEM_BYTES = STAGES * STAGE_BYTES + 2 * C_TILE_BYTES + 1024 /* alignment */ + 2 * STAGES * 8 };
+enum { BN = 256, BK = 64, THREADS = 384, B_STAGE_BYTES = BN * BK * 2, BOX_BYTES = 64 * 64 * 2 };
+
+/* What a consumer's epilogue does with its 64 x 256 fp32 products D:
+ *   STORE        C = bf16(D)
+ *   STORE_SUMSQ  C = bf16(D), row_sumsq[m] += sum of bf16(D)^2 over the tile's columns
+ *   SUMSQ        row_sumsq[m] += sum of D^2 (C not written: |x R^T|^2, the row norm ahead of time)
+ *   GELU         C = bf16(GELU(tau D / sqrt(row_sumsq[m] + eps))), exact erf GELU: the Pattention's
+ *                S written by the scores GEMM itself once the row norms are known
+ *   GELU_DEFERRED (cooperative) the same from bf16(D), worked off during the next tile's
+ *                products (consume_deferred); _FAST with a branch-free erfc in place of erff;
+ *                DEFERRED_COPY the same structure with C = bf16(D), no normalisation or GELU */
+enum { STORE, STORE_SUMSQ, SUMSQ, GELU, GELU_DEFERRED, GELU_DEFERRED_FAST, DEFERRED_COPY };
+
+/* Cooperative: both consumer warp groups multiply one 128 x 256 tile (64 rows each) and run their
+ * epilogues at the same time, with the tensor cores idle. Ping-pong: each consumer owns whole
+ * 64 x 256 tiles, alternate ones, so that one's epilogue runs while the other's products do.
+ * C leaves through two 64 x 64 boxes a consumer, in turn; the deferred epilogue keeps a consumer's
+ * whole 64 x 256 tile there (four boxes) until the next tile's products are done, for which the
+ * ring gives up a stage. */
+template <bool PINGPONG, bool DEFERRED = false> struct layout {
+    static constexpr int tile_m = PINGPONG ? 64 : 128, stages = DEFERRED ? 3 : 4;
+    static constexpr int a_stage_bytes = tile_m * BK * 2, stage_bytes = a_stage_bytes + B_STAGE_BYTES;
+    static constexpr int c_tile_bytes = (DEFERRED ? 4 : 2) * BOX_BYTES; /* per consumer */
+    static constexpr int smem_bytes = stages * stage_bytes + 2 * c_tile_bytes + 1024 /* alignment */ + 2 * stages * 8;
+};
 
 typedef __nv_bfloat16 bf16;
 
@@ -170,29 +191,40 @@ __device__ __forceinline__ void fence_accumulators(float d[128]) {
     for (int i = 0; i < 128; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-template <int CLUSTER, bool ROW_SUMSQ>
+template <int CLUSTER, int EPILOGUE, bool PINGPONG>
 __device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
-                                        const CUtensorMap *map_c, float *row_sumsq, int consumer, int rank,
-                                        int cluster, int clusters, int groups, int n_tiles, int k_tiles);
+                                        const CUtensorMap *map_c, float *row_sumsq, float tau, float eps,
+                                        int consumer, int rank, int cluster, int clusters, int groups, int n_tiles,
+                                        int k_tiles);
 
-template <int CLUSTER, bool ROW_SUMSQ>
+template <int CLUSTER, int GELU_FORM>
+__device__ __forceinline__ void consume_deferred(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
+                                                 const CUtensorMap *map_c, const float *row_sumsq, float tau,
+                                                 float eps, int consumer, int rank, int cluster, int clusters,
+                                                 int groups, int n_tiles, int k_tiles);
+
+template <int CLUSTER, int EPILOGUE, bool PINGPONG>
 __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                                                           const __grid_constant__ CUtensorMap map_b,
                                                           const __grid_constant__ CUtensorMap map_c,
-                                                          float *row_sumsq, int M, int N, int K, int multicast) {
+                                                          float *row_sumsq, float tau, float eps, int M, int N, int K,
+                                                          int multicast) {
+    typedef layout<PINGPONG, (EPILOGUE >= GELU_DEFERRED)> L;
+    enum { STAGES = L::stages };
     extern __shared__ uint8_t smem_raw[];
     uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
-    uint8_t *c_tiles = smem + STAGES * STAGE_BYTES; /* per consumer: two swizzled 64 x 64 bf16 boxes */
-    uint64_t *full = (uint64_t *)(c_tiles + 2 * C_TILE_BYTES), *empty = full + STAGES;
+    uint8_t *c_tiles = smem + STAGES * L::stage_bytes; /* per consumer: swizzled 64 x 64 bf16 boxes */
+    uint64_t *full = (uint64_t *)(c_tiles + 2 * L::c_tile_bytes), *empty = full + STAGES;
     int group = threadIdx.x / 128, n_tiles = N / BN, k_tiles = K / BK;
     /* A cluster of CLUSTER CTAs takes CLUSTER tiles stacked in M with the same n0: each CTA loads
      * 1 / CLUSTER of the B tile and multicasts it to all, so B crosses L2 once per cluster. */
     int rank = CLUSTER > 1 ? (int)cluster_rank() : 0, cluster = blockIdx.x / CLUSTER, clusters = gridDim.x / CLUSTER;
-    int groups = (M / BM / CLUSTER) * n_tiles; /* cluster-sized groups of tiles */
+    int groups = (M / L::tile_m / CLUSTER) * n_tiles; /* cluster-sized groups of tiles */
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; s++) {
             barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2 * CLUSTER); /* both consumers of every CTA that writes the stage */
+            /* the consumers of every CTA that writes the stage: both (cooperative) or one (ping-pong) */
+            barrier_init(&empty[s], (PINGPONG ? 1 : 2) * CLUSTER);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -204,12 +236,12 @@ __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant_
         if (threadIdx.x == 0) {
             int it = 0;
             for (int g = cluster; g < groups; g += clusters) {
-                int m0 = ((g / n_tiles) * CLUSTER + rank) * BM, n0 = (g % n_tiles) * BN;
+                int m0 = ((g / n_tiles) * CLUSTER + rank) * L::tile_m, n0 = (g % n_tiles) * BN;
                 for (int kt = 0; kt < k_tiles; kt++, it++) {
                     int s = it % STAGES;
                     if (it >= STAGES) barrier_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
-                    uint8_t *a = smem + s * STAGE_BYTES, *b = a + A_STAGE_BYTES;
-                    barrier_expect_bytes(&full[s], STAGE_BYTES);
+                    uint8_t *a = smem + s * L::stage_bytes, *b = a + L::a_stage_bytes;
+                    barrier_expect_bytes(&full[s], L::stage_bytes);
                     tma_load_2d(a, &map_a, kt * BK, m0, &full[s]);
                     if (CLUSTER > 1 && multicast)
                         tma_load_2d_multicast(b + rank * (BN / CLUSTER) * BK * 2, &map_b, kt * BK,
@@ -221,9 +253,14 @@ __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant_
                 }
             }
         }
+    } else if constexpr (EPILOGUE >= GELU_DEFERRED) {
+        static_assert(!PINGPONG, "the deferred epilogue is cooperative");
+        consume_deferred<CLUSTER, EPILOGUE - GELU_DEFERRED>(smem, c_tiles, full, empty, &map_c, row_sumsq, tau,
+                                                                  eps, group - 1, rank, cluster, clusters, groups,
+                                                                  n_tiles, k_tiles);
     } else {
-        consume<CLUSTER, ROW_SUMSQ>(smem, c_tiles, full, empty, &map_c, row_sumsq, group - 1, rank, cluster, clusters,
-                                    groups, n_tiles, k_tiles);
+        consume<CLUSTER, EPILOGUE, PINGPONG>(smem, c_tiles, full, empty, &map_c, row_sumsq, tau, eps, group - 1, rank,
+                                             cluster, clusters, groups, n_tiles, k_tiles);
     }
     /* No CTA may leave while a peer can still multicast into it or arrive on its barriers. The
      * cluster barrier is .aligned: the producer warp reconverges first. */
@@ -231,43 +268,37 @@ __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant_
     if (CLUSTER > 1) cluster_sync();
 }
 
-template <int CLUSTER, bool ROW_SUMSQ>
-__device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
-                                        const CUtensorMap *map_c, float *row_sumsq, int consumer, int rank,
-                                        int cluster, int clusters, int groups, int n_tiles, int k_tiles) {
-    registers_increase<232>();
-    int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-    bool leader = threadIdx.x % 128 == 0;
-    uint8_t *c_tile = c_tiles + consumer * C_TILE_BYTES;
-    float d[128];
-    int it = 0;
-    for (int g = cluster; g < groups; g += clusters) {
-        int m0 = ((g / n_tiles) * CLUSTER + rank) * BM, n0 = (g % n_tiles) * BN;
-        for (int kt = 0; kt < k_tiles; kt++, it++) {
-            int s = it % STAGES;
-            barrier_wait(&full[s], (it / STAGES) & 1);
-            const uint8_t *a = smem + s * STAGE_BYTES + consumer * (64 * BK * 2), *b = smem + s * STAGE_BYTES + A_STAGE_BYTES;
-            wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < BK / 16; k++)
-                wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
-            wgmma_commit();
-            /* One group in flight: the previous k tile's products are done, so its stage is free. */
-            wgmma_wait<1>();
-            fence_accumulators(d);
-            if (kt > 0 && leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
-        }
-        wgmma_wait<0>();
-        fence_accumulators(d);
-        if (leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
+__device__ __forceinline__ float gelu_erf(float z) { return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f)); }
 
-        /* Epilogue: the 64 x 256 result leaves as four 64 x 64 boxes through two buffers in turn,
-         * each refilled once the TMA store before the last has read it.
-         * Accumulator fragment of m64nN: thread (warp w, lane l) holds rows 16 w + l / 4 and that + 8,
-         * columns 8 i + 2 (l % 4) + {0, 1}: d[4 i + {0, 1}] on the first row, d[4 i + {2, 3}] on the second.
-         * In a 64 x 64 box with 128-byte swizzle, 16-byte chunk j of row r sits at chunk j ^ (r % 8). */
-        int r = warp * 16 + lane / 4;
-        float sum_top = 0.0f, sum_bottom = 0.0f;
+/* A consumer's 64 x 256 products leave its registers (see the enum above for what EPILOGUE does).
+ * Accumulator fragment of m64nN: thread (warp w, lane l) holds rows 16 w + l / 4 and that + 8,
+ * columns 8 i + 2 (l % 4) + {0, 1}: d[4 i + {0, 1}] on the first row, d[4 i + {2, 3}] on the second.
+ * C leaves as four 64 x 64 boxes through two buffers in turn, each refilled once the TMA store
+ * before the last has read it. In a 64 x 64 box with 128-byte swizzle, 16-byte chunk j of row r
+ * sits at chunk j ^ (r % 8). */
+template <int EPILOGUE>
+__device__ __forceinline__ void epilogue(float d[128], uint8_t *c_tile, const CUtensorMap *map_c, float *row_sumsq,
+                                         float tau, float eps, int m0, int n0, int consumer) {
+    int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, r = warp * 16 + lane / 4;
+    bool leader = threadIdx.x % 128 == 0;
+    float sum_top = 0.0f, sum_bottom = 0.0f;
+    if (EPILOGUE == GELU) {
+        float scale_top = tau * rsqrtf(row_sumsq[m0 + r] + eps), scale_bottom = tau * rsqrtf(row_sumsq[m0 + r + 8] + eps);
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            d[4 * i] = gelu_erf(d[4 * i] * scale_top);
+            d[4 * i + 1] = gelu_erf(d[4 * i + 1] * scale_top);
+            d[4 * i + 2] = gelu_erf(d[4 * i + 2] * scale_bottom);
+            d[4 * i + 3] = gelu_erf(d[4 * i + 3] * scale_bottom);
+        }
+    }
+    if (EPILOGUE == SUMSQ) {
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            sum_top = fmaf(d[4 * i], d[4 * i], fmaf(d[4 * i + 1], d[4 * i + 1], sum_top));
+            sum_bottom = fmaf(d[4 * i + 2], d[4 * i + 2], fmaf(d[4 * i + 3], d[4 * i + 3], sum_bottom));
+        }
+    } else {
 #pragma unroll
         for (int box = 0; box < BN / 64; box++) {
             uint8_t *box_base = c_tile + (box % 2) * BOX_BYTES;
@@ -281,7 +312,7 @@ __device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_
                 *reinterpret_cast<__nv_bfloat162 *>(box_base + r * 128 + ((chunk ^ (r % 8)) * 16) + within) = top;
                 *reinterpret_cast<__nv_bfloat162 *>(box_base + (r + 8) * 128 + ((chunk ^ ((r + 8) % 8)) * 16) +
                                                     within) = bottom;
-                if (ROW_SUMSQ) {
+                if (EPILOGUE == STORE_SUMSQ) {
                     float2 t = __bfloat1622float2(top), b = __bfloat1622float2(bottom);
                     sum_top += t.x * t.x + t.y * t.y;
                     sum_bottom += b.x * b.x + b.y * b.y;
@@ -290,21 +321,222 @@ __device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             named_barrier_sync(1 + consumer, 128);
             if (leader) {
-                tma_store_2d(map_c, box_base, n0 + 64 * box, m0 + 64 * consumer);
+                tma_store_2d(map_c, box_base, n0 + 64 * box, m0);
                 asm volatile("cp.async.bulk.commit_group;" ::: "memory");
             }
         }
-        if (ROW_SUMSQ) {
-            for (int o = 1; o < 4; o <<= 1) {
-                sum_top += __shfl_xor_sync(0xffffffffu, sum_top, o);
-                sum_bottom += __shfl_xor_sync(0xffffffffu, sum_bottom, o);
-            }
-            if (lane % 4 == 0) {
-                atomicAdd(&row_sumsq[m0 + consumer * 64 + r], sum_top);
-                atomicAdd(&row_sumsq[m0 + consumer * 64 + r + 8], sum_bottom);
+    }
+    if (EPILOGUE == STORE_SUMSQ || EPILOGUE == SUMSQ) {
+        for (int o = 1; o < 4; o <<= 1) {
+            sum_top += __shfl_xor_sync(0xffffffffu, sum_top, o);
+            sum_bottom += __shfl_xor_sync(0xffffffffu, sum_bottom, o);
+        }
+        if (lane % 4 == 0) {
+            atomicAdd(&row_sumsq[m0 + r], sum_top);
+            atomicAdd(&row_sumsq[m0 + r + 8], sum_bottom);
+        }
+    }
+}
+
+/* Ping-pong order: consumer c may start the products of its tile j only once the other has
+ * waited for every stage of tile j - 1. Without it a consumer could wait on a stage two fills
+ * ahead of the ring, whose parity reads as complete. Named barriers 3 and 4, one per consumer:
+ * the other consumer arrives (128 threads), this one waits (128). */
+__device__ __forceinline__ void turn_wait(int consumer) { named_barrier_sync(3 + consumer, 256); }
+__device__ __forceinline__ void turn_pass(int consumer) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(3 + (1 - consumer)), "r"(256) : "memory");
+}
+
+template <int CLUSTER, int EPILOGUE, bool PINGPONG>
+__device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
+                                        const CUtensorMap *map_c, float *row_sumsq, float tau, float eps,
+                                        int consumer, int rank, int cluster, int clusters, int groups, int n_tiles,
+                                        int k_tiles) {
+    typedef layout<PINGPONG> L;
+    enum { STAGES = L::stages };
+    registers_increase<232>();
+    bool leader = threadIdx.x % 128 == 0;
+    uint8_t *c_tile = c_tiles + consumer * L::c_tile_bytes;
+    float d[128];
+    int tiles = (groups - cluster + clusters - 1) / clusters; /* this CTA's */
+    for (int j = PINGPONG ? consumer : 0; j < tiles; j += PINGPONG ? 2 : 1) {
+        int g = cluster + j * clusters;
+        int m0 = ((g / n_tiles) * CLUSTER + rank) * L::tile_m + (PINGPONG ? 0 : 64 * consumer), n0 = (g % n_tiles) * BN;
+        if (PINGPONG && j > 0) turn_wait(consumer);
+        int it = j * k_tiles;
+        for (int kt = 0; kt < k_tiles; kt++, it++) {
+            int s = it % STAGES;
+            barrier_wait(&full[s], (it / STAGES) & 1);
+            const uint8_t *a = smem + s * L::stage_bytes + (PINGPONG ? 0 : consumer * (64 * BK * 2));
+            const uint8_t *b = smem + s * L::stage_bytes + L::a_stage_bytes;
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < BK / 16; k++)
+                wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
+            wgmma_commit();
+            /* One group in flight: the previous k tile's products are done, so its stage is free. */
+            wgmma_wait<1>();
+            fence_accumulators(d);
+            if (kt > 0 && leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
+        }
+        if (PINGPONG && j + 1 < tiles) turn_pass(consumer);
+        wgmma_wait<0>();
+        fence_accumulators(d);
+        if (leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
+        epilogue<EPILOGUE>(d, c_tile, map_c, row_sumsq, tau, eps, m0, n0, consumer);
+    }
+    if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+/* Phi(z) from erfc(|z| / sqrt 2) = t exp(-y^2 + P(t)), t = 1 / (1 + y / 2) (Numerical Recipes'
+ * erfcc, relative error < 1.2e-7, no branch; norm_experiments.cu measured it as the erfc variant). */
+__device__ __forceinline__ float gelu_erfc(float z) {
+    float y = fabsf(z) * 0.70710678118654752f;
+    float t = __fdividef(1.0f, fmaf(0.5f, y, 1.0f));
+    float p = fmaf(t, 0.17087277f, -0.82215223f);
+    p = fmaf(t, p, 1.48851587f);
+    p = fmaf(t, p, -1.13520398f);
+    p = fmaf(t, p, 0.27886807f);
+    p = fmaf(t, p, -0.18628806f);
+    p = fmaf(t, p, 0.09678418f);
+    p = fmaf(t, p, 0.37409196f);
+    p = fmaf(t, p, 1.00002368f);
+    p = fmaf(t, p, -1.26551223f);
+    float half_erfc = 0.5f * t * __expf(fmaf(-y, y, p));
+    return z * (z >= 0.0f ? 1.0f - half_erfc : half_erfc);
+}
+
+/* chunk ^ row8, in a volatile asm statement so that the compiler computes it where it is used:
+ * otherwise it hoists the 64 shared-memory addresses of a tile's chunks out of the tile loop, holds
+ * them in registers beside the 128 accumulators, and spills. */
+__device__ __forceinline__ int swizzled_chunk(int chunk, int row8) {
+    int x;
+    asm volatile("xor.b32 %0, %1, %2;" : "=r"(x) : "r"(chunk), "r"(row8));
+    return x;
+}
+
+__device__ __forceinline__ uint32_t shared_load(uint32_t address) {
+    uint32_t x;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(x) : "r"(address));
+    return x;
+}
+__device__ __forceinline__ void shared_store(uint32_t address, uint32_t x) {
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(address), "r"(x) : "memory");
+}
+/* GELU_FORM 0: erff, 1: the erfc above, 2: none (the packed pair as it is) */
+template <int GELU_FORM> __device__ __forceinline__ uint32_t gelu_pair(uint32_t packed, float scale) {
+    if (GELU_FORM == 2) return packed;
+    __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162 *>(&packed);
+    float2 z = __bfloat1622float2(v);
+    z.x *= scale, z.y *= scale;
+    if (GELU_FORM == 1) z.x = gelu_erfc(z.x), z.y = gelu_erfc(z.y);
+    else z.x = gelu_erf(z.x), z.y = gelu_erf(z.y);
+    v = __floats2bfloat162_rn(z.x, z.y);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+/* Units [first, last) of a tile staged in the consumer's four boxes, normalised, through the GELU
+ * and written back in place; a box leaves by TMA once its last unit is in. Unit u is chunks 2 u
+ * and 2 u + 1, chunk c being the thread's bf16 pairs in columns 8 c + 2 (l % 4) + {0, 1} of rows
+ * r and r + 8, as the packing wrote them: two chunks at once so that their 8 GELUs overlap (the
+ * drain sits on the warp's path between two k tiles' wgmmas, so its latency counts, not only its
+ * instructions). Each thread reads only what it wrote itself, so only the store needs the warp
+ * group's barrier. A plain loop: unrolled into an unrolled k loop, the kernel's code outgrew the
+ * instruction cache and ran 6-7 times slower. */
+template <int GELU_FORM>
+__device__ __forceinline__ void drain_units(int first, int last, uint8_t *c_tile, const CUtensorMap *map_c, int m0,
+                                            int n0, float scale_top, float scale_bottom, int consumer) {
+    int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, r = warp * 16 + lane / 4, within = 4 * (lane % 4);
+    bool leader = threadIdx.x % 128 == 0;
+    uint32_t tile = smem_address(c_tile) + r * 128 + within;
+#pragma unroll 1
+    for (int u = first; u < last; u++) {
+        int box = u / 4, chunk = 2 * (u % 4);
+        uint32_t first_at = tile + box * BOX_BYTES + swizzled_chunk(chunk, r % 8) * 16; /* (r + 8) % 8 == r % 8 */
+        uint32_t second_at = tile + box * BOX_BYTES + swizzled_chunk(chunk + 1, r % 8) * 16;
+        uint32_t x0 = shared_load(first_at), x1 = shared_load(first_at + 8 * 128);
+        uint32_t x2 = shared_load(second_at), x3 = shared_load(second_at + 8 * 128);
+        shared_store(first_at, gelu_pair<GELU_FORM>(x0, scale_top));
+        shared_store(first_at + 8 * 128, gelu_pair<GELU_FORM>(x1, scale_bottom));
+        shared_store(second_at, gelu_pair<GELU_FORM>(x2, scale_top));
+        shared_store(second_at + 8 * 128, gelu_pair<GELU_FORM>(x3, scale_bottom));
+        if (chunk == 6) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            named_barrier_sync(1 + consumer, 128);
+            if (leader) {
+                tma_store_2d(map_c, c_tile + box * BOX_BYTES, n0 + 64 * box, m0);
+                asm volatile("cp.async.bulk.commit_group;" ::: "memory");
             }
         }
     }
+}
+
+/* The cooperative consumer with the GELU epilogue deferred into the next tile's mainloop: a
+ * tile's products leave the accumulators as bf16 (A rounded as the scores GEMM would write it)
+ * into the consumer's four boxes, and their normalisation, GELU and stores run a few chunks per
+ * k tile while the next tile's wgmmas are in flight, so the tensor cores wait only for the
+ * packing. */
+template <int CLUSTER, int GELU_FORM>
+__device__ __forceinline__ void consume_deferred(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
+                                                 const CUtensorMap *map_c, const float *row_sumsq, float tau,
+                                                 float eps, int consumer, int rank, int cluster, int clusters,
+                                                 int groups, int n_tiles, int k_tiles) {
+    typedef layout<false, true> L;
+    enum { STAGES = L::stages };
+    registers_increase<232>();
+    int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, r = warp * 16 + lane / 4, within = 4 * (lane % 4);
+    bool leader = threadIdx.x % 128 == 0;
+    uint8_t *c_tile = c_tiles + consumer * L::c_tile_bytes;
+    float d[128];
+    int pending_m0 = -1, pending_n0 = 0;
+    float pending_top = 0.0f, pending_bottom = 0.0f;
+    int tiles = (groups - cluster + clusters - 1) / clusters;
+    /* 16 units a tile spread over the k tiles: `base` each, one more for the first `extra` */
+    int base = 16 / k_tiles, extra = 16 % k_tiles;
+    for (int j = 0; j < tiles; j++) {
+        int g = cluster + j * clusters;
+        int m0 = ((g / n_tiles) * CLUSTER + rank) * L::tile_m + 64 * consumer, n0 = (g % n_tiles) * BN;
+        /* this tile's row scales, loaded now so that the loads are long done when it is drained */
+        float scale_top = tau * rsqrtf(row_sumsq[m0 + r] + eps), scale_bottom = tau * rsqrtf(row_sumsq[m0 + r + 8] + eps);
+        int it = j * k_tiles;
+        for (int kt = 0; kt < k_tiles; kt++, it++) {
+            int s = it % STAGES;
+            barrier_wait(&full[s], (it / STAGES) & 1);
+            const uint8_t *a = smem + s * L::stage_bytes + consumer * (64 * BK * 2);
+            const uint8_t *b = smem + s * L::stage_bytes + L::a_stage_bytes;
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < BK / 16; k++)
+                wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
+            wgmma_commit();
+            if (pending_m0 >= 0) {
+                int first = kt * base + min(kt, extra);
+                drain_units<GELU_FORM>(first, first + base + (kt < extra), c_tile, map_c, pending_m0, pending_n0,
+                                  pending_top, pending_bottom, consumer);
+            }
+            wgmma_wait<1>();
+            fence_accumulators(d);
+            if (kt > 0 && leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
+        }
+        wgmma_wait<0>();
+        fence_accumulators(d);
+        if (leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
+        /* the boxes are free once the previous tile's stores have read them */
+        if (leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        named_barrier_sync(1 + consumer, 128);
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            uint8_t *box_base = c_tile + (i / 8) * BOX_BYTES;
+            int chunk = i % 8;
+            *reinterpret_cast<__nv_bfloat162 *>(box_base + r * 128 + ((chunk ^ (r % 8)) * 16) + within) =
+                __floats2bfloat162_rn(d[4 * i], d[4 * i + 1]);
+            *reinterpret_cast<__nv_bfloat162 *>(box_base + (r + 8) * 128 + ((chunk ^ ((r + 8) % 8)) * 16) + within) =
+                __floats2bfloat162_rn(d[4 * i + 2], d[4 * i + 3]);
+        }
+        pending_m0 = m0, pending_n0 = n0, pending_top = scale_top, pending_bottom = scale_bottom;
+    }
+    if (pending_m0 >= 0)
+        drain_units<GELU_FORM>(0, 16, c_tile, map_c, pending_m0, pending_n0, pending_top, pending_bottom, consumer);
     if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
@@ -383,15 +615,41 @@ static void compare(const char *what, const bf16 *x, const bf16 *reference, size
            sum / count, scale);
 }
 
-/* Our kernel with clusters of CLUSTER CTAs: the plain product, then with the row sums of squares
- * (left in row_sumsq for the check that follows). */
-template <int CLUSTER>
-static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, const bf16 *C_ref, float *row_sumsq,
-                 int M, int N, int K, int multicast = 1) {
-    CUtensorMap map_a = tensor_map(encode, A, M, K, BM), map_b = tensor_map(encode, B, N, K, BN / CLUSTER);
+/* S = GELU(tau C / sqrt(row_sumsq + eps)) from cuBLASLt's C: what the GELU epilogue should write. */
+__global__ void gelu_reference(bf16 *s, const bf16 *c, const float *row_sumsq, float tau, float eps, int M, int N) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)M * N; i += (size_t)gridDim.x * blockDim.x) {
+        float z = __bfloat162float(c[i]) * (tau * rsqrtf(row_sumsq[i / N] + eps));
+        s[i] = __float2bfloat16(0.5f * z * (1.0f + erff(z * 0.70710678118654752f)));
+    }
+}
+
+/* Our kernel with clusters of CLUSTER CTAs, cooperative or ping-pong, with each epilogue; leaves
+ * row_sumsq = |row of A B^T|^2 (fp32 products) and the GELU epilogue's S in C for the checks. */
+static bool profiling = false;
+
+template <int CLUSTER, bool PINGPONG>
+static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, const bf16 *C_ref, bf16 *S_ref,
+                 float *row_sumsq, int M, int N, int K) {
+    typedef layout<PINGPONG> L;
+    /* under Nsight Compute (`profile`): each kernel once, untimed */
+    auto timed = [&](auto launches) {
+        if (!profiling) return time_ms(launches);
+        launches();
+        CK(cudaDeviceSynchronize());
+        return 0.0f;
+    };
+    CUtensorMap map_a = tensor_map(encode, A, M, K, L::tile_m), map_b = tensor_map(encode, B, N, K, BN / CLUSTER);
     CUtensorMap map_c = tensor_map(encode, C, M, N, 64);
-    CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
-    CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
+    CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, STORE, PINGPONG>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::smem_bytes));
+    CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, STORE_SUMSQ, PINGPONG>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::smem_bytes));
+    CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, SUMSQ, PINGPONG>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::smem_bytes));
+    CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, GELU, PINGPONG>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::smem_bytes));
+    if constexpr (!PINGPONG) {
+        int deferred_smem = layout<false, true>::smem_bytes;
+        CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, GELU_DEFERRED, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, deferred_smem));
+        CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, GELU_DEFERRED_FAST, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, deferred_smem));
+        CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, DEFERRED_COPY, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, deferred_smem));
+    }
     cudaLaunchConfig_t config = {};
     cudaLaunchAttribute attribute;
     attribute.id = cudaLaunchAttributeClusterDimension;
@@ -399,37 +657,66 @@ static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, 
     attribute.val.clusterDim.y = 1;
     attribute.val.clusterDim.z = 1;
     config.blockDim = dim3(THREADS);
-    config.dynamicSmemBytes = SMEM_BYTES;
+    config.dynamicSmemBytes = L::smem_bytes;
     config.attrs = &attribute;
     config.numAttrs = 1;
     int sms, clusters = 0;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     config.gridDim = dim3(sms / CLUSTER * CLUSTER);
-    CK(cudaOccupancyMaxActiveClusters(&clusters, gemm_kernel<CLUSTER, false>, &config));
-    config.gridDim = dim3(std::min(clusters, (M / BM / CLUSTER) * (N / BN)) * CLUSTER);
+    CK(cudaOccupancyMaxActiveClusters(&clusters, gemm_kernel<CLUSTER, STORE, PINGPONG>, &config));
+    config.gridDim = dim3(std::min(clusters, (M / L::tile_m / CLUSTER) * (N / BN)) * CLUSTER);
+    float tau = sqrtf((float)N), eps = 1e-6f;
     double flops = 2.0 * M * N * K;
-    float plain = time_ms([&] {
-        CK(cudaLaunchKernelEx(&config, gemm_kernel<CLUSTER, false>, map_a, map_b, map_c, row_sumsq, M, N, K, multicast));
-    });
+#define OURS(E) CK(cudaLaunchKernelEx(&config, gemm_kernel<CLUSTER, E, PINGPONG>, map_a, map_b, map_c, row_sumsq, tau, eps, M, N, K, 1))
+    float store = timed([&] { OURS(STORE); });
     CK(cudaDeviceSynchronize());
-    float memset_ms = time_ms([&] { CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4)); });
-    float with_sums = time_ms([&] {
-        CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4));
-        CK(cudaLaunchKernelEx(&config, gemm_kernel<CLUSTER, true>, map_a, map_b, map_c, row_sumsq, M, N, K, multicast));
-    });
-    CK(cudaDeviceSynchronize());
-    printf("  ours, clusters of %d%s (%u CTAs): %.3f ms (%.0f TFLOP/s); with row sums of squares %.3f ms (memset %.3f)\n",
-           CLUSTER, CLUSTER > 1 && !multicast ? " without multicast" : "", config.gridDim.x, plain, flops / plain / 1e9, with_sums, memset_ms);
     compare("C", C, C_ref, (size_t)M * N);
+    float memset_ms = timed([&] { CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4)); });
+    float store_sumsq = timed([&] {
+        CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4));
+        OURS(STORE_SUMSQ);
+    });
+    float sumsq = timed([&] {
+        CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4));
+        OURS(SUMSQ);
+    });
+    CK(cudaDeviceSynchronize());
+    float gelu = timed([&] { OURS(GELU); }); /* the row sums of the SUMSQ runs, as the scores GEMM would find them */
+    CK(cudaDeviceSynchronize());
+    printf("  ours, %s, clusters of %d (%u CTAs): C %.3f ms (%.0f TFLOP/s); C and row sums %.3f; row sums alone %.3f "
+           "(memset %.3f in both); S = GELU(tau C / r) %.3f\n",
+           PINGPONG ? "ping-pong" : "cooperative", CLUSTER, config.gridDim.x, store, flops / store / 1e9, store_sumsq,
+           sumsq, memset_ms, gelu);
+    gelu_reference<<<1024, 256>>>(S_ref, C_ref, row_sumsq, tau, eps, M, N);
+    compare("S", C, S_ref, (size_t)M * N);
+    if constexpr (!PINGPONG) {
+        config.dynamicSmemBytes = layout<false, true>::smem_bytes;
+        float deferred = timed([&] { OURS(GELU_DEFERRED); });
+        CK(cudaDeviceSynchronize());
+        compare("S, deferred (erff)", C, S_ref, (size_t)M * N);
+        float fast = timed([&] { OURS(GELU_DEFERRED_FAST); });
+        CK(cudaDeviceSynchronize());
+        compare("S, deferred (erfc)", C, S_ref, (size_t)M * N);
+        float copy = timed([&] { OURS(DEFERRED_COPY); });
+        CK(cudaDeviceSynchronize());
+        compare("C, deferred copy", C, C_ref, (size_t)M * N);
+        config.dynamicSmemBytes = L::smem_bytes;
+        float again = timed([&] { OURS(STORE); });
+        printf("  ours, cooperative, clusters of %d: S with the GELU deferred into the next tile's products %.3f ms "
+               "(erff), %.3f (erfc); the same structure copying C %.3f; C again %.3f\n", CLUSTER, deferred, fast, copy,
+               again);
+    }
+#undef OURS
 }
 
 static void measure(encode_tiled_fn encode, int M, int N, int K) {
-    bf16 *A, *B, *C, *C_ref;
+    bf16 *A, *B, *C, *C_ref, *S_ref;
     float *row_sumsq;
     CK(cudaMalloc(&A, (size_t)M * K * 2));
     CK(cudaMalloc(&B, (size_t)N * K * 2));
     CK(cudaMalloc(&C, (size_t)M * N * 2));
     CK(cudaMalloc(&C_ref, (size_t)M * N * 2));
+    CK(cudaMalloc(&S_ref, (size_t)M * N * 2));
     CK(cudaMalloc(&row_sumsq, (size_t)M * 4));
     fill<<<1024, 256>>>(A, (size_t)M * K, 1, 2.0f);
     fill<<<1024, 256>>>(B, (size_t)N * K, 2, 0.2f);
@@ -442,12 +729,15 @@ static void measure(encode_tiled_fn encode, int M, int N, int K) {
     }
     lt.run(A, B, C_ref, lt.best);
     printf("M %d N %d K %d: cuBLASLt %.3f ms (%.0f TFLOP/s)\n", M, N, K, lt_best, flops / lt_best / 1e9);
-    ours<1>(encode, A, B, C, C_ref, row_sumsq, M, N, K);
-    ours<2>(encode, A, B, C, C_ref, row_sumsq, M, N, K, 0);
-    ours<4>(encode, A, B, C, C_ref, row_sumsq, M, N, K);
-    ours<2>(encode, A, B, C, C_ref, row_sumsq, M, N, K);
+    ours<1, false>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
+    if (profiling) return; /* (buffers left to the process's end) */
+    ours<2, false>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
+    ours<1, true>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
+    ours<2, true>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
+    float again = time_ms([&] { lt.run(A, B, C_ref, lt.best); });
+    printf("  cuBLASLt again, after ours: %.3f ms\n", again);
 
-    /* The row sums of squares against the same sums over cuBLASLt's C, on the host. */
+    /* The row sums of squares (fp32 products) against the same sums over cuBLASLt's bf16 C. */
     std::vector<bf16> h(std::min<size_t>((size_t)M, 4096) * N);
     std::vector<float> sums(std::min(M, 4096));
     CK(cudaMemcpy(h.data(), C_ref, h.size() * 2, cudaMemcpyDeviceToHost));
@@ -461,12 +751,13 @@ static void measure(encode_tiled_fn encode, int M, int N, int K) {
         }
         worst = fmax(worst, fabs(sums[r] - s) / s);
     }
-    printf("  row sums of squares (first %zu rows) against the host's over cuBLASLt's C: worst relative %.3e\n",
+    printf("  row sums of squares (first %zu rows) against the host's over cuBLASLt's bf16 C: worst relative %.3e\n",
            sums.size(), worst);
     CK(cudaFree(A));
     CK(cudaFree(B));
     CK(cudaFree(C));
     CK(cudaFree(C_ref));
+    CK(cudaFree(S_ref));
     CK(cudaFree(row_sumsq));
 }
 
@@ -478,8 +769,11 @@ int main(int argc, char **argv) {
         printf("cuTensorMapEncodeTiled not found\n");
         return 1;
     }
-    int M = argc > 1 ? atoi(argv[1]) : 100864;
+    /* `profile`: the FFN shape's kernels once each, clusters of 1, for ncu */
+    profiling = argc > 1 && !strcmp(argv[1], "profile");
+    int M = argc > 1 && !profiling ? atoi(argv[1]) : 100864;
     measure(encode, M, 3072, 768); /* FFN: 3072 key tokens */
+    if (profiling) return 0;
     measure(encode, M, 768, 768);  /* Q, K, V, O: 768 key tokens */
     return 0;
 }
