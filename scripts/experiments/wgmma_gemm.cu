@@ -15,13 +15,14 @@
  * when the products reading it are done, and store C as 64 x 64 boxes through shared memory with
  * TMA (cp.async.bulk.tensor). Cooperative: both consumers share a 128 x 256 tile; ping-pong: each
  * owns alternate 64 x 256 tiles; deferred: cooperative, with a tile's GELU and stores worked off
- * during the next tile's products. With clusters of 2, the two CTAs take tiles stacked in M, each
+ * during the next tile's products; epilogue warps (gemm_gelu_kernel): the spare warps of the
+ * producer's warp group do the GELU and stores of the tile the MMA warp groups staged. With clusters of 2, the two CTAs take tiles stacked in M, each
  * loads half of B and multicasts it to both, and a stage is free once the consumers of both CTAs
  * released it (a plain remote mbarrier.arrive: with .release.cluster semantics clusters of 2 ran
  * at 441-512 TFLOP/s).
  *
  * Measured on the H100 (docs/performance.md): C bit-identical to cuBLASLt's at 94-97% of its rate
- * (clusters of 2); the row sums cost 3-9%; the GELU epilogue costs 0.31-0.45 ms on N 3072 in every
+ * (clusters of 2); the row sums cost 3-9%; the GELU epilogue costs 0.31-0.65 ms on N 3072 in every
  * schedule, which closes the routes that needed it.
  *
  * nvcc -O3 -gencode arch=compute_90a,code=sm_90a wgmma_gemm.cu -lcublasLt -o wgmma_gemm && ./wgmma_gemm
@@ -197,6 +198,31 @@ __device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_
                                         int consumer, int rank, int cluster, int clusters, int groups, int n_tiles,
                                         int k_tiles);
 
+/* The producer (thread 0 of warp group 0): runs ahead across tiles, as far as the ring allows. */
+template <int CLUSTER, typename L>
+__device__ __forceinline__ void produce(uint8_t *smem, uint64_t *full, uint64_t *empty, const CUtensorMap *map_a,
+                                        const CUtensorMap *map_b, int rank, int cluster, int clusters, int groups,
+                                        int n_tiles, int k_tiles, int multicast) {
+    if (threadIdx.x != 0) return;
+    int it = 0;
+    for (int g = cluster; g < groups; g += clusters) {
+        int m0 = ((g / n_tiles) * CLUSTER + rank) * L::tile_m, n0 = (g % n_tiles) * BN;
+        for (int kt = 0; kt < k_tiles; kt++, it++) {
+            int s = it % L::stages;
+            if (it >= L::stages) barrier_wait(&empty[s], ((it / L::stages) & 1) ^ 1);
+            uint8_t *a = smem + s * L::stage_bytes, *b = a + L::a_stage_bytes;
+            barrier_expect_bytes(&full[s], L::stage_bytes);
+            tma_load_2d(a, map_a, kt * BK, m0, &full[s]);
+            if (CLUSTER > 1 && multicast)
+                tma_load_2d_multicast(b + rank * (BN / CLUSTER) * BK * 2, map_b, kt * BK, n0 + rank * (BN / CLUSTER),
+                                      &full[s], (1 << CLUSTER) - 1);
+            else /* every slice of B ourselves (multicast 0: the cluster's handshake alone) */
+                for (int h = 0; h < CLUSTER; h++)
+                    tma_load_2d(b + h * (BN / CLUSTER) * BK * 2, map_b, kt * BK, n0 + h * (BN / CLUSTER), &full[s]);
+        }
+    }
+}
+
 template <int CLUSTER, int GELU_FORM>
 __device__ __forceinline__ void consume_deferred(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
                                                  const CUtensorMap *map_c, const float *row_sumsq, float tau,
@@ -231,28 +257,10 @@ __global__ __launch_bounds__(THREADS, 1) void gemm_kernel(const __grid_constant_
     if (CLUSTER > 1) cluster_sync();
     else __syncthreads();
 
-    if (group == 0) { /* producer: runs ahead across tiles, as far as the ring allows */
+    if (group == 0) {
         registers_decrease<40>();
-        if (threadIdx.x == 0) {
-            int it = 0;
-            for (int g = cluster; g < groups; g += clusters) {
-                int m0 = ((g / n_tiles) * CLUSTER + rank) * L::tile_m, n0 = (g % n_tiles) * BN;
-                for (int kt = 0; kt < k_tiles; kt++, it++) {
-                    int s = it % STAGES;
-                    if (it >= STAGES) barrier_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
-                    uint8_t *a = smem + s * L::stage_bytes, *b = a + L::a_stage_bytes;
-                    barrier_expect_bytes(&full[s], L::stage_bytes);
-                    tma_load_2d(a, &map_a, kt * BK, m0, &full[s]);
-                    if (CLUSTER > 1 && multicast)
-                        tma_load_2d_multicast(b + rank * (BN / CLUSTER) * BK * 2, &map_b, kt * BK,
-                                              n0 + rank * (BN / CLUSTER), &full[s], (1 << CLUSTER) - 1);
-                    else /* every slice of B ourselves (multicast 0: the cluster's handshake alone) */
-                        for (int h = 0; h < CLUSTER; h++)
-                            tma_load_2d(b + h * (BN / CLUSTER) * BK * 2, &map_b, kt * BK, n0 + h * (BN / CLUSTER),
-                                        &full[s]);
-                }
-            }
-        }
+        produce<CLUSTER, L>(smem, full, empty, &map_a, &map_b, rank, cluster, clusters, groups, n_tiles, k_tiles,
+                            multicast);
     } else if constexpr (EPILOGUE >= GELU_DEFERRED) {
         static_assert(!PINGPONG, "the deferred epilogue is cooperative");
         consume_deferred<CLUSTER, EPILOGUE - GELU_DEFERRED>(smem, c_tiles, full, empty, &map_c, row_sumsq, tau,
@@ -415,6 +423,11 @@ __device__ __forceinline__ int swizzled_chunk(int chunk, int row8) {
     return x;
 }
 
+/* bf16(x) in the low half, bf16(y) in the high half */
+__device__ __forceinline__ uint32_t pack_bf16x2(float x, float y) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
 __device__ __forceinline__ uint32_t shared_load(uint32_t address) {
     uint32_t x;
     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(x) : "r"(address));
@@ -538,6 +551,150 @@ __device__ __forceinline__ void consume_deferred(uint8_t *smem, uint8_t *c_tiles
     if (pending_m0 >= 0)
         drain_units<GELU_FORM>(0, 16, c_tile, map_c, pending_m0, pending_n0, pending_top, pending_bottom, consumer);
     if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+/* ---- epilogue warps ----
+ * The GELU epilogue on warps of its own: the two MMA warp groups stage each 64 x 256 of raw
+ * products (bf16) in shared memory and go straight on to the next tile, while warps 1-3 of the
+ * producer's warp group (idle otherwise: one thread of warp 0 issues all loads) normalise, apply
+ * the GELU and store by TMA. No setmaxnreg: ptxas compiles every warp to the entry budget (168 at
+ * 384 threads; with two more warp groups, 640 threads, it had 96 and refused the wgmma), so more
+ * epilogue warps would leave the accumulators without registers. staged_full[c] completes when MMA
+ * warp group c has written a tile (128 arrivals), staged_empty[c] when the stores have read it. */
+template <int CLUSTER>
+__device__ __forceinline__ void mma_to_staging(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
+                                               uint64_t *staged_full, uint64_t *staged_empty, int consumer, int rank,
+                                               int cluster, int clusters, int groups, int n_tiles, int k_tiles) {
+    typedef layout<false, true> L;
+    enum { STAGES = L::stages };
+    int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, r = warp * 16 + lane / 4, within = 4 * (lane % 4);
+    bool leader = threadIdx.x % 128 == 0;
+    uint32_t tile = smem_address(c_tiles + consumer * L::c_tile_bytes) + r * 128 + within;
+    float d[128];
+    int tiles = (groups - cluster + clusters - 1) / clusters;
+    for (int j = 0; j < tiles; j++) {
+        int it = j * k_tiles;
+        for (int kt = 0; kt < k_tiles; kt++, it++) {
+            int s = it % STAGES;
+            barrier_wait(&full[s], (it / STAGES) & 1);
+            const uint8_t *a = smem + s * L::stage_bytes + consumer * (64 * BK * 2);
+            const uint8_t *b = smem + s * L::stage_bytes + L::a_stage_bytes;
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < BK / 16; k++)
+                wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
+            wgmma_commit();
+            wgmma_wait<1>();
+            fence_accumulators(d);
+            if (kt > 0 && leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
+        }
+        wgmma_wait<0>();
+        fence_accumulators(d);
+        if (leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
+        if (j > 0) barrier_wait(&staged_empty[consumer], (j - 1) & 1);
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            uint32_t at = tile + (i / 8) * BOX_BYTES + swizzled_chunk(i % 8, r % 8) * 16; /* (r + 8) % 8 == r % 8 */
+            shared_store(at, pack_bf16x2(d[4 * i], d[4 * i + 1]));
+            shared_store(at + 8 * 128, pack_bf16x2(d[4 * i + 2], d[4 * i + 3]));
+        }
+        barrier_arrive(&staged_full[consumer]);
+    }
+}
+
+/* Epilogue warps 1-3 (96 threads): the 128 row scales into shared memory, then the staged tile's
+ * eight 64 x 64 boxes (four a consumer) chunk by chunk, then the eight TMA stores. */
+template <int CLUSTER, int GELU_FORM>
+__device__ __forceinline__ void staged_gelu(uint8_t *c_tiles, float *scales, uint64_t *staged_full,
+                                            uint64_t *staged_empty, const CUtensorMap *map_c, const float *row_sumsq,
+                                            float tau, float eps, int rank, int cluster, int clusters, int groups,
+                                            int n_tiles) {
+    typedef layout<false, true> L;
+    enum { WORKERS = 96 };
+    int t = threadIdx.x - 32;
+    bool leader = t == 0;
+    uint32_t tiles_at = smem_address(c_tiles);
+    int tiles = (groups - cluster + clusters - 1) / clusters;
+    for (int j = 0; j < tiles; j++) {
+        int g = cluster + j * clusters;
+        int m0 = ((g / n_tiles) * CLUSTER + rank) * L::tile_m, n0 = (g % n_tiles) * BN;
+        named_barrier_sync(3, WORKERS); /* the previous tile's scales are no longer read */
+        for (int row = t; row < 128; row += WORKERS) scales[row] = tau * rsqrtf(row_sumsq[m0 + row] + eps);
+        named_barrier_sync(3, WORKERS);
+        barrier_wait(&staged_full[0], j & 1);
+        barrier_wait(&staged_full[1], j & 1);
+#pragma unroll 1
+        for (int box = 0; box < 8; box++) { /* consumer box / 4, columns 64 (box % 4) */
+            uint32_t box_at = tiles_at + (box / 4) * L::c_tile_bytes + (box % 4) * BOX_BYTES;
+#pragma unroll 2
+            for (int item = t; item < 512; item += WORKERS) { /* 64 rows x 8 chunks */
+                int row = item / 8, chunk = item % 8;
+                uint32_t at = box_at + row * 128 + swizzled_chunk(chunk, row % 8) * 16;
+                float scale = scales[(box / 4) * 64 + row];
+                uint32_t x0, x1, x2, x3;
+                asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(x0), "=r"(x1), "=r"(x2), "=r"(x3) : "r"(at));
+                x0 = gelu_pair<GELU_FORM>(x0, scale), x1 = gelu_pair<GELU_FORM>(x1, scale);
+                x2 = gelu_pair<GELU_FORM>(x2, scale), x3 = gelu_pair<GELU_FORM>(x3, scale);
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(at), "r"(x0), "r"(x1), "r"(x2), "r"(x3)
+                             : "memory");
+            }
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        named_barrier_sync(3, WORKERS);
+        if (leader) {
+            for (int box = 0; box < 8; box++)
+                tma_store_2d(map_c, c_tiles + (box / 4) * L::c_tile_bytes + (box % 4) * BOX_BYTES, n0 + 64 * (box % 4),
+                             m0 + 64 * (box / 4));
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+            asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+            barrier_arrive(&staged_empty[0]);
+            barrier_arrive(&staged_empty[1]);
+        }
+    }
+    if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+template <int CLUSTER, int GELU_FORM>
+__global__ __launch_bounds__(THREADS, 1) void gemm_gelu_kernel(const __grid_constant__ CUtensorMap map_a,
+                                                                        const __grid_constant__ CUtensorMap map_b,
+                                                                        const __grid_constant__ CUtensorMap map_c,
+                                                                        const float *row_sumsq, float tau, float eps,
+                                                                        int M, int N, int K) {
+    typedef layout<false, true> L;
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    uint8_t *c_tiles = smem + L::stages * L::stage_bytes;
+    uint64_t *full = (uint64_t *)(c_tiles + 2 * L::c_tile_bytes), *empty = full + L::stages;
+    uint64_t *staged_full = empty + L::stages, *staged_empty = staged_full + 2;
+    float *scales = (float *)(staged_empty + 2); /* 128 */
+    int group = threadIdx.x / 128, n_tiles = N / BN, k_tiles = K / BK;
+    int rank = CLUSTER > 1 ? (int)cluster_rank() : 0, cluster = blockIdx.x / CLUSTER, clusters = gridDim.x / CLUSTER;
+    int groups = (M / L::tile_m / CLUSTER) * n_tiles;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < L::stages; s++) {
+            barrier_init(&full[s], 1);
+            barrier_init(&empty[s], 2 * CLUSTER);
+        }
+        for (int c = 0; c < 2; c++) {
+            barrier_init(&staged_full[c], 128);
+            barrier_init(&staged_empty[c], 1);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if (CLUSTER > 1) cluster_sync();
+    else __syncthreads();
+    if (threadIdx.x < 32) {
+        produce<CLUSTER, L>(smem, full, empty, &map_a, &map_b, rank, cluster, clusters, groups, n_tiles, k_tiles, 1);
+    } else if (group == 0) {
+        staged_gelu<CLUSTER, GELU_FORM>(c_tiles, scales, staged_full, staged_empty, &map_c, row_sumsq, tau, eps, rank,
+                                        cluster, clusters, groups, n_tiles);
+    } else {
+        mma_to_staging<CLUSTER>(smem, c_tiles, full, empty, staged_full, staged_empty, group - 1, rank, cluster,
+                                clusters, groups, n_tiles, k_tiles);
+    }
+    __syncwarp();
+    if (CLUSTER > 1) cluster_sync();
 }
 
 /* ---- host ---- */
@@ -700,6 +857,24 @@ static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, 
         float copy = timed([&] { OURS(DEFERRED_COPY); });
         CK(cudaDeviceSynchronize());
         compare("C, deferred copy", C, C_ref, (size_t)M * N);
+        /* the epilogue on warp groups of its own */
+        config.dynamicSmemBytes = layout<false, true>::smem_bytes + 32 + 512;
+        CK(cudaFuncSetAttribute(gemm_gelu_kernel<CLUSTER, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, config.dynamicSmemBytes));
+        CK(cudaFuncSetAttribute(gemm_gelu_kernel<CLUSTER, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, config.dynamicSmemBytes));
+        float split = timed([&] {
+            CK(cudaLaunchKernelEx(&config, gemm_gelu_kernel<CLUSTER, 0>, map_a, map_b, map_c, (const float *)row_sumsq,
+                                  tau, eps, M, N, K));
+        });
+        CK(cudaDeviceSynchronize());
+        compare("S, epilogue warps (erff)", C, S_ref, (size_t)M * N);
+        float split_fast = timed([&] {
+            CK(cudaLaunchKernelEx(&config, gemm_gelu_kernel<CLUSTER, 1>, map_a, map_b, map_c, (const float *)row_sumsq,
+                                  tau, eps, M, N, K));
+        });
+        CK(cudaDeviceSynchronize());
+        compare("S, epilogue warps (erfc)", C, S_ref, (size_t)M * N);
+        printf("  ours, clusters of %d: S from epilogue warps %.3f ms (erff), %.3f (erfc)\n", CLUSTER, split,
+               split_fast);
         config.dynamicSmemBytes = L::smem_bytes;
         float again = timed([&] { OURS(STORE); });
         printf("  ours, cooperative, clusters of %d: S with the GELU deferred into the next tile's products %.3f ms "
