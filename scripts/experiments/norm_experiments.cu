@@ -23,20 +23,6 @@
 
 enum { ERFF = 0, NONE = 1, ERFC = 2 };
 
-__device__ __forceinline__ float erfc_positive(float y) { /* y >= 0 */
-    float t = __fdividef(1.0f, fmaf(0.5f, y, 1.0f));
-    float p = fmaf(t, 0.17087277f, -0.82215223f);
-    p = fmaf(t, p, 1.48851587f);
-    p = fmaf(t, p, -1.13520398f);
-    p = fmaf(t, p, 0.27886807f);
-    p = fmaf(t, p, -0.18628806f);
-    p = fmaf(t, p, 0.09678418f);
-    p = fmaf(t, p, 0.37409196f);
-    p = fmaf(t, p, 1.00002368f);
-    p = fmaf(t, p, -1.26551223f);
-    return t * __expf(fmaf(-y, y, p));
-}
-
 template <int VARIANT>
 __device__ __forceinline__ float cdf(float z) {
     if (VARIANT == ERFF) return normal_cdf(z); /* the backend's */

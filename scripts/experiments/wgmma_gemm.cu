@@ -192,6 +192,32 @@ __device__ __forceinline__ void fence_accumulators(float d[128]) {
     for (int i = 0; i < 128; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+/* One tile's products into d: k tiles from ring position `it`, A at a_offset in each stage; a
+ * stage is released once the products reading it are done (one wgmma group stays in flight), and
+ * between(kt) runs while k tile kt's wgmmas are in flight. */
+template <int CLUSTER, typename L, typename Between>
+__device__ __forceinline__ void tile_products(float d[128], uint8_t *smem, uint64_t *full, uint64_t *empty,
+                                              int a_offset, int it, int k_tiles, Between between) {
+    bool leader = threadIdx.x % 128 == 0;
+    for (int kt = 0; kt < k_tiles; kt++, it++) {
+        int s = it % L::stages;
+        barrier_wait(&full[s], (it / L::stages) & 1);
+        const uint8_t *a = smem + s * L::stage_bytes + a_offset, *b = smem + s * L::stage_bytes + L::a_stage_bytes;
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < BK / 16; k++)
+            wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
+        wgmma_commit();
+        between(kt);
+        wgmma_wait<1>();
+        fence_accumulators(d);
+        if (kt > 0 && leader) release<CLUSTER>(&empty[(it - 1) % L::stages]);
+    }
+    wgmma_wait<0>();
+    fence_accumulators(d);
+    if (leader) release<CLUSTER>(&empty[(it - 1) % L::stages]);
+}
+
 template <int CLUSTER, int EPILOGUE, bool PINGPONG>
 __device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
                                         const CUtensorMap *map_c, float *row_sumsq, float tau, float eps,
@@ -361,7 +387,6 @@ __device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_
                                         int consumer, int rank, int cluster, int clusters, int groups, int n_tiles,
                                         int k_tiles) {
     typedef layout<PINGPONG> L;
-    enum { STAGES = L::stages };
     registers_increase<232>();
     bool leader = threadIdx.x % 128 == 0;
     uint8_t *c_tile = c_tiles + consumer * L::c_tile_bytes;
@@ -371,46 +396,19 @@ __device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_
         int g = cluster + j * clusters;
         int m0 = ((g / n_tiles) * CLUSTER + rank) * L::tile_m + (PINGPONG ? 0 : 64 * consumer), n0 = (g % n_tiles) * BN;
         if (PINGPONG && j > 0) turn_wait(consumer);
-        int it = j * k_tiles;
-        for (int kt = 0; kt < k_tiles; kt++, it++) {
-            int s = it % STAGES;
-            barrier_wait(&full[s], (it / STAGES) & 1);
-            const uint8_t *a = smem + s * L::stage_bytes + (PINGPONG ? 0 : consumer * (64 * BK * 2));
-            const uint8_t *b = smem + s * L::stage_bytes + L::a_stage_bytes;
-            wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < BK / 16; k++)
-                wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
-            wgmma_commit();
-            /* One group in flight: the previous k tile's products are done, so its stage is free. */
-            wgmma_wait<1>();
-            fence_accumulators(d);
-            if (kt > 0 && leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
-        }
-        if (PINGPONG && j + 1 < tiles) turn_pass(consumer);
-        wgmma_wait<0>();
-        fence_accumulators(d);
-        if (leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
+        /* ping-pong: the other consumer may start once this one has waited for its last stage */
+        tile_products<CLUSTER, L>(d, smem, full, empty, PINGPONG ? 0 : consumer * (64 * BK * 2), j * k_tiles, k_tiles,
+                                  [&](int kt) {
+                                      if (PINGPONG && kt == k_tiles - 1 && j + 1 < tiles) turn_pass(consumer);
+                                  });
         epilogue<EPILOGUE>(d, c_tile, map_c, row_sumsq, tau, eps, m0, n0, consumer);
     }
     if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
-/* Phi(z) from erfc(|z| / sqrt 2) = t exp(-y^2 + P(t)), t = 1 / (1 + y / 2) (Numerical Recipes'
- * erfcc, relative error < 1.2e-7, no branch; norm_experiments.cu measured it as the erfc variant). */
+/* The GELU through experiments.cuh's branch-free erfc (norm_experiments.cu's erfc variant). */
 __device__ __forceinline__ float gelu_erfc(float z) {
-    float y = fabsf(z) * 0.70710678118654752f;
-    float t = __fdividef(1.0f, fmaf(0.5f, y, 1.0f));
-    float p = fmaf(t, 0.17087277f, -0.82215223f);
-    p = fmaf(t, p, 1.48851587f);
-    p = fmaf(t, p, -1.13520398f);
-    p = fmaf(t, p, 0.27886807f);
-    p = fmaf(t, p, -0.18628806f);
-    p = fmaf(t, p, 0.09678418f);
-    p = fmaf(t, p, 0.37409196f);
-    p = fmaf(t, p, 1.00002368f);
-    p = fmaf(t, p, -1.26551223f);
-    float half_erfc = 0.5f * t * __expf(fmaf(-y, y, p));
+    float half_erfc = 0.5f * erfc_positive(fabsf(z) * 0.70710678118654752f);
     return z * (z >= 0.0f ? 1.0f - half_erfc : half_erfc);
 }
 
@@ -495,7 +493,6 @@ __device__ __forceinline__ void consume_deferred(uint8_t *smem, uint8_t *c_tiles
                                                  float eps, int consumer, int rank, int cluster, int clusters,
                                                  int groups, int n_tiles, int k_tiles) {
     typedef layout<false, true> L;
-    enum { STAGES = L::stages };
     registers_increase<232>();
     int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, r = warp * 16 + lane / 4, within = 4 * (lane % 4);
     bool leader = threadIdx.x % 128 == 0;
@@ -511,29 +508,12 @@ __device__ __forceinline__ void consume_deferred(uint8_t *smem, uint8_t *c_tiles
         int m0 = ((g / n_tiles) * CLUSTER + rank) * L::tile_m + 64 * consumer, n0 = (g % n_tiles) * BN;
         /* this tile's row scales, loaded now so that the loads are long done when it is drained */
         float scale_top = tau * rsqrtf(row_sumsq[m0 + r] + eps), scale_bottom = tau * rsqrtf(row_sumsq[m0 + r + 8] + eps);
-        int it = j * k_tiles;
-        for (int kt = 0; kt < k_tiles; kt++, it++) {
-            int s = it % STAGES;
-            barrier_wait(&full[s], (it / STAGES) & 1);
-            const uint8_t *a = smem + s * L::stage_bytes + consumer * (64 * BK * 2);
-            const uint8_t *b = smem + s * L::stage_bytes + L::a_stage_bytes;
-            wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < BK / 16; k++)
-                wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
-            wgmma_commit();
-            if (pending_m0 >= 0) {
-                int first = kt * base + min(kt, extra);
-                drain_units<GELU_FORM>(first, first + base + (kt < extra), c_tile, map_c, pending_m0, pending_n0,
-                                  pending_top, pending_bottom, consumer);
-            }
-            wgmma_wait<1>();
-            fence_accumulators(d);
-            if (kt > 0 && leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
-        }
-        wgmma_wait<0>();
-        fence_accumulators(d);
-        if (leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
+        tile_products<CLUSTER, L>(d, smem, full, empty, consumer * (64 * BK * 2), j * k_tiles, k_tiles, [&](int kt) {
+            if (pending_m0 < 0) return;
+            int first = kt * base + min(kt, extra);
+            drain_units<GELU_FORM>(first, first + base + (kt < extra), c_tile, map_c, pending_m0, pending_n0,
+                                   pending_top, pending_bottom, consumer);
+        });
         /* the boxes are free once the previous tile's stores have read them */
         if (leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
         named_barrier_sync(1 + consumer, 128);
@@ -566,31 +546,12 @@ __device__ __forceinline__ void mma_to_staging(uint8_t *smem, uint8_t *c_tiles, 
                                                uint64_t *staged_full, uint64_t *staged_empty, int consumer, int rank,
                                                int cluster, int clusters, int groups, int n_tiles, int k_tiles) {
     typedef layout<false, true> L;
-    enum { STAGES = L::stages };
     int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, r = warp * 16 + lane / 4, within = 4 * (lane % 4);
-    bool leader = threadIdx.x % 128 == 0;
     uint32_t tile = smem_address(c_tiles + consumer * L::c_tile_bytes) + r * 128 + within;
     float d[128];
     int tiles = (groups - cluster + clusters - 1) / clusters;
     for (int j = 0; j < tiles; j++) {
-        int it = j * k_tiles;
-        for (int kt = 0; kt < k_tiles; kt++, it++) {
-            int s = it % STAGES;
-            barrier_wait(&full[s], (it / STAGES) & 1);
-            const uint8_t *a = smem + s * L::stage_bytes + consumer * (64 * BK * 2);
-            const uint8_t *b = smem + s * L::stage_bytes + L::a_stage_bytes;
-            wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < BK / 16; k++)
-                wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
-            wgmma_commit();
-            wgmma_wait<1>();
-            fence_accumulators(d);
-            if (kt > 0 && leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
-        }
-        wgmma_wait<0>();
-        fence_accumulators(d);
-        if (leader) release<CLUSTER>(&empty[(it - 1) % STAGES]);
+        tile_products<CLUSTER, L>(d, smem, full, empty, consumer * (64 * BK * 2), j * k_tiles, k_tiles, [](int) {});
         if (j > 0) barrier_wait(&staged_empty[consumer], (j - 1) & 1);
 #pragma unroll
         for (int i = 0; i < 32; i++) {
