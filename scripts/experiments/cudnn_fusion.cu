@@ -206,34 +206,6 @@ static bool make_pack(cudnnBackendDescriptor_t *pack, void *x, void *w, void *sc
     return true;
 }
 
-/* cuBLASLt's fastest of its top 8 for S = X W^T with W stored n x D (the backend's layout). */
-static float cublaslt_ms(cublasLtHandle_t lt, int64_t n, void *x, void *w, void *s) {
-    cublasLtMatmulDesc_t op;
-    CK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
-    CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t));
-    CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof nn));
-    cublasLtMatrixLayout_t a, b, c;
-    CK(cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, D, n, D));
-    CK(cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, D, ROWS, D));
-    CK(cublasLtMatrixLayoutCreate(&c, CUDA_R_16BF, n, ROWS, n));
-    cublasLtMatmulPreference_t pref;
-    CK(cublasLtMatmulPreferenceCreate(&pref));
-    size_t bytes = WORKSPACE;
-    CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &bytes, sizeof bytes));
-    cublasLtMatmulHeuristicResult_t results[8];
-    int returned = 0;
-    CK(cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, c, c, pref, 8, results, &returned));
-    float alpha = 1, beta = 0, best = 1e9f;
-    for (int i = 0; i < returned; i++) {
-        float ms = time_ms([&] {
-            CK(cublasLtMatmul(lt, op, &alpha, w, a, x, b, &beta, s, c, s, c, &results[i].algo, workspace, WORKSPACE, 0));
-        });
-        if (ms < best) best = ms;
-    }
-    return best;
-}
-
 static float bf16_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 /* S at a few (row, column) places against the host's float sums of the same bf16 operands. */
@@ -258,8 +230,6 @@ static double check_scaled(int64_t n, const void *x, const void *w, const float 
 
 int main() {
     CK(cudnnCreate(&handle));
-    cublasLtHandle_t lt;
-    CK(cublasLtCreate(&lt));
     CK(cudaMalloc(&workspace, WORKSPACE));
     printf("cuDNN %zu, cuBLASLt %zu\n", cudnnGetVersion(), cublasLtGetVersion());
     int64_t n_max = 4 * D;
@@ -275,7 +245,9 @@ int main() {
     for (int64_t i = 0; i < ROWS; i++) scale_host[i] = 4.0f + (float)(i % 7); /* ~ tau / r */
     CK(cudaMemcpy(scale, scale_host.data(), ROWS * 4, cudaMemcpyHostToDevice));
     for (int64_t n : {n_max, D}) {
-        float lt_ms = cublaslt_ms(lt, n, x, w, s);
+        /* cuBLASLt's fastest of its top 8 for S = X W^T, W stored n x D (the backend's layout) */
+        float lt_ms = lt_gemm((int)ROWS, (int)n, (int)D, WORKSPACE)
+                          .tune((const __nv_bfloat16 *)x, (const __nv_bfloat16 *)w, (__nv_bfloat16 *)s);
         double flops = 2.0 * ROWS * n * D;
         printf("n %lld: cuBLASLt %.4f ms (%.0f TFLOP/s)\n", (long long)n, lt_ms, flops / lt_ms / 1e9);
         for (form f : {PLAIN, SCALED, SUMSQ}) {

@@ -1,10 +1,12 @@
 /* What the experiments share: CK() stops at the first failing CUDA, cuBLASLt or driver call
  * (any of them returns 0 on success), naming the code, file and line; time_ms() times a body
  * of launches with CUDA events on the default stream; fill() writes uniform random bf16;
- * erfc_positive() is a branch-free erfc for the GELU variants. */
+ * erfc_positive() is a branch-free erfc for the GELU variants; lt_gemm is the cuBLASLt baseline
+ * the GEMM experiments measure against. */
 #ifndef TF_SCRIPTS_EXPERIMENTS_CUH
 #define TF_SCRIPTS_EXPERIMENTS_CUH
 
+#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -65,5 +67,61 @@ __device__ __forceinline__ float erfc_positive(float y) {
     p = fmaf(t, p, -1.26551223f);
     return t * __expf(fmaf(-y, y, p));
 }
+
+/* cuBLASLt's row-major C [M, N] = A [M, K] B [N, K]^T in bf16 (fp32 accumulation, the backend's
+ * layout for the Pattention's scores GEMM), run with one of the heuristic's top 8 algorithms;
+ * tune() times them on the given operands and keeps the fastest (gemm_experiments.cu searches
+ * beyond those 8). */
+struct lt_gemm {
+    cublasLtHandle_t lt;
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatmulAlgo_t algos[8];
+    int count = 0, best = 0;
+    void *workspace;
+    size_t workspace_bytes;
+    lt_gemm(int M, int N, int K, size_t workspace_bytes = 32u << 20) : workspace_bytes(workspace_bytes) {
+        CK(cublasLtCreate(&lt));
+        CK(cudaMalloc(&workspace, workspace_bytes));
+        CK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+        cublasOperation_t t = CUBLAS_OP_T, n = CUBLAS_OP_N;
+        CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t));
+        CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &n, sizeof n));
+        CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, K, N, K));
+        CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, K, M, K));
+        CK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, N, M, N));
+        cublasLtMatmulPreference_t preference;
+        CK(cublasLtMatmulPreferenceCreate(&preference));
+        uint64_t bytes = workspace_bytes;
+        CK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &bytes,
+                                                sizeof bytes));
+        cublasLtMatmulHeuristicResult_t results[8];
+        CK(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, preference, 8, results, &count));
+        cublasLtMatmulPreferenceDestroy(preference);
+        for (int i = 0; i < count; i++) algos[i] = results[i].algo;
+    }
+    ~lt_gemm() {
+        cublasLtMatrixLayoutDestroy(la);
+        cublasLtMatrixLayoutDestroy(lb);
+        cublasLtMatrixLayoutDestroy(lc);
+        cublasLtMatmulDescDestroy(op);
+        cudaFree(workspace);
+        cublasLtDestroy(lt);
+    }
+    void run(const __nv_bfloat16 *A, const __nv_bfloat16 *B, __nv_bfloat16 *C, int algo) {
+        float one = 1.0f, zero = 0.0f;
+        CK(cublasLtMatmul(lt, op, &one, B, la, A, lb, &zero, C, lc, C, lc, &algos[algo], workspace, workspace_bytes, 0));
+    }
+    /* Milliseconds of the fastest algorithm, which becomes `best` and leaves its C. */
+    float tune(const __nv_bfloat16 *A, const __nv_bfloat16 *B, __nv_bfloat16 *C) {
+        float fastest = 1e30f;
+        for (int i = 0; i < count; i++) {
+            float ms = time_ms([&] { run(A, B, C, i); });
+            if (ms < fastest) fastest = ms, best = i;
+        }
+        run(A, B, C, best);
+        return fastest;
+    }
+};
 
 #endif

@@ -675,49 +675,6 @@ static CUtensorMap tensor_map(encode_tiled_fn encode, const bf16 *base, int rows
     return map;
 }
 
-/* cuBLASLt's row-major C = A B^T, the fastest of its top 8 algorithms (as gemm_experiments.cu). */
-struct lt_gemm {
-    cublasLtHandle_t lt;
-    cublasLtMatmulDesc_t op;
-    cublasLtMatrixLayout_t la, lb, lc;
-    cublasLtMatmulAlgo_t algos[8];
-    int count = 0, best = 0;
-    void *workspace;
-    size_t workspace_bytes = 32u << 20;
-    lt_gemm(int M, int N, int K) {
-        CK(cublasLtCreate(&lt));
-        CK(cudaMalloc(&workspace, workspace_bytes));
-        CK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-        cublasOperation_t t = CUBLAS_OP_T, n = CUBLAS_OP_N;
-        CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t));
-        CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &n, sizeof n));
-        CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, K, N, K));
-        CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, K, M, K));
-        CK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, N, M, N));
-        cublasLtMatmulPreference_t preference;
-        CK(cublasLtMatmulPreferenceCreate(&preference));
-        uint64_t bytes = workspace_bytes;
-        CK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &bytes,
-                                                sizeof bytes));
-        cublasLtMatmulHeuristicResult_t results[8];
-        CK(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, preference, 8, results, &count));
-        cublasLtMatmulPreferenceDestroy(preference);
-        for (int i = 0; i < count; i++) algos[i] = results[i].algo;
-    }
-    ~lt_gemm() {
-        cublasLtMatrixLayoutDestroy(la);
-        cublasLtMatrixLayoutDestroy(lb);
-        cublasLtMatrixLayoutDestroy(lc);
-        cublasLtMatmulDescDestroy(op);
-        cudaFree(workspace);
-        cublasLtDestroy(lt);
-    }
-    void run(const bf16 *A, const bf16 *B, bf16 *C, int algo) {
-        float one = 1.0f, zero = 0.0f;
-        CK(cublasLtMatmul(lt, op, &one, B, la, A, lb, &zero, C, lc, C, lc, &algos[algo], workspace, workspace_bytes, 0));
-    }
-};
-
 static void compare(const char *what, const bf16 *x, const bf16 *reference, size_t count) {
     std::vector<bf16> hx(count), hr(count);
     CK(cudaMemcpy(hx.data(), x, count * 2, cudaMemcpyDeviceToHost));
@@ -858,12 +815,7 @@ static void measure(encode_tiled_fn encode, int M, int N, int K) {
     fill<<<1024, 256>>>(B, (size_t)N * K, 2, 0.2f);
     double flops = 2.0 * M * N * K;
     lt_gemm lt(M, N, K);
-    float lt_best = 1e30f;
-    for (int i = 0; i < lt.count; i++) {
-        float ms = time_ms([&] { lt.run(A, B, C_ref, i); });
-        if (ms < lt_best) lt_best = ms, lt.best = i;
-    }
-    lt.run(A, B, C_ref, lt.best);
+    float lt_best = lt.tune(A, B, C_ref);
     printf("M %d N %d K %d: cuBLASLt %.3f ms (%.0f TFLOP/s)\n", M, N, K, lt_best, flops / lt_best / 1e9);
     ours<1, false>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
     if (profiling) return; /* (buffers left to the process's end) */
