@@ -16,17 +16,19 @@
  * TMA (cp.async.bulk.tensor). Cooperative: both consumers share a 128 x 256 tile; ping-pong: each
  * owns alternate 64 x 256 tiles; deferred: cooperative, with a tile's GELU and stores worked off
  * during the next tile's products; epilogue warps (gemm_gelu_kernel): the spare warps of the
- * producer's warp group do the GELU and stores of the tile the MMA warp groups staged. With clusters of 2, the two CTAs take tiles stacked in M, each
- * loads half of B and multicasts it to both, and a stage is free once the consumers of both CTAs
- * released it (a plain remote mbarrier.arrive: with .release.cluster semantics clusters of 2 ran
- * at 441-512 TFLOP/s).
+ * producer's warp group do the GELU and stores of the tile the MMA warp groups staged, or two warp
+ * groups of their own (gemm_gelu_kernel<..., true>, 640 threads). With clusters of 2, the two CTAs take
+ * tiles stacked in M, each loads half of B and multicasts it to both, and a stage is free once the
+ * consumers of both CTAs released it (a plain remote mbarrier.arrive: with .release.cluster
+ * semantics clusters of 2 ran at 441-512 TFLOP/s).
  *
  * Measured on the H100 (docs/performance.md): C bit-identical to cuBLASLt's at 94-97% of its rate
  * (clusters of 2); the row sums cost 3-9%; the GELU epilogue costs 0.31-0.65 ms on N 3072 in every
- * schedule, which closes the routes that needed it.
+ * schedule, two epilogue warp groups of their own included, which closes the routes that needed it.
  *
  * nvcc -O3 -gencode arch=compute_90a,code=sm_90a wgmma_gemm.cu -lcublasLt -o wgmma_gemm && ./wgmma_gemm
- * ./wgmma_gemm profile   # the N 3072 kernels once each, clusters of 1, for ncu --kernel-name regex:gemm_kernel */
+ * ./wgmma_gemm profile   # the N 3072 kernels once each, clusters of 1, for ncu --kernel-name regex:gemm_kernel
+ * ./wgmma_gemm groups    # cuBLASLt and the epilogue warp groups' kernel (gemm_gelu_kernel<..., true>) alone */
 #include <cublasLt.h>
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -144,6 +146,10 @@ template <int R> __device__ __forceinline__ void registers_increase() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R));
 }
 
+/* Eight accumulators as read-write asm operands. */
+#define F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+              "+f"(d[i + 6]), "+f"(d[i + 7])
+
 /* D (64 x 256, fp32, 128 registers a thread) += A (64 x 16, shared) B^T (256 x 16, shared). */
 __device__ __forceinline__ void wgmma_m64n256k16(float d[128], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -157,24 +163,27 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], uint64_t desc_a, 
                  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
                  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
                  "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-                   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : F8(0), F8(8), F8(16), F8(24), F8(32), F8(40), F8(48), F8(56),
+                   F8(64), F8(72), F8(80), F8(88), F8(96), F8(104), F8(112), F8(120)
                  : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
+
+/* D (64 x 128, 64 registers) += A (64 x 16) B^T (128 x 16). Two of these make the 64 x 256 product
+ * above with the same accumulator layout (d[64..127] are columns 128-255): ptxas checks a wgmma's
+ * registers against the kernel's entry budget, not the setmaxnreg region it sits in, so at 640
+ * threads (96 registers at entry) m64n256 does not compile and two m64n128 do. */
+__device__ __forceinline__ void wgmma_m64n128k16(float *d, uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : F8(0), F8(8), F8(16), F8(24), F8(32), F8(40), F8(48), F8(56)
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+#undef F8
 
 /* A consumer is done with a stage: tell every CTA that writes it (all of the cluster). */
 template <int CLUSTER> __device__ __forceinline__ void release(uint64_t *empty_stage) {
@@ -195,7 +204,7 @@ __device__ __forceinline__ void fence_accumulators(float d[128]) {
 /* One tile's products into d: k tiles from ring position `it`, A at a_offset in each stage; a
  * stage is released once the products reading it are done (one wgmma group stays in flight), and
  * between(kt) runs while k tile kt's wgmmas are in flight. */
-template <int CLUSTER, typename L, typename Between>
+template <int CLUSTER, typename L, typename Between, bool SPLIT = false>
 __device__ __forceinline__ void tile_products(float d[128], uint8_t *smem, uint64_t *full, uint64_t *empty,
                                               int a_offset, int it, int k_tiles, Between between) {
     bool leader = threadIdx.x % 128 == 0;
@@ -205,8 +214,15 @@ __device__ __forceinline__ void tile_products(float d[128], uint8_t *smem, uint6
         const uint8_t *a = smem + s * L::stage_bytes + a_offset, *b = smem + s * L::stage_bytes + L::a_stage_bytes;
         wgmma_fence();
 #pragma unroll
-        for (int k = 0; k < BK / 16; k++)
-            wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
+        for (int k = 0; k < BK / 16; k++) {
+            if (SPLIT) { /* B's rows 128-255 start 128 rows of 128 bytes further */
+                wgmma_m64n128k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
+                wgmma_m64n128k16(d + 64, smem_descriptor(a + 32 * k), smem_descriptor(b + 128 * 128 + 32 * k),
+                                 kt > 0 || k > 0);
+            } else {
+                wgmma_m64n256k16(d, smem_descriptor(a + 32 * k), smem_descriptor(b + 32 * k), kt > 0 || k > 0);
+            }
+        }
         wgmma_commit();
         between(kt);
         wgmma_wait<1>();
@@ -541,7 +557,7 @@ __device__ __forceinline__ void consume_deferred(uint8_t *smem, uint8_t *c_tiles
  * 384 threads; with two more warp groups, 640 threads, it had 96 and refused the wgmma), so more
  * epilogue warps would leave the accumulators without registers. staged_full[c] completes when MMA
  * warp group c has written a tile (128 arrivals), staged_empty[c] when the stores have read it. */
-template <int CLUSTER>
+template <int CLUSTER, bool SPLIT = false>
 __device__ __forceinline__ void mma_to_staging(uint8_t *smem, uint8_t *c_tiles, uint64_t *full, uint64_t *empty,
                                                uint64_t *staged_full, uint64_t *staged_empty, int consumer, int rank,
                                                int cluster, int clusters, int groups, int n_tiles, int k_tiles) {
@@ -551,7 +567,9 @@ __device__ __forceinline__ void mma_to_staging(uint8_t *smem, uint8_t *c_tiles, 
     float d[128];
     int tiles = (groups - cluster + clusters - 1) / clusters;
     for (int j = 0; j < tiles; j++) {
-        tile_products<CLUSTER, L>(d, smem, full, empty, consumer * (64 * BK * 2), j * k_tiles, k_tiles, [](int) {});
+        auto nothing = [](int) {};
+        tile_products<CLUSTER, L, decltype(nothing), SPLIT>(d, smem, full, empty, consumer * (64 * BK * 2), j * k_tiles,
+                                                            k_tiles, nothing);
         if (j > 0) barrier_wait(&staged_empty[consumer], (j - 1) & 1);
 #pragma unroll
         for (int i = 0; i < 32; i++) {
@@ -563,16 +581,16 @@ __device__ __forceinline__ void mma_to_staging(uint8_t *smem, uint8_t *c_tiles, 
     }
 }
 
-/* Epilogue warps 1-3 (96 threads): the 128 row scales into shared memory, then the staged tile's
+/* The epilogue's WORKERS threads from threadIdx.x FIRST on (warps 1-3 of the producer's warp group,
+ * or two warp groups of their own): the 128 row scales into shared memory, then the staged tile's
  * eight 64 x 64 boxes (four a consumer) chunk by chunk, then the eight TMA stores. */
-template <int CLUSTER, int GELU_FORM>
+template <int CLUSTER, int GELU_FORM, int WORKERS, int FIRST>
 __device__ __forceinline__ void staged_gelu(uint8_t *c_tiles, float *scales, uint64_t *staged_full,
                                             uint64_t *staged_empty, const CUtensorMap *map_c, const float *row_sumsq,
                                             float tau, float eps, int rank, int cluster, int clusters, int groups,
                                             int n_tiles) {
     typedef layout<false, true> L;
-    enum { WORKERS = 96 };
-    int t = threadIdx.x - 32;
+    int t = threadIdx.x - FIRST;
     bool leader = t == 0;
     uint32_t tiles_at = smem_address(c_tiles);
     int tiles = (groups - cluster + clusters - 1) / clusters;
@@ -616,43 +634,70 @@ __device__ __forceinline__ void staged_gelu(uint8_t *c_tiles, float *scales, uin
     if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
-template <int CLUSTER, int GELU_FORM>
-__global__ __launch_bounds__(THREADS, 1) void gemm_gelu_kernel(const __grid_constant__ CUtensorMap map_a,
-                                                                        const __grid_constant__ CUtensorMap map_b,
-                                                                        const __grid_constant__ CUtensorMap map_c,
-                                                                        const float *row_sumsq, float tau, float eps,
-                                                                        int M, int N, int K) {
+/* The shared memory of the staged-epilogue kernels: the ring (3 stages), the staged tile (two
+ * consumers' four 64 x 64 boxes), the ring's and the staging's barriers and the 128 row scales.
+ * Barriers set up by thread 0 and made visible to the cluster before anyone uses them. */
+struct staged_shared {
+    uint8_t *smem, *c_tiles;
+    uint64_t *full, *empty, *staged_full, *staged_empty;
+    float *scales;
+};
+template <int CLUSTER> __device__ __forceinline__ staged_shared staged_shared_init(uint8_t *smem_raw) {
     typedef layout<false, true> L;
-    extern __shared__ uint8_t smem_raw[];
-    uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
-    uint8_t *c_tiles = smem + L::stages * L::stage_bytes;
-    uint64_t *full = (uint64_t *)(c_tiles + 2 * L::c_tile_bytes), *empty = full + L::stages;
-    uint64_t *staged_full = empty + L::stages, *staged_empty = staged_full + 2;
-    float *scales = (float *)(staged_empty + 2); /* 128 */
-    int group = threadIdx.x / 128, n_tiles = N / BN, k_tiles = K / BK;
-    int rank = CLUSTER > 1 ? (int)cluster_rank() : 0, cluster = blockIdx.x / CLUSTER, clusters = gridDim.x / CLUSTER;
-    int groups = (M / L::tile_m / CLUSTER) * n_tiles;
+    staged_shared sh;
+    sh.smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    sh.c_tiles = sh.smem + L::stages * L::stage_bytes;
+    sh.full = (uint64_t *)(sh.c_tiles + 2 * L::c_tile_bytes), sh.empty = sh.full + L::stages;
+    sh.staged_full = sh.empty + L::stages, sh.staged_empty = sh.staged_full + 2;
+    sh.scales = (float *)(sh.staged_empty + 2);
     if (threadIdx.x == 0) {
         for (int s = 0; s < L::stages; s++) {
-            barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2 * CLUSTER);
+            barrier_init(&sh.full[s], 1);
+            barrier_init(&sh.empty[s], 2 * CLUSTER);
         }
         for (int c = 0; c < 2; c++) {
-            barrier_init(&staged_full[c], 128);
-            barrier_init(&staged_empty[c], 1);
+            barrier_init(&sh.staged_full[c], 128);
+            barrier_init(&sh.staged_empty[c], 1);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     if (CLUSTER > 1) cluster_sync();
     else __syncthreads();
-    if (threadIdx.x < 32) {
-        produce<CLUSTER, L>(smem, full, empty, &map_a, &map_b, rank, cluster, clusters, groups, n_tiles, k_tiles, 1);
+    return sh;
+}
+
+/* WIDE: two warp groups of epilogue of their own (640 threads). setmaxnreg moves registers only
+ * between warp groups of the CTA, within its entry budget (96 a thread at 640 threads: 61440): the
+ * producer's warp group goes down to 32 (24 spilled), the epilogue's to 64, and the MMA warp groups
+ * up to 160 (152 spilled; 168 with 56 for the epilogue measured the same or slower; asking for
+ * more than the budget left setmaxnreg.inc waiting forever). 96 at entry is too few for the 128
+ * accumulators of a m64n256 wgmma, which ptxas checks against the entry budget whatever the
+ * setmaxnreg before it, so the products are two m64n128 wgmmas (wgmma_m64n128k16). */
+enum { WIDE_THREADS = 640 };
+template <int CLUSTER, int GELU_FORM, bool WIDE>
+__global__ __launch_bounds__(WIDE ? (int)WIDE_THREADS : (int)THREADS, 1) void gemm_gelu_kernel(
+    const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+    const __grid_constant__ CUtensorMap map_c, const float *row_sumsq, float tau, float eps, int M, int N, int K) {
+    typedef layout<false, true> L;
+    extern __shared__ uint8_t smem_raw[];
+    staged_shared sh = staged_shared_init<CLUSTER>(smem_raw);
+    int group = threadIdx.x / 128, n_tiles = N / BN, k_tiles = K / BK;
+    int rank = CLUSTER > 1 ? (int)cluster_rank() : 0, cluster = blockIdx.x / CLUSTER, clusters = gridDim.x / CLUSTER;
+    int groups = (M / L::tile_m / CLUSTER) * n_tiles;
+    bool epilogue = WIDE ? group >= 3 : group == 0 && threadIdx.x >= 32;
+    if (epilogue) {
+        if (WIDE) registers_decrease<64>();
+        staged_gelu<CLUSTER, GELU_FORM, WIDE ? 256 : 96, WIDE ? 384 : 32>(
+            sh.c_tiles, sh.scales, sh.staged_full, sh.staged_empty, &map_c, row_sumsq, tau, eps, rank, cluster,
+            clusters, groups, n_tiles);
     } else if (group == 0) {
-        staged_gelu<CLUSTER, GELU_FORM>(c_tiles, scales, staged_full, staged_empty, &map_c, row_sumsq, tau, eps, rank,
-                                        cluster, clusters, groups, n_tiles);
+        if (WIDE) registers_decrease<32>();
+        produce<CLUSTER, L>(sh.smem, sh.full, sh.empty, &map_a, &map_b, rank, cluster, clusters, groups, n_tiles,
+                            k_tiles, 1);
     } else {
-        mma_to_staging<CLUSTER>(smem, c_tiles, full, empty, staged_full, staged_empty, group - 1, rank, cluster,
-                                clusters, groups, n_tiles, k_tiles);
+        if (WIDE) registers_increase<160>();
+        mma_to_staging<CLUSTER, WIDE>(sh.smem, sh.c_tiles, sh.full, sh.empty, sh.staged_full, sh.staged_empty,
+                                      group - 1, rank, cluster, clusters, groups, n_tiles, k_tiles);
     }
     __syncwarp();
     if (CLUSTER > 1) cluster_sync();
@@ -700,19 +745,46 @@ __global__ void gelu_reference(bf16 *s, const bf16 *c, const float *row_sumsq, f
 
 /* Our kernel with clusters of CLUSTER CTAs, cooperative or ping-pong, with each epilogue; leaves
  * row_sumsq = |row of A B^T|^2 (fp32 products) and the GELU epilogue's S in C for the checks. */
-static bool profiling = false;
+static bool profiling = false, groups_only = false;
+
+/* under Nsight Compute (`profile`): each kernel once, untimed */
+template <typename Launches> static float timed(Launches launches) {
+    if (!profiling) return time_ms(launches);
+    launches();
+    CK(cudaDeviceSynchronize());
+    return 0.0f;
+}
+
+/* gemm_gelu_kernel's three forms (erff, erfc, none: C copied through the epilogue), each checked,
+ * with the epilogue on the producer's spare warps or on warp groups of its own (WIDE); config as
+ * for the cooperative kernel, its shared memory and block size set for these calls. */
+template <int CLUSTER, bool WIDE>
+static void staged_forms(cudaLaunchConfig_t config, const CUtensorMap &map_a, const CUtensorMap &map_b,
+                         const CUtensorMap &map_c, const bf16 *C, const bf16 *C_ref, const bf16 *S_ref,
+                         const float *row_sumsq, float tau, float eps, int M, int N, int K, float ms[3]) {
+    config.dynamicSmemBytes = layout<false, true>::smem_bytes + 32 + 512; /* + the staging's barriers and scales */
+    config.blockDim = dim3(WIDE ? (int)WIDE_THREADS : (int)THREADS);
+    const char *where = WIDE ? "epilogue warp groups" : "epilogue warps";
+    auto form = [&](auto kernel, const char *what, const bf16 *reference) {
+        CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, config.dynamicSmemBytes));
+        float t = timed([&] { CK(cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_c, row_sumsq, tau, eps, M, N, K)); });
+        CK(cudaDeviceSynchronize());
+        char label[64];
+        snprintf(label, sizeof label, "%s, %s", what, where);
+        compare(label, C, reference, (size_t)M * N);
+        return t;
+    };
+    ms[0] = form(gemm_gelu_kernel<CLUSTER, 0, WIDE>, "S (erff)", S_ref);
+    ms[1] = form(gemm_gelu_kernel<CLUSTER, 1, WIDE>, "S (erfc)", S_ref);
+    ms[2] = form(gemm_gelu_kernel<CLUSTER, 2, WIDE>, "C copied", C_ref);
+    printf("  ours, clusters of %d: S from %s %.3f ms (erff), %.3f (erfc); C copied through them %.3f\n", CLUSTER,
+           where, ms[0], ms[1], ms[2]);
+}
 
 template <int CLUSTER, bool PINGPONG>
 static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, const bf16 *C_ref, bf16 *S_ref,
                  float *row_sumsq, int M, int N, int K) {
     typedef layout<PINGPONG> L;
-    /* under Nsight Compute (`profile`): each kernel once, untimed */
-    auto timed = [&](auto launches) {
-        if (!profiling) return time_ms(launches);
-        launches();
-        CK(cudaDeviceSynchronize());
-        return 0.0f;
-    };
     CUtensorMap map_a = tensor_map(encode, A, M, K, L::tile_m), map_b = tensor_map(encode, B, N, K, BN / CLUSTER);
     CUtensorMap map_c = tensor_map(encode, C, M, N, 64);
     CK(cudaFuncSetAttribute(gemm_kernel<CLUSTER, STORE, PINGPONG>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::smem_bytes));
@@ -743,6 +815,14 @@ static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, 
     float tau = sqrtf((float)N), eps = 1e-6f;
     double flops = 2.0 * M * N * K;
 #define OURS(E) CK(cudaLaunchKernelEx(&config, gemm_kernel<CLUSTER, E, PINGPONG>, map_a, map_b, map_c, row_sumsq, tau, eps, M, N, K, 1))
+    if (groups_only) { /* `groups`: the row sums, then the epilogue warp groups' kernel alone */
+        CK(cudaMemsetAsync(row_sumsq, 0, (size_t)M * 4));
+        OURS(SUMSQ);
+        gelu_reference<<<1024, 256>>>(S_ref, C_ref, row_sumsq, tau, eps, M, N);
+        float ms[3];
+        staged_forms<CLUSTER, true>(config, map_a, map_b, map_c, C, C_ref, S_ref, row_sumsq, tau, eps, M, N, K, ms);
+        return;
+    }
     float store = timed([&] { OURS(STORE); });
     CK(cudaDeviceSynchronize());
     compare("C", C, C_ref, (size_t)M * N);
@@ -775,24 +855,10 @@ static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, 
         float copy = timed([&] { OURS(DEFERRED_COPY); });
         CK(cudaDeviceSynchronize());
         compare("C, deferred copy", C, C_ref, (size_t)M * N);
-        /* the epilogue on warp groups of its own */
-        config.dynamicSmemBytes = layout<false, true>::smem_bytes + 32 + 512;
-        CK(cudaFuncSetAttribute(gemm_gelu_kernel<CLUSTER, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, config.dynamicSmemBytes));
-        CK(cudaFuncSetAttribute(gemm_gelu_kernel<CLUSTER, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, config.dynamicSmemBytes));
-        float split = timed([&] {
-            CK(cudaLaunchKernelEx(&config, gemm_gelu_kernel<CLUSTER, 0>, map_a, map_b, map_c, (const float *)row_sumsq,
-                                  tau, eps, M, N, K));
-        });
-        CK(cudaDeviceSynchronize());
-        compare("S, epilogue warps (erff)", C, S_ref, (size_t)M * N);
-        float split_fast = timed([&] {
-            CK(cudaLaunchKernelEx(&config, gemm_gelu_kernel<CLUSTER, 1>, map_a, map_b, map_c, (const float *)row_sumsq,
-                                  tau, eps, M, N, K));
-        });
-        CK(cudaDeviceSynchronize());
-        compare("S, epilogue warps (erfc)", C, S_ref, (size_t)M * N);
-        printf("  ours, clusters of %d: S from epilogue warps %.3f ms (erff), %.3f (erfc)\n", CLUSTER, split,
-               split_fast);
+        /* the epilogue on warps of its own */
+        float ms[3];
+        staged_forms<CLUSTER, false>(config, map_a, map_b, map_c, C, C_ref, S_ref, row_sumsq, tau, eps, M, N, K, ms);
+        staged_forms<CLUSTER, true>(config, map_a, map_b, map_c, C, C_ref, S_ref, row_sumsq, tau, eps, M, N, K, ms);
         config.dynamicSmemBytes = L::smem_bytes;
         float again = timed([&] { OURS(STORE); });
         printf("  ours, cooperative, clusters of %d: S with the GELU deferred into the next tile's products %.3f ms "
@@ -820,8 +886,10 @@ static void measure(encode_tiled_fn encode, int M, int N, int K) {
     ours<1, false>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
     if (profiling) return; /* (buffers left to the process's end) */
     ours<2, false>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
-    ours<1, true>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
-    ours<2, true>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
+    if (!groups_only) {
+        ours<1, true>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
+        ours<2, true>(encode, A, B, C, C_ref, S_ref, row_sumsq, M, N, K);
+    }
     float again = time_ms([&] { lt.run(A, B, C_ref, lt.best); });
     printf("  cuBLASLt again, after ours: %.3f ms\n", again);
 
@@ -850,6 +918,7 @@ static void measure(encode_tiled_fn encode, int M, int N, int K) {
 }
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0); /* each line out as it is printed, should a kernel hang */
     encode_tiled_fn encode = nullptr;
     cudaDriverEntryPointQueryResult found;
     CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", (void **)&encode, 12000, cudaEnableDefault, &found));
@@ -859,7 +928,8 @@ int main(int argc, char **argv) {
     }
     /* `profile`: the FFN shape's kernels once each, clusters of 1, for ncu */
     profiling = argc > 1 && !strcmp(argv[1], "profile");
-    int M = argc > 1 && !profiling ? atoi(argv[1]) : 100864;
+    groups_only = argc > 1 && !strcmp(argv[1], "groups");
+    int M = argc > 1 && !profiling && !groups_only ? atoi(argv[1]) : 100864;
     measure(encode, M, 3072, 768); /* FFN: 3072 key tokens */
     if (profiling) return 0;
     measure(encode, M, 768, 768);  /* Q, K, V, O: 768 key tokens */
