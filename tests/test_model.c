@@ -12,8 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-static tf_model_config tiny_config(tf_pool pool) {
+static tf_model_config tiny_config(tf_pool pool, int depth) {
     tf_model_config config = test_small_model_config();
+    config.depth = depth;
+    config_fill_n_norm(&config); /* n_norm of every block (a block without one computes S = 0) */
     config.pool = pool;
     config.drop_path = 0.5f;
     config.n_norm[1][TF_PATT_K] = 4; /* a grown model's n_norm differs from its token count */
@@ -75,7 +77,7 @@ static void set_params_f64(tf_model *model, const double *params) {
 /* For every tensor, the gradient at up to `samples` random positions against central differences. */
 static void check_gradients(const char *label, tf_pool pool) {
     const tf_backend *backend = tf_cpu_backend(TF_DTYPE_F64);
-    tf_model_config config = tiny_config(pool);
+    tf_model_config config = tiny_config(pool, 2);
     tf_model model;
     if (!CHECK_OK(model_create(&model, &config, backend, 3, true))) return;
     CHECK_OK(model_init_params(&model, 11));
@@ -121,7 +123,7 @@ static void check_gradients(const char *label, tf_pool pool) {
 
 /* The fp32 backend computes what the fp64 one does, to fp32 rounding. */
 static void check_fp32_matches_fp64(void) {
-    tf_model_config config = tiny_config(TF_POOL_AVG);
+    tf_model_config config = tiny_config(TF_POOL_AVG, 2);
     tf_model model32, model64;
     CHECK_OK(model_create(&model32, &config, tf_cpu_backend(TF_DTYPE_F32), 4, true));
     CHECK_OK(model_create(&model64, &config, tf_cpu_backend(TF_DTYPE_F64), 4, true));
@@ -147,8 +149,7 @@ static void check_fp32_matches_fp64(void) {
 /* A model made without training (one set of block buffers shared by all blocks, no backward
  * buffers) computes the same logits as a training one. */
 static void check_inference_model(void) {
-    tf_model_config config = tiny_config(TF_POOL_AVG);
-    config.depth = 3;
+    tf_model_config config = tiny_config(TF_POOL_AVG, 3);
     tf_model training, inference;
     CHECK_OK(model_create(&training, &config, tf_cpu_backend(TF_DTYPE_F32), 4, true));
     CHECK_OK(model_create(&inference, &config, tf_cpu_backend(TF_DTYPE_F32), 4, false));
@@ -187,8 +188,7 @@ static double logits_error(const float *got, const float *want, size_t n) {
  * without drop path: the same function, so on the CPU the same logits up to rounding, with the
  * parameters of the moment (the centred keys are rewritten each call). */
 static void check_inference_form(tf_dtype dtype, tf_pool pool, double limit) {
-    tf_model_config config = tiny_config(pool);
-    config.depth = 3;
+    tf_model_config config = tiny_config(pool, 3);
     enum { BATCH = 4 };
     tf_model model;
     if (!CHECK_OK(model_create(&model, &config, tf_cpu_backend(dtype), BATCH, true))) return;
@@ -218,7 +218,7 @@ static void check_inference_form(tf_dtype dtype, tf_pool pool, double limit) {
  * forward's first operation reads model->images): the loss and gradients stay bit for bit those
  * of a step with no load in between. */
 static void check_load_before_backward(void) {
-    tf_model_config config = tiny_config(TF_POOL_AVG);
+    tf_model_config config = tiny_config(TF_POOL_AVG, 2);
     tf_model model;
     if (!CHECK_OK(model_create(&model, &config, tf_cpu_backend(TF_DTYPE_F32), 4, true))) return;
     CHECK_OK(model_init_params(&model, 6));
@@ -264,8 +264,7 @@ static void record_range(void *context, size_t offset, size_t count) {
 }
 
 static void check_gradient_hook(void) {
-    tf_model_config config = tiny_config(TF_POOL_AVG);
-    config.depth = 3;
+    tf_model_config config = tiny_config(TF_POOL_AVG, 3);
     tf_model model;
     CHECK_OK(model_create(&model, &config, tf_cpu_backend(TF_DTYPE_F32), 3, true));
     CHECK_OK(model_init_params(&model, 4));
@@ -313,8 +312,7 @@ static void check_preset_counts(void) {
 
 /* Drop path keeps a sample of block l with probability 1 - rate_l and scales it by 1/(1 - rate_l). */
 static void check_drop_scales(void) {
-    tf_model_config config = tiny_config(TF_POOL_AVG);
-    config.depth = 3;
+    tf_model_config config = tiny_config(TF_POOL_AVG, 3);
     config.drop_path = 0.4f;
     enum { batch = 20000 };
     float *scales = malloc((size_t)config.depth * 2 * batch * sizeof *scales);
