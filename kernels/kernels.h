@@ -130,6 +130,14 @@ struct tf_backend {
                                     float eps, const void *eps_scale);
     void (*pattention_norm_backward)(void *da, void *s, const void *ds, const void *a, const void *row_norm,
                                      int rows, int n, float tau);
+    /* forward fused with the head's average pool, for a Pattention whose output only reaches the
+     * logits through that mean (the last FFN in inference, vision/block.c block_infer_pooled):
+     * pooled_s[b] = the mean over tokens 1..tokens-1 (the patch tokens) of forward's S on row
+     * b * tokens + t, S unrounded, summed in fp32 or better and rounded once. S itself is never
+     * written. a: compute [batch * tokens, n]; pooled_s: compute [batch, n]; row_norm: master
+     * [batch * tokens], scratch (what it holds afterwards is unspecified); eps_scale as forward's. */
+    void (*pattention_norm_pool)(void *pooled_s, void *row_norm, const void *a, int batch, int tokens, int n,
+                                 float tau, float eps, const void *eps_scale);
 
     /* ---- multi-head softmax attention, not causal, scale 1/sqrt(head_dim) ----
      * q, k, v, out: compute [batch * tokens, heads * head_dim]; head h is columns

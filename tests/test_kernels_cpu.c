@@ -171,6 +171,7 @@ static void test_backend_tables(void) {
         EXPECT_SET(matmul);
         EXPECT_SET(pattention_norm_forward);
         EXPECT_SET(pattention_norm_backward);
+        EXPECT_SET(pattention_norm_pool);
         EXPECT_SET(attention_forward);
         EXPECT_SET(attention_backward);
         EXPECT_SET(layernorm_forward);
@@ -384,11 +385,41 @@ static void test_pattention_norm_eps_scale(int rows, int n) {
     expect_f32_close("pattention_norm forward, eps scaled per row: S fp32", s32, expected_s, count, F32_BOUND);
 }
 
+/* Forward fused with the mean over each image's patch rows (rows 1..tokens-1 of each image):
+ * against the definition, S by the reference GELU and averaged in double; eps scaled per row. */
+static void test_pattention_norm_pool(int batch, int tokens, int n) {
+    int rows = batch * tokens;
+    size_t count = (size_t)rows * n;
+    float tau = sqrtf((float)n), eps = 1e-3f;
+    double *a = random_input(count, 0.05), *eps_scale = new_f64(rows), *scratch = new_f64(rows);
+    for (int i = 0; i < rows; i++) eps_scale[i] = (float)(0.1 + 2.0 * tf_rng_uniform(&rng));
+    double *pooled = new_f64((size_t)batch * n), *expected = new_f64((size_t)batch * n);
+    f64->pattention_norm_pool(pooled, scratch, a, batch, tokens, n, tau, eps, eps_scale);
+    for (int b = 0; b < batch; b++)
+        for (int t = 1; t < tokens; t++) {
+            const double *a_row = a + ((size_t)b * tokens + t) * n;
+            double sum = (double)eps * eps_scale[b * tokens + t];
+            for (int j = 0; j < n; j++) sum += a_row[j] * a_row[j];
+            for (int j = 0; j < n; j++)
+                expected[(size_t)b * n + j] += reference_gelu(tau * a_row[j] / sqrt(sum)) / (tokens - 1);
+        }
+    char what[96];
+    snprintf(what, sizeof what, "pattention_norm_pool %dx%dx%d: mean S fp64", batch, tokens, n);
+    expect_close_f64(what, pooled, expected, (size_t)batch * n, F64_BOUND);
+    float *pooled32 = new_f32((size_t)batch * n), *scratch32 = new_f32(rows);
+    f32->pattention_norm_pool(pooled32, scratch32, to_f32(a, count), batch, tokens, n, tau, eps,
+                              to_f32(eps_scale, rows));
+    snprintf(what, sizeof what, "pattention_norm_pool %dx%dx%d: mean S fp32", batch, tokens, n);
+    expect_f32_close(what, pooled32, expected, (size_t)batch * n, F32_BOUND);
+}
+
 static void test_pattention_norm(void) {
     printf("pattention_norm\n");
     test_pattention_norm_case(6, 37, sqrtf(29.0f), 1e-5f);
     test_pattention_norm_case(5, 64, sqrtf(64.0f), 0.5f); /* a large eps, so that r^2 must include it */
     test_pattention_norm_eps_scale(9, 40);
+    test_pattention_norm_pool(3, 5, 40);
+    test_pattention_norm_pool(2, 9, 300); /* columns in two blocks of the CPU loop */
     test_pattention_gelu_accuracy();
     free_all();
 }

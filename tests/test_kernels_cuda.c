@@ -438,6 +438,28 @@ static void pattention_norm_eps_scale_case(int rows, int n) {
     op_end(&c);
 }
 
+/* Forward fused with the mean over each image's patch rows (the last FFN of inference), eps scaled
+ * per row as there: the CPU's double sums of S against the GPU's fp32 ones, both rounded once. */
+static void pattention_norm_pool_case(int batch, int tokens, int n) {
+    op_check c;
+    int rows = batch * tokens;
+    float tau = sqrtf((float)n), eps = 1e-3f;
+    op_begin(&c, "pattention_norm_pool batch=%d tokens=%d n=%d", batch, tokens, n);
+    pair a = pair_new("A", (size_t)rows * n, true), pooled = pair_new("mean S", (size_t)batch * n, true);
+    pair scratch = pair_new("row_norm", (size_t)rows, false), scale = pair_new("eps_scale", (size_t)rows, false);
+    pair_random(&a, 0.05f);
+    pair_uniform(&scale, 0.1f, 2.1f);
+    pair_poison(&pooled);
+    cpu->pattention_norm_pool(pooled.cpu, scratch.cpu, a.cpu, batch, tokens, n, tau, eps, scale.cpu);
+    gpu->pattention_norm_pool(pooled.gpu, scratch.gpu, a.gpu, batch, tokens, n, tau, eps, scale.gpu);
+    op_compare(&c, &pooled, BF16_LIMIT);
+    pair_free(&a);
+    pair_free(&pooled);
+    pair_free(&scratch);
+    pair_free(&scale);
+    op_end(&c);
+}
+
 static void test_pattention_norm(void) {
     pattention_norm_case(17, 96, false);
     pattention_norm_case(50, 192, false);
@@ -449,9 +471,16 @@ static void test_pattention_norm(void) {
     pattention_norm_case(5, 8200, false);  /* wider than 8192: plain kernel */
     pattention_norm_eps_scale_case(9, 768);
     pattention_norm_eps_scale_case(33, 100); /* plain kernel */
+    pattention_norm_pool_case(3, 5, 96);     /* one warp a row, 8 rows at a time */
+    pattention_norm_pool_case(2, 197, 768);  /* the B/16 token count */
+    pattention_norm_pool_case(4, 50, 3072);  /* four warps a row, two rows at a time */
+    pattention_norm_pool_case(2, 11, 8192);  /* eight warps a row */
+    pattention_norm_pool_case(3, 7, 100);    /* width not a multiple of 8: plain kernels */
+    pattention_norm_pool_case(2, 6, 8200);   /* wider than 8192: plain kernels */
     if (small_only) return;
     pattention_norm_case(256 * 197, 768, false);
     pattention_norm_case(256 * 197, 3072, true);
+    pattention_norm_pool_case(512, 197, 3072);
 }
 
 /* ---- attention ---- */

@@ -65,8 +65,10 @@ void block_forward(tf_model *model, int block, int batch, const void *drop_scale
  * (12 bytes an element with the fp32 stream), 2 x depth that read it (2 bytes in bf16). The
  * stream is a compute buffer here (bf16 on CUDA), as a GEMM operand must be; in training it is
  * fp32 for the gradients' sake (kernels.h), which inference has none of. Without the eps scaling
- * the logits moved by up to 1e-4 relative (a fresh small model, whose stream has sigma ~ 0.1). */
-void block_infer(tf_model *model, int block, int batch) {
+ * the logits moved by up to 1e-4 relative (a fresh small model, whose stream has sigma ~ 0.1).
+ * Here the attention branch, up to the stream's variance for the FFN's folded LayerNorm; the FFN
+ * in block_infer and block_infer_pooled. */
+static void attention_branch_infer(tf_model *model, int block, int batch) {
     const tf_backend *backend = model->backend;
     const tf_model_config *config = &model->config;
     tf_block_cache *cache = &model->blocks[block];
@@ -84,8 +86,29 @@ void block_infer(tf_model *model, int block, int batch) {
     pattention_infer(model, block, TF_PATT_O, x, true, cache->attention, rows);
     model_op_class(model, TF_OP_LAYERNORM);
     backend->layernorm_variance(model->stream_variance, x, rows, dim, TF_LAYERNORM_EPS);
+}
+
+void block_infer(tf_model *model, int block, int batch) {
+    void *x = model->stream;
+    attention_branch_infer(model, block, batch);
     /* Reads x with its first GEMM and adds to it with its last, in queue order. */
-    pattention_infer(model, block, TF_PATT_FFN, x, true, x, rows);
+    pattention_infer(model, block, TF_PATT_FFN, x, true, x, batch * model->tokens);
+}
+
+/* The head averages the last block's output x'' = x' + P_ffn(LN(x')) over the patch tokens, and
+ * P_ffn's last step is linear: mean(x'') = mean(x') + mean(S) V. So the FFN's norm pass writes
+ * mean(S), one row per image, instead of S, and its value GEMM multiplies that row instead of 197
+ * (B/16: a 100864 x 768 x 3072 GEMM and the write and read of S, 1.2 GB, become a pass that only
+ * reads A and a GEMM of batch rows). Exact up to rounding: S and the sum are not rounded to bf16
+ * per token on the way. */
+void block_infer_pooled(tf_model *model, int block, int batch) {
+    const tf_model_config *config = &model->config;
+    void *x = model->stream;
+    attention_branch_infer(model, block, batch);
+    model_op_class(model, TF_OP_OTHER);
+    model->backend->token_pool_forward(model->pooled, x, model->backend->compute_dtype, batch, model->tokens,
+                                       config->dim, TF_POOL_AVG);
+    pattention_infer_pooled(model, block, TF_PATT_FFN, model->pooled, x, batch);
 }
 
 /* d loss / d branch output: the residual gradient scaled per sample, or the residual gradient

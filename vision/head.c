@@ -4,12 +4,17 @@
 #include "vision/layers.h"
 
 void head_forward(tf_model *model, int batch, const void *x, tf_dtype x_dtype) {
+    const tf_model_config *config = &model->config;
+    model_op_class(model, TF_OP_OTHER);
+    model->backend->token_pool_forward(model->pooled, x, x_dtype, batch, model->tokens, config->dim, config->pool);
+    head_logits(model, batch);
+}
+
+void head_logits(tf_model *model, int batch) {
     const tf_backend *backend = model->backend;
     const tf_model_config *config = &model->config;
     const tf_param_layout *layout = &model->layout;
     model_op_class(model, TF_OP_OTHER);
-
-    backend->token_pool_forward(model->pooled, x, x_dtype, batch, model->tokens, config->dim, config->pool);
     /* fc_norm's backward reads its normalised input (xhat), which the parametric output is not. */
     backend->layernorm_forward(model->head_ln, model->training ? model->head_xhat : NULL, model->head_ln_rstd,
                                model->pooled, model_param(model, layout->fc_norm_weight),

@@ -35,6 +35,10 @@ void pattention_forward(tf_model *model, int block, int which, void *out, const 
  * (model->centered_keys), `in` is the residual stream itself rather than its LayerNorm, and
  * model->stream_variance holds the LayerNorm's sigma^2 per row; out += the result with accumulate. */
 void pattention_infer(tf_model *model, int block, int which, void *out, bool accumulate, const void *in, int rows);
+/* pattention_infer whose result only reaches the logits through its mean over each image's patch
+ * tokens: pooled [batch, dim] (master) += that mean, with in [batch * tokens, dim]
+ * (block_infer_pooled says why this is cheaper). */
+void pattention_infer_pooled(tf_model *model, int block, int which, void *pooled, const void *in, int batch);
 /* From d_out, adds the key and value gradients, and writes (or adds, with accumulate) d_in. */
 void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,
                          const void *in, int rows);
@@ -45,11 +49,17 @@ void pattention_backward(tf_model *model, int block, int which, void *d_in, bool
 void block_forward(tf_model *model, int block, int batch, const void *drop_scales);
 /* The same block without drop path in its inference form, on model->stream (model_infer). */
 void block_infer(tf_model *model, int block, int batch);
+/* The last block in inference when the head averages the patch tokens (TF_POOL_AVG): instead of
+ * the stream, it writes the head's input, model->pooled, the average of its output over each
+ * image's patch tokens. */
+void block_infer_pooled(tf_model *model, int block, int batch);
 /* model->d_residual: d loss / d the block's output on entry, d loss / d its input on return. */
 void block_backward(tf_model *model, int block, int batch, const void *drop_scales);
 
 /* x (the last block's output: model->residual or model->stream, as embed_forward's) -> logits. */
 void head_forward(tf_model *model, int batch, const void *x, tf_dtype x_dtype);
+/* The head after its pool: model->pooled -> logits (head_forward's second half). */
+void head_logits(tf_model *model, int batch);
 /* d_logits -> d_residual (overwritten) and the head's gradients. */
 void head_backward(tf_model *model, int batch);
 

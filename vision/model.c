@@ -326,8 +326,15 @@ void model_infer(tf_model *model, int batch) {
     model_op_class(model, TF_OP_OTHER);
     center_keys(model);
     embed_forward(model, batch, model->stream, backend->compute_dtype);
-    for (int block = 0; block < model->config.depth; block++) block_infer(model, block, batch);
-    head_forward(model, batch, model->stream, backend->compute_dtype);
+    int last = model->config.depth - 1;
+    for (int block = 0; block < last; block++) block_infer(model, block, batch);
+    if (model->config.pool == TF_POOL_AVG) {
+        block_infer_pooled(model, last, batch);
+        head_logits(model, batch);
+    } else {
+        block_infer(model, last, batch);
+        head_forward(model, batch, model->stream, backend->compute_dtype);
+    }
     model->forward_kept = false;
 }
 

@@ -53,6 +53,27 @@ void pattention_infer(tf_model *model, int block, int which, void *out, bool acc
     pattention_apply(model, block, which, keys, centered ? model->stream_variance : NULL, out, accumulate, in, rows);
 }
 
+void pattention_infer_pooled(tf_model *model, int block, int which, void *pooled, const void *in, int batch) {
+    const tf_backend *backend = model->backend;
+    tf_pattention_cache *cache = &model->blocks[block].patt[which];
+    int n = pattention_tokens(model, which), dim = model->config.dim, tokens = model->tokens;
+    const void *centered = model->centered_keys[block][which];
+    const void *keys = centered ? centered : model_param(model, model->layout.keys[block][which]);
+
+    model_op_class(model, TF_OP_PATTENTION_GEMM);
+    backend->matmul(cache->scores, in, keys,
+                    &(tf_matmul_desc){.m = batch * tokens, .n = n, .k = dim, .transpose_b = true});
+    /* mean(S) per image into probs (a buffer of batch * tokens rows, n wide, so it fits), then one
+     * row per image through the value tokens, added to the pool in the master dtype. */
+    model_op_class(model, TF_OP_PATTENTION_NORM);
+    backend->pattention_norm_pool(model->probs, cache->row_norm, cache->scores, batch, tokens, n,
+                                  pattention_tau(model, block, which), model->config.eps,
+                                  centered ? model->stream_variance : NULL);
+    model_op_class(model, TF_OP_PATTENTION_GEMM);
+    backend->matmul(pooled, model->probs, model_param(model, model->layout.values[block][which]),
+                    &(tf_matmul_desc){.m = batch, .n = dim, .k = n, .accumulate = true, .master_output = true});
+}
+
 void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,
                          const void *in, int rows) {
     const tf_backend *backend = model->backend;

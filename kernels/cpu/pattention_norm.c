@@ -6,6 +6,15 @@
  * Row sums are accumulated in double in both builds. */
 #include "kernels/cpu/cpu_real.h"
 
+/* r = sqrt(sum_j A_j^2 + eps e_row) of one row, the sum in double. */
+static real row_norm_of(const real *a_row, int n, float eps, real eps_scale) {
+    double sum_squares = 0.0;
+#pragma omp simd reduction(+ : sum_squares)
+    for (int j = 0; j < n; j++)
+        sum_squares += (double)a_row[j] * (double)a_row[j];
+    return (real)sqrt(sum_squares + (double)eps * (double)eps_scale);
+}
+
 void CPU_FN(pattention_norm_forward)(void *s_buffer, void *row_norm_buffer, const void *a_buffer, int rows,
                                      int n, float tau, float eps, const void *eps_scale_buffer) {
     real *s = s_buffer, *row_norm = row_norm_buffer;
@@ -14,13 +23,8 @@ void CPU_FN(pattention_norm_forward)(void *s_buffer, void *row_norm_buffer, cons
     for (int row = 0; row < rows; row++) {
         const real *a_row = a + (size_t)row * n;
         real *s_row = s + (size_t)row * n;
-        double sum_squares = 0.0;
-#pragma omp simd reduction(+ : sum_squares)
-        for (int j = 0; j < n; j++)
-            sum_squares += (double)a_row[j] * (double)a_row[j];
         /* Z is computed from the stored (rounded) r so that backward recomputes the same Z. */
-        double row_eps = eps_scale ? (double)eps * (double)eps_scale[row] : (double)eps;
-        real r = (real)sqrt(sum_squares + row_eps);
+        real r = row_norm_of(a_row, n, eps, eps_scale ? eps_scale[row] : 1);
         real scale = (real)tau / r;
         row_norm[row] = r;
 #pragma omp simd
@@ -63,5 +67,33 @@ void CPU_FN(pattention_norm_backward)(void *da_buffer, void *s_buffer, const voi
 #pragma omp simd
         for (int j = 0; j < n; j++)
             da_row[j] = scale * (da_row[j] - a_row[j] * projection);
+    }
+}
+
+/* Forward fused with the average over each image's patch rows (kernels.h): the row norms first,
+ * into row_norm, then each image's column sums of S over blocks of columns, in double. */
+void CPU_FN(pattention_norm_pool)(void *pooled_buffer, void *row_norm_buffer, const void *a_buffer, int batch,
+                                  int tokens, int n, float tau, float eps, const void *eps_scale_buffer) {
+    enum { COLUMNS = 256 };
+    real *pooled = pooled_buffer, *row_norm = row_norm_buffer;
+    const real *a = a_buffer, *eps_scale = eps_scale_buffer;
+    int rows = batch * tokens, column_blocks = (n + COLUMNS - 1) / COLUMNS;
+#pragma omp parallel for schedule(static)
+    for (int row = 0; row < rows; row++)
+        row_norm[row] = row_norm_of(a + (size_t)row * n, n, eps, eps_scale ? eps_scale[row] : 1);
+#pragma omp parallel for schedule(static)
+    for (int task = 0; task < batch * column_blocks; task++) {
+        int image = task / column_blocks, first = task % column_blocks * COLUMNS;
+        int width = n - first < COLUMNS ? n - first : COLUMNS;
+        double sums[COLUMNS] = {0};
+        for (int token = 1; token < tokens; token++) {
+            size_t row = (size_t)image * tokens + (size_t)token;
+            const real *a_row = a + row * n + first;
+            real scale = (real)tau / row_norm[row];
+            for (int j = 0; j < width; j++)
+                sums[j] += (double)cpu_gelu(scale * a_row[j]);
+        }
+        for (int j = 0; j < width; j++)
+            pooled[(size_t)image * n + first + j] = (real)(sums[j] / (tokens - 1));
     }
 }

@@ -376,6 +376,8 @@ void cuda_pattention_norm_forward(void *s, void *row_norm, const void *a, int ro
                                   const void *eps_scale);
 void cuda_pattention_norm_backward(void *da, void *s, const void *ds, const void *a, const void *row_norm, int rows,
                                    int n, float tau);
+void cuda_pattention_norm_pool(void *pooled_s, void *row_norm, const void *a, int batch, int tokens, int n, float tau,
+                               float eps, const void *eps_scale);
 /* attention.cu */
 void cuda_attention_forward(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                             int tokens, int heads, int head_dim);

@@ -159,6 +159,110 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_pl
     }
 }
 
+/* Forward fused with the average over an image's patch rows (kernels.h): one block per image, its
+ * 8 / WARPS row groups taking the rows 1, 2, ... in turn, each thread summing S over its columns
+ * in registers. Up to 3 chunks a thread fit 64 registers: four blocks an SM, so that B/16's 512
+ * images are one wave (4 chunks would spill in 64). The pass is bound by the GELU's arithmetic,
+ * not the memory: on the H100, 512 x 197 x 3072 takes 0.45 ms, the same pass without the GELU
+ * 0.21 ms (the memory's rate; scripts/experiments/norm_experiments.cu), and neither loads issued a
+ * row ahead nor more blocks an image made it faster. The groups' sums are added in shared memory
+ * in a fixed order, so the result is the same bits run to run. */
+template <int CHUNKS, int WARPS>
+__global__ __launch_bounds__(ROW_BLOCK_THREADS, CHUNKS <= 3 ? 4 : 3) void pattention_norm_pool_kernel(
+    bf16 *pooled_s, const bf16 *a, int tokens, int n, float tau, float eps, const float *eps_scale) {
+    constexpr int GROUPS = (ROW_BLOCK_THREADS / 32) / WARPS, VALUES = CHUNKS * 8;
+    __shared__ float scratch[8];
+    __shared__ float group_sums[GROUPS > 1 ? VALUES * ROW_BLOCK_THREADS : 1];
+    int group = (threadIdx.x >> 5) / WARPS, t = row_thread_index<WARPS>(), chunks = n >> 3;
+    size_t first_row = (size_t)blockIdx.x * tokens;
+    float sums[VALUES];
+#pragma unroll
+    for (int i = 0; i < VALUES; i++) sums[i] = 0.0f;
+    /* Every group runs the same number of rounds: row_sum holds barriers. */
+    for (int token = 1 + group; token - group < tokens; token += GROUPS) {
+        const uint4 *a_row = reinterpret_cast<const uint4 *>(a + (first_row + token) * n);
+        uint4 raw[CHUNKS];
+#pragma unroll
+        for (int c = 0; c < CHUNKS; c++) {
+            int index = c * 32 * WARPS + t;
+            raw[c] = token < tokens && index < chunks ? a_row[index] : make_uint4(0, 0, 0, 0);
+        }
+        float sum = 0.0f;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; c++) {
+            float x[8];
+            bf16x8_unpack(raw[c], x);
+#pragma unroll
+            for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
+        }
+        sum = row_sum<WARPS>(sum, scratch);
+        if (token >= tokens) continue;
+        size_t row = first_row + token;
+        float r = sqrtf(sum + (eps_scale ? eps * eps_scale[row] : eps)), scale = tau / r;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; c++) {
+            float x[8];
+            bf16x8_unpack(raw[c], x);
+#pragma unroll
+            for (int i = 0; i < 8; i++) sums[c * 8 + i] += gelu_erf(x[i] * scale);
+        }
+    }
+    if (GROUPS > 1) {
+        /* Value i of thread x at i * ROW_BLOCK_THREADS + x: a warp's accesses touch 32 banks. */
+#pragma unroll
+        for (int i = 0; i < VALUES; i++) group_sums[i * ROW_BLOCK_THREADS + threadIdx.x] = sums[i];
+        __syncthreads();
+        if (group != 0) return;
+        for (int g = 1; g < GROUPS; g++)
+#pragma unroll
+            for (int i = 0; i < VALUES; i++) sums[i] += group_sums[i * ROW_BLOCK_THREADS + g * 32 * WARPS + t];
+    }
+    float inverse_count = 1.0f / (float)(tokens - 1);
+    uint4 *out = reinterpret_cast<uint4 *>(pooled_s + (size_t)blockIdx.x * n);
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+        int index = c * 32 * WARPS + t;
+        if (index < chunks) {
+            float x[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) x[i] = sums[c * 8 + i] * inverse_count;
+            out[index] = bf16x8_pack(x);
+        }
+    }
+}
+
+/* Any width and alignment: the row norms first (one warp per row), then a thread per column of
+ * an image summing down its patch rows (neighbouring threads read neighbouring columns). */
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_row_norm_plain_kernel(float *row_norm,
+                                                                                        const bf16 *a, int rows,
+                                                                                        int n, float eps,
+                                                                                        const float *eps_scale) {
+    int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const bf16 *a_row = a + (size_t)row * n;
+    float sum = 0.0f;
+    for (int j = lane; j < n; j += 32) {
+        float x = bf16_load(a_row + j);
+        sum = fmaf(x, x, sum);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) row_norm[row] = sqrtf(sum + (eps_scale ? eps * eps_scale[row] : eps));
+}
+
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_pool_plain_kernel(bf16 *pooled_s, const bf16 *a,
+                                                                                    const float *row_norm,
+                                                                                    int tokens, int n, float tau) {
+    int image = blockIdx.y, j = blockIdx.x * ROW_BLOCK_THREADS + threadIdx.x;
+    if (j >= n) return;
+    size_t first_row = (size_t)image * tokens;
+    float sum = 0.0f;
+    for (int token = 1; token < tokens; token++) {
+        size_t row = first_row + token;
+        sum += gelu_erf(bf16_load(a + row * n + j) * (tau / row_norm[row]));
+    }
+    bf16_store(pooled_s + (size_t)image * n + j, sum / (float)(tokens - 1));
+}
+
 #define PATTENTION_SHAPE "rows %d n %d tau %g", rows, n, (double)tau
 
 extern "C" void cuda_pattention_norm_forward(void *s, void *row_norm, const void *a, int rows, int n, float tau,
@@ -200,4 +304,27 @@ extern "C" void cuda_pattention_norm_backward(void *da, void *s, const void *ds,
 #undef BACKWARD_CASE
 #undef BACKWARD_PLAIN
     LAUNCH_CHECK("pattention_norm_backward_kernel", PATTENTION_SHAPE);
+}
+
+extern "C" void cuda_pattention_norm_pool(void *pooled_s, void *row_norm, const void *a, int batch, int tokens,
+                                          int n, float tau, float eps, const void *eps_scale) {
+    if (batch <= 0 || tokens <= 1 || n <= 0) return;
+    cudaStream_t stream = cuda_ctx.stream;
+    int rows = batch * tokens;
+    bf16 *p_ = (bf16 *)pooled_s;
+    float *r_ = (float *)row_norm;
+    const bf16 *a_ = (const bf16 *)a;
+    const float *e_ = (const float *)eps_scale;
+    row_layout layout = plan_row(n, is_aligned16(pooled_s) && is_aligned16(a));
+#define POOL_CASE(C, W)                                                                                            \
+    pattention_norm_pool_kernel<C, W><<<batch, ROW_BLOCK_THREADS, 0, stream>>>(p_, a_, tokens, n, tau, eps, e_);
+#define POOL_PLAIN                                                                                                 \
+    pattention_row_norm_plain_kernel<<<row_grid(rows, layout), ROW_BLOCK_THREADS, 0, stream>>>(r_, a_, rows, n,    \
+                                                                                               eps, e_);          \
+    pattention_pool_plain_kernel<<<dim3(ceil_div_u((size_t)n, ROW_BLOCK_THREADS), batch), ROW_BLOCK_THREADS, 0,   \
+                                   stream>>>(p_, a_, r_, tokens, n, tau);
+    ROW_LAYOUT_SWITCH(layout, POOL_CASE, POOL_PLAIN)
+#undef POOL_CASE
+#undef POOL_PLAIN
+    LAUNCH_CHECK("pattention_norm_pool_kernel", "batch %d tokens %d n %d tau %g", batch, tokens, n, (double)tau);
 }

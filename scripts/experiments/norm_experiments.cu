@@ -8,7 +8,9 @@
  *             exp, no branch
  *
  * at B/16 inference's shapes (100864 rows, n 768 and 3072), with each variant's accuracy
- * against double-precision erfc over z in [-12, 12].
+ * against double-precision erfc over z in [-12, 12]. And the same question for the pass that
+ * averages S over each image's patch rows instead of writing it (pool, 512 images x 197 x 3072),
+ * which only reads A.
  *
  * nvcc -O3 -arch=sm_90 -I../.. norm_experiments.cu -o norm_experiments && ./norm_experiments
  * (the row helpers are the backend's, from kernels/cuda/cuda_common.cuh) */
@@ -104,6 +106,129 @@ __global__ __launch_bounds__(256) void backward(__nv_bfloat16 *da, __nv_bfloat16
     }
 }
 
+/* The mean of S over each image's patch rows (pattention_norm_pool, the last FFN of inference):
+ * one block per image, with the three GELUs. PREFETCH false is the backend's form (sums in
+ * registers); true keeps the sums in shared memory so that the next row's loads fit in the
+ * registers and are in flight while the current row is summed. */
+template <int CHUNKS, int WARPS, int VARIANT, bool PREFETCH>
+__global__ __launch_bounds__(256, 4) void pool(__nv_bfloat16 *pooled, const __nv_bfloat16 *a, int tokens, int n,
+                                               float tau) {
+    constexpr int GROUPS = 8 / WARPS, VALUES = CHUNKS * 8;
+    __shared__ float scratch[8];
+    __shared__ float sums[VALUES * 256];
+    int group = (threadIdx.x >> 5) / WARPS, t = threadIdx.x % (32 * WARPS);
+    size_t first_row = (size_t)blockIdx.x * tokens;
+    float own[PREFETCH ? 1 : VALUES];
+    for (int i = 0; i < VALUES; i++) {
+        if (PREFETCH) sums[i * 256 + threadIdx.x] = 0.0f;
+        else own[i] = 0.0f;
+    }
+    uint4 next[CHUNKS];
+    auto load = [&](int token) {
+        const uint4 *a_row = reinterpret_cast<const uint4 *>(a + (first_row + token) * n);
+        for (int c = 0; c < CHUNKS; c++) next[c] = token < tokens ? a_row[c * 32 * WARPS + t] : make_uint4(0, 0, 0, 0);
+    };
+    if (PREFETCH) load(1 + group);
+    for (int token = 1 + group; token - group < tokens; token += GROUPS) {
+        if (!PREFETCH) load(token);
+        uint4 raw[CHUNKS];
+        for (int c = 0; c < CHUNKS; c++) raw[c] = next[c];
+        if (PREFETCH) load(token + GROUPS);
+        float sum = 0.0f;
+        for (int c = 0; c < CHUNKS; c++) {
+            float x[8];
+            bf16x8_unpack(raw[c], x);
+            for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
+        }
+        sum = row_sum<WARPS>(sum, scratch);
+        if (token >= tokens) continue;
+        float scale = tau / sqrtf(sum + 1e-6f);
+        for (int c = 0; c < CHUNKS; c++) {
+            float x[8];
+            bf16x8_unpack(raw[c], x);
+            for (int i = 0; i < 8; i++) {
+                float z = x[i] * scale, g = gelu_erf_from_cdf(z, cdf<VARIANT>(z));
+                if (PREFETCH) sums[(c * 8 + i) * 256 + threadIdx.x] += g;
+                else own[c * 8 + i] += g;
+            }
+        }
+    }
+    if (!PREFETCH)
+        for (int i = 0; i < VALUES; i++) sums[i * 256 + threadIdx.x] = own[i];
+    __syncthreads();
+    if (group != 0) return;
+    uint4 *out = reinterpret_cast<uint4 *>(pooled + (size_t)blockIdx.x * n);
+    for (int c = 0; c < CHUNKS; c++) {
+        float x[8];
+        for (int i = 0; i < 8; i++) {
+            float total = 0.0f;
+            for (int g = 0; g < GROUPS; g++) total += sums[(c * 8 + i) * 256 + g * 32 * WARPS + t];
+            x[i] = total / (tokens - 1);
+        }
+        out[c * 32 * WARPS + t] = bf16x8_pack(x);
+    }
+}
+
+/* More blocks than images (SPLIT a image, each a share of its rows), the shares added with fp32
+ * atomics (not deterministic: only to see what more blocks an SM would give). */
+template <int VARIANT, int SPLIT>
+__global__ __launch_bounds__(256) void pool_split(float *pooled, const __nv_bfloat16 *a, int tokens, int n,
+                                                  float tau) {
+    constexpr int CHUNKS = 3, WARPS = 4, GROUPS = 2, VALUES = 24;
+    __shared__ float scratch[8];
+    int group = (threadIdx.x >> 5) / WARPS, t = threadIdx.x % (32 * WARPS);
+    int image = blockIdx.x / SPLIT, share = blockIdx.x % SPLIT;
+    size_t first_row = (size_t)image * tokens;
+    float own[VALUES];
+    for (int i = 0; i < VALUES; i++) own[i] = 0.0f;
+    for (int base = 1 + share * GROUPS; base < tokens; base += GROUPS * SPLIT) {
+        int token = base + group;
+        const uint4 *a_row = reinterpret_cast<const uint4 *>(a + (first_row + token) * n);
+        uint4 raw[CHUNKS];
+        for (int c = 0; c < CHUNKS; c++) raw[c] = token < tokens ? a_row[c * 32 * WARPS + t] : make_uint4(0, 0, 0, 0);
+        float sum = 0.0f;
+        for (int c = 0; c < CHUNKS; c++) {
+            float x[8];
+            bf16x8_unpack(raw[c], x);
+            for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
+        }
+        sum = row_sum<WARPS>(sum, scratch);
+        if (token >= tokens) continue;
+        float scale = tau / sqrtf(sum + 1e-6f);
+        for (int c = 0; c < CHUNKS; c++) {
+            float x[8];
+            bf16x8_unpack(raw[c], x);
+            for (int i = 0; i < 8; i++) {
+                float z = x[i] * scale;
+                own[c * 8 + i] += gelu_erf_from_cdf(z, cdf<VARIANT>(z));
+            }
+        }
+    }
+    for (int c = 0; c < CHUNKS; c++)
+        for (int i = 0; i < 8; i++) atomicAdd(pooled + (size_t)image * n + (c * 32 * WARPS + t) * 8 + i, own[c * 8 + i]);
+}
+
+template <int VARIANT, int SPLIT>
+static void time_pool_split(const char *name, int batch, __nv_bfloat16 *a, float *pooled) {
+    int tokens = 197, n = 3072;
+    float ms = time_ms([&] { pool_split<VARIANT, SPLIT><<<batch * SPLIT, 256>>>(pooled, a, tokens, n, sqrtf(3072.0f)); },
+                       10, 2);
+    CK(cudaGetLastError());
+    printf("pool %-5s split %d, atomics        batch %d n %d: %.3f ms (%.0f GB/s)\n", name, SPLIT, batch, n, ms,
+           2.0 * batch * tokens * n / ms / 1e6);
+}
+
+template <int VARIANT, bool PREFETCH>
+static void time_pool(const char *name, int batch, __nv_bfloat16 *a, __nv_bfloat16 *pooled) {
+    int tokens = 197, n = 3072;
+    float ms = time_ms([&] { pool<3, 4, VARIANT, PREFETCH><<<batch, 256>>>(pooled, a, tokens, n, sqrtf(3072.0f)); },
+                       10, 2);
+    CK(cudaGetLastError());
+    printf("pool %-5s %-26s batch %d n %d: %.3f ms (%.0f GB/s)\n", name,
+           PREFETCH ? "(prefetch, sums in smem)" : "(sums in registers)", batch, n, ms,
+           2.0 * batch * tokens * n / ms / 1e6);
+}
+
 /* Worst error of GELU(z) and GELU'(z) against double precision, z in [-12, 12], relative where
  * the true value is at least 1e-3 in size and absolute below (where bf16 keeps nothing more:
  * 1 + erff(x) cancels to 0 for z below -5.5, and GELU' crosses zero at z = -0.75). */
@@ -172,6 +297,17 @@ int main(void) {
     fill<<<1024, 256>>>(a, elements, 1, 3.0f);
     fill<<<1024, 256>>>(ds, elements, 2, 3.0f);
     CK(cudaDeviceSynchronize());
+    for (int round = 0; round < 2; round++) {
+        time_pool<ERFF, true>("erff", 512, a, s);
+        time_pool<NONE, true>("none", 512, a, s);
+        time_pool<ERFC, true>("erfc", 512, a, s);
+        time_pool<ERFF, false>("erff", 512, a, s);
+        time_pool<NONE, false>("none", 512, a, s);
+        time_pool_split<ERFF, 4>("erff", 512, a, (float *)da);
+        time_pool_split<ERFF, 8>("erff", 512, a, (float *)da);
+        time_pool_split<NONE, 8>("none", 512, a, (float *)da);
+        time_pool_split<ERFC, 8>("erfc", 512, a, (float *)da);
+    }
     time_variant<3, 4, ERFF>("erff", rows, 3072, a, s, ds, da, row_norm);
     time_variant<3, 4, NONE>("none", rows, 3072, a, s, ds, da, row_norm);
     time_variant<3, 4, ERFC>("erfc", rows, 3072, a, s, ds, da, row_norm);

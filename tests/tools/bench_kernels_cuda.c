@@ -151,6 +151,32 @@ static void run_norm_backward(void *context) {
     gpu->pattention_norm_backward(c->da, c->s, c->ds, c->a, c->r, c->rows, c->n, 27.7f);
 }
 
+typedef struct {
+    void *pooled, *r, *a;
+    int batch, n;
+} pool_context;
+
+static void run_norm_pool(void *context) {
+    pool_context *c = context;
+    gpu->pattention_norm_pool(c->pooled, c->r, c->a, c->batch, TOKENS, c->n, 27.7f, 1e-6f, NULL);
+}
+
+/* The last FFN of inference (block_infer_pooled) at the inference batch, 2 x BATCH: it only reads A. */
+static void bench_pattention_norm_pool(void) {
+    pool_context c = {.batch = 2 * BATCH, .n = 4 * DIM};
+    size_t rows = (size_t)c.batch * TOKENS, count = rows * c.n;
+    c.a = device_buffer(count, TF_DTYPE_BF16, 1.0f);
+    c.pooled = device_buffer((size_t)c.batch * c.n, TF_DTYPE_BF16, 0.0f);
+    c.r = device_buffer(rows, TF_DTYPE_F32, 0.0f);
+    char label[128];
+    float min_ms, ms = time_ms(run_norm_pool, &c, &min_ms);
+    snprintf(label, sizeof label, "pattention_norm pool batch=%d tokens=%d n=%d", c.batch, TOKENS, c.n);
+    report(label, ms, min_ms, 2.0 * count, "GB/s");
+    gpu->free(c.a);
+    gpu->free(c.pooled);
+    gpu->free(c.r);
+}
+
 static void bench_pattention_norm(void) {
     printf("-- Pattention norm --\n");
     int ns[2] = {DIM, 4 * DIM};
@@ -177,6 +203,7 @@ static void bench_pattention_norm(void) {
         gpu->free(c.da);
         gpu->free(c.r);
     }
+    bench_pattention_norm_pool();
 }
 
 /* ---- attention ---- */
