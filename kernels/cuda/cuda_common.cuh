@@ -315,6 +315,28 @@ __device__ __forceinline__ int row_thread_index(void) {
     return threadIdx.x % (32 * WARPS);
 }
 
+/* Thread t's chunks of a row of n bf16 into raw (zeros where the row has none, and for the whole
+ * row when !active), and their sum of squares: this thread's share of |row|^2. */
+template <int CHUNKS, int WARPS>
+__device__ __forceinline__ float load_row_chunks(uint4 (&raw)[CHUNKS], const bf16 *row, int n, int t, bool active) {
+    const uint4 *chunk = reinterpret_cast<const uint4 *>(row);
+    int chunks = n >> 3;
+    float sum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+        int index = c * 32 * WARPS + t;
+        raw[c] = active && index < chunks ? chunk[index] : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+        float x[8];
+        bf16x8_unpack(raw[c], x);
+#pragma unroll
+        for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
+    }
+    return sum;
+}
+
 /* Sum over the WARPS warps of one row. Every thread of the block must call it (it may hold
  * barriers); scratch: __shared__ float[8]. */
 template <int WARPS>

@@ -26,22 +26,8 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_ker
     int row = row_of_thread<WARPS>(), t = row_thread_index<WARPS>();
     bool active = row < rows;
     int chunks = n >> 3;
-    const uint4 *a_row = reinterpret_cast<const uint4 *>(a + (size_t)row * n);
     uint4 raw[CHUNKS];
-#pragma unroll
-    for (int c = 0; c < CHUNKS; c++) {
-        int index = c * 32 * WARPS + t;
-        raw[c] = active && index < chunks ? a_row[index] : make_uint4(0, 0, 0, 0);
-    }
-    float sum = 0.0f;
-#pragma unroll
-    for (int c = 0; c < CHUNKS; c++) {
-        float x[8];
-        bf16x8_unpack(raw[c], x);
-#pragma unroll
-        for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
-    }
-    sum = row_sum<WARPS>(sum, scratch);
+    float sum = row_sum<WARPS>(load_row_chunks<CHUNKS, WARPS>(raw, a + (size_t)row * n, n, t, active), scratch);
     if (!active) return;
     float r = sqrtf(sum + (eps_scale ? eps * eps_scale[row] : eps)), scale = tau / r;
     if (t == 0) row_norm[row] = r;
@@ -116,6 +102,16 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_ke
     }
 }
 
+/* r = sqrt(sum_j A_j^2 + eps) of one row, summed by the 32 lanes of a warp (the plain kernels). */
+__device__ __forceinline__ float warp_row_norm(const bf16 *a_row, int n, int lane, float row_eps) {
+    float sum = 0.0f;
+    for (int j = lane; j < n; j += 32) {
+        float x = bf16_load(a_row + j);
+        sum = fmaf(x, x, sum);
+    }
+    return sqrtf(warp_sum(sum) + row_eps);
+}
+
 /* Any width and alignment: one warp per row, the row read from memory in each pass. */
 __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_plain_kernel(bf16 *s, float *row_norm,
                                                                                             const bf16 *a, int rows,
@@ -125,13 +121,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_pla
     int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     const bf16 *a_row = a + (size_t)row * n;
-    float sum = 0.0f;
-    for (int j = lane; j < n; j += 32) {
-        float x = bf16_load(a_row + j);
-        sum = fmaf(x, x, sum);
-    }
-    sum = warp_sum(sum);
-    float r = sqrtf(sum + (eps_scale ? eps * eps_scale[row] : eps)), scale = tau / r;
+    float r = warp_row_norm(a_row, n, lane, eps_scale ? eps * eps_scale[row] : eps), scale = tau / r;
     if (lane == 0) row_norm[row] = r;
     for (int j = lane; j < n; j += 32) bf16_store(s + (size_t)row * n + j, gelu_erf(bf16_load(a_row + j) * scale));
 }
@@ -180,21 +170,8 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS, CHUNKS <= 3 ? 4 : 3) void patten
     for (int i = 0; i < VALUES; i++) sums[i] = 0.0f;
     /* Every group runs the same number of rounds: row_sum holds barriers. */
     for (int token = 1 + group; token - group < tokens; token += GROUPS) {
-        const uint4 *a_row = reinterpret_cast<const uint4 *>(a + (first_row + token) * n);
         uint4 raw[CHUNKS];
-#pragma unroll
-        for (int c = 0; c < CHUNKS; c++) {
-            int index = c * 32 * WARPS + t;
-            raw[c] = token < tokens && index < chunks ? a_row[index] : make_uint4(0, 0, 0, 0);
-        }
-        float sum = 0.0f;
-#pragma unroll
-        for (int c = 0; c < CHUNKS; c++) {
-            float x[8];
-            bf16x8_unpack(raw[c], x);
-#pragma unroll
-            for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
-        }
+        float sum = load_row_chunks<CHUNKS, WARPS>(raw, a + (first_row + token) * n, n, t, token < tokens);
         sum = row_sum<WARPS>(sum, scratch);
         if (token >= tokens) continue;
         size_t row = first_row + token;
@@ -239,14 +216,8 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_row_norm_plain_k
                                                                                         const float *eps_scale) {
     int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const bf16 *a_row = a + (size_t)row * n;
-    float sum = 0.0f;
-    for (int j = lane; j < n; j += 32) {
-        float x = bf16_load(a_row + j);
-        sum = fmaf(x, x, sum);
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) row_norm[row] = sqrtf(sum + (eps_scale ? eps * eps_scale[row] : eps));
+    float r = warp_row_norm(a + (size_t)row * n, n, lane, eps_scale ? eps * eps_scale[row] : eps);
+    if (lane == 0) row_norm[row] = r;
 }
 
 __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_pool_plain_kernel(bf16 *pooled_s, const bf16 *a,

@@ -39,16 +39,8 @@ __global__ __launch_bounds__(256) void forward(__nv_bfloat16 *s, float *row_norm
     __shared__ float scratch[8];
     int row = blockIdx.x * (8 / WARPS) + (threadIdx.x >> 5) / WARPS, t = threadIdx.x % (32 * WARPS);
     bool active = row < rows;
-    const uint4 *a_row = reinterpret_cast<const uint4 *>(a + (size_t)row * n);
     uint4 raw[CHUNKS];
-    for (int c = 0; c < CHUNKS; c++) raw[c] = active ? a_row[c * 32 * WARPS + t] : make_uint4(0, 0, 0, 0);
-    float sum = 0.0f;
-    for (int c = 0; c < CHUNKS; c++) {
-        float x[8];
-        bf16x8_unpack(raw[c], x);
-        for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
-    }
-    sum = row_sum<WARPS>(sum, scratch);
+    float sum = row_sum<WARPS>(load_row_chunks<CHUNKS, WARPS>(raw, a + (size_t)row * n, n, t, active), scratch);
     if (!active) return;
     float r = sqrtf(sum + 1e-6f), scale = tau / r;
     if (t == 0) row_norm[row] = r;
@@ -106,40 +98,38 @@ __global__ __launch_bounds__(256) void backward(__nv_bfloat16 *da, __nv_bfloat16
     }
 }
 
-/* The mean of S over each image's patch rows (pattention_norm_pool, the last FFN of inference):
- * one block per image, with the three GELUs. PREFETCH false is the backend's form (sums in
- * registers); true keeps the sums in shared memory so that the next row's loads fit in the
- * registers and are in flight while the current row is summed. */
-template <int CHUNKS, int WARPS, int VARIANT, bool PREFETCH>
-__global__ __launch_bounds__(256, 4) void pool(__nv_bfloat16 *pooled, const __nv_bfloat16 *a, int tokens, int n,
-                                               float tau) {
-    constexpr int GROUPS = 8 / WARPS, VALUES = CHUNKS * 8;
+/* The mean of S over each image's patch rows (pattention_norm_pool, the last FFN of inference),
+ * with the three GELUs. One block per image with PREFETCH false and SPLIT 1 is the backend's
+ * form (sums in registers). PREFETCH true keeps the sums in shared memory so that the next row's
+ * loads fit in the registers and are in flight while the current row is summed. SPLIT > 1 gives
+ * each image SPLIT blocks, each a share of its rows, added into fp32 with atomics (not
+ * deterministic: only to see what more blocks an SM would give). */
+template <int VARIANT, bool PREFETCH, int SPLIT>
+__global__ __launch_bounds__(256, 4) void pool(void *pooled, const __nv_bfloat16 *a, int tokens, int n, float tau) {
+    constexpr int CHUNKS = 3, WARPS = 4, GROUPS = 8 / WARPS, VALUES = CHUNKS * 8, STRIDE = GROUPS * SPLIT;
     __shared__ float scratch[8];
     __shared__ float sums[VALUES * 256];
     int group = (threadIdx.x >> 5) / WARPS, t = threadIdx.x % (32 * WARPS);
-    size_t first_row = (size_t)blockIdx.x * tokens;
+    int image = blockIdx.x / SPLIT, first = 1 + blockIdx.x % SPLIT * GROUPS + group;
+    size_t first_row = (size_t)image * tokens;
     float own[PREFETCH ? 1 : VALUES];
     for (int i = 0; i < VALUES; i++) {
         if (PREFETCH) sums[i * 256 + threadIdx.x] = 0.0f;
         else own[i] = 0.0f;
     }
+    /* With PREFETCH, the next row's chunks and their squares are loaded a round ahead. */
     uint4 next[CHUNKS];
     auto load = [&](int token) {
-        const uint4 *a_row = reinterpret_cast<const uint4 *>(a + (first_row + token) * n);
-        for (int c = 0; c < CHUNKS; c++) next[c] = token < tokens ? a_row[c * 32 * WARPS + t] : make_uint4(0, 0, 0, 0);
+        return load_row_chunks<CHUNKS, WARPS>(next, a + (first_row + token) * n, n, t, token < tokens);
     };
-    if (PREFETCH) load(1 + group);
-    for (int token = 1 + group; token - group < tokens; token += GROUPS) {
-        if (!PREFETCH) load(token);
+    float next_sum = PREFETCH ? load(first) : 0.0f;
+    /* The groups of a block run the same rounds: row_sum holds barriers. */
+    for (int token = first; token - group < tokens; token += STRIDE) {
+        if (!PREFETCH) next_sum = load(token);
         uint4 raw[CHUNKS];
         for (int c = 0; c < CHUNKS; c++) raw[c] = next[c];
-        if (PREFETCH) load(token + GROUPS);
-        float sum = 0.0f;
-        for (int c = 0; c < CHUNKS; c++) {
-            float x[8];
-            bf16x8_unpack(raw[c], x);
-            for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
-        }
+        float sum = next_sum;
+        if (PREFETCH) next_sum = load(token + STRIDE);
         sum = row_sum<WARPS>(sum, scratch);
         if (token >= tokens) continue;
         float scale = tau / sqrtf(sum + 1e-6f);
@@ -155,9 +145,16 @@ __global__ __launch_bounds__(256, 4) void pool(__nv_bfloat16 *pooled, const __nv
     }
     if (!PREFETCH)
         for (int i = 0; i < VALUES; i++) sums[i * 256 + threadIdx.x] = own[i];
+    if (SPLIT > 1) {
+        float *out = (float *)pooled + (size_t)image * n;
+        for (int c = 0; c < CHUNKS; c++)
+            for (int i = 0; i < 8; i++)
+                atomicAdd(out + (c * 32 * WARPS + t) * 8 + i, sums[(c * 8 + i) * 256 + threadIdx.x]);
+        return;
+    }
     __syncthreads();
     if (group != 0) return;
-    uint4 *out = reinterpret_cast<uint4 *>(pooled + (size_t)blockIdx.x * n);
+    uint4 *out = reinterpret_cast<uint4 *>((__nv_bfloat16 *)pooled + (size_t)image * n);
     for (int c = 0; c < CHUNKS; c++) {
         float x[8];
         for (int i = 0; i < 8; i++) {
@@ -169,63 +166,16 @@ __global__ __launch_bounds__(256, 4) void pool(__nv_bfloat16 *pooled, const __nv
     }
 }
 
-/* More blocks than images (SPLIT a image, each a share of its rows), the shares added with fp32
- * atomics (not deterministic: only to see what more blocks an SM would give). */
-template <int VARIANT, int SPLIT>
-__global__ __launch_bounds__(256) void pool_split(float *pooled, const __nv_bfloat16 *a, int tokens, int n,
-                                                  float tau) {
-    constexpr int CHUNKS = 3, WARPS = 4, GROUPS = 2, VALUES = 24;
-    __shared__ float scratch[8];
-    int group = (threadIdx.x >> 5) / WARPS, t = threadIdx.x % (32 * WARPS);
-    int image = blockIdx.x / SPLIT, share = blockIdx.x % SPLIT;
-    size_t first_row = (size_t)image * tokens;
-    float own[VALUES];
-    for (int i = 0; i < VALUES; i++) own[i] = 0.0f;
-    for (int base = 1 + share * GROUPS; base < tokens; base += GROUPS * SPLIT) {
-        int token = base + group;
-        const uint4 *a_row = reinterpret_cast<const uint4 *>(a + (first_row + token) * n);
-        uint4 raw[CHUNKS];
-        for (int c = 0; c < CHUNKS; c++) raw[c] = token < tokens ? a_row[c * 32 * WARPS + t] : make_uint4(0, 0, 0, 0);
-        float sum = 0.0f;
-        for (int c = 0; c < CHUNKS; c++) {
-            float x[8];
-            bf16x8_unpack(raw[c], x);
-            for (int i = 0; i < 8; i++) sum = fmaf(x[i], x[i], sum);
-        }
-        sum = row_sum<WARPS>(sum, scratch);
-        if (token >= tokens) continue;
-        float scale = tau / sqrtf(sum + 1e-6f);
-        for (int c = 0; c < CHUNKS; c++) {
-            float x[8];
-            bf16x8_unpack(raw[c], x);
-            for (int i = 0; i < 8; i++) {
-                float z = x[i] * scale;
-                own[c * 8 + i] += gelu_erf_from_cdf(z, cdf<VARIANT>(z));
-            }
-        }
-    }
-    for (int c = 0; c < CHUNKS; c++)
-        for (int i = 0; i < 8; i++) atomicAdd(pooled + (size_t)image * n + (c * 32 * WARPS + t) * 8 + i, own[c * 8 + i]);
-}
-
-template <int VARIANT, int SPLIT>
-static void time_pool_split(const char *name, int batch, __nv_bfloat16 *a, float *pooled) {
+template <int VARIANT, bool PREFETCH, int SPLIT = 1>
+static void time_pool(const char *name, int batch, __nv_bfloat16 *a, void *pooled) {
     int tokens = 197, n = 3072;
-    float ms = time_ms([&] { pool_split<VARIANT, SPLIT><<<batch * SPLIT, 256>>>(pooled, a, tokens, n, sqrtf(3072.0f)); },
-                       10, 2);
+    float ms = time_ms(
+        [&] { pool<VARIANT, PREFETCH, SPLIT><<<batch * SPLIT, 256>>>(pooled, a, tokens, n, sqrtf(3072.0f)); }, 10, 2);
     CK(cudaGetLastError());
-    printf("pool %-5s split %d, atomics        batch %d n %d: %.3f ms (%.0f GB/s)\n", name, SPLIT, batch, n, ms,
-           2.0 * batch * tokens * n / ms / 1e6);
-}
-
-template <int VARIANT, bool PREFETCH>
-static void time_pool(const char *name, int batch, __nv_bfloat16 *a, __nv_bfloat16 *pooled) {
-    int tokens = 197, n = 3072;
-    float ms = time_ms([&] { pool<3, 4, VARIANT, PREFETCH><<<batch, 256>>>(pooled, a, tokens, n, sqrtf(3072.0f)); },
-                       10, 2);
-    CK(cudaGetLastError());
-    printf("pool %-5s %-26s batch %d n %d: %.3f ms (%.0f GB/s)\n", name,
-           PREFETCH ? "(prefetch, sums in smem)" : "(sums in registers)", batch, n, ms,
+    char form[64];
+    if (SPLIT > 1) snprintf(form, sizeof form, "(split %d, atomics)", SPLIT);
+    else snprintf(form, sizeof form, "%s", PREFETCH ? "(prefetch, sums in smem)" : "(sums in registers)");
+    printf("pool %-5s %-26s batch %d n %d: %.3f ms (%.0f GB/s)\n", name, form, batch, n, ms,
            2.0 * batch * tokens * n / ms / 1e6);
 }
 
@@ -303,10 +253,10 @@ int main(void) {
         time_pool<ERFC, true>("erfc", 512, a, s);
         time_pool<ERFF, false>("erff", 512, a, s);
         time_pool<NONE, false>("none", 512, a, s);
-        time_pool_split<ERFF, 4>("erff", 512, a, (float *)da);
-        time_pool_split<ERFF, 8>("erff", 512, a, (float *)da);
-        time_pool_split<NONE, 8>("none", 512, a, (float *)da);
-        time_pool_split<ERFC, 8>("erfc", 512, a, (float *)da);
+        time_pool<ERFF, false, 4>("erff", 512, a, da);
+        time_pool<ERFF, false, 8>("erff", 512, a, da);
+        time_pool<NONE, false, 8>("none", 512, a, da);
+        time_pool<ERFC, false, 8>("erfc", 512, a, da);
     }
     time_variant<3, 4, ERFF>("erff", rows, 3072, a, s, ds, da, row_norm);
     time_variant<3, 4, NONE>("none", rows, 3072, a, s, ds, da, row_norm);
