@@ -24,6 +24,14 @@ static float pattention_tau(const tf_model *model, int block, int which) {
     return sqrtf((float)model->config.n_norm[block][which]);
 }
 
+/* A = in keys^T into the cache (the first GEMM of every form). */
+static void pattention_scores(tf_model *model, int block, int which, const void *keys, const void *in, int rows) {
+    int n = pattention_tokens(model, which), dim = model->config.dim;
+    model_op_class(model, TF_OP_PATTENTION_GEMM);
+    model->backend->matmul(model->blocks[block].patt[which].scores, in, keys,
+                           &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
+}
+
 /* out = S V (or out += S V) with S = GELU(norm(in keys^T)), eps scaled per row by eps_scale when
  * given; A and the row norms stay in the cache. */
 static void pattention_apply(tf_model *model, int block, int which, const void *keys, const void *eps_scale,
@@ -32,8 +40,7 @@ static void pattention_apply(tf_model *model, int block, int which, const void *
     tf_pattention_cache *cache = &model->blocks[block].patt[which];
     int n = pattention_tokens(model, which), dim = model->config.dim;
 
-    model_op_class(model, TF_OP_PATTENTION_GEMM);
-    backend->matmul(cache->scores, in, keys, &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
+    pattention_scores(model, block, which, keys, in, rows);
     model_op_class(model, TF_OP_PATTENTION_NORM);
     backend->pattention_norm_forward(model->probs, cache->row_norm, cache->scores, rows, n,
                                      pattention_tau(model, block, which), model->config.eps, eps_scale);
@@ -47,28 +54,31 @@ void pattention_forward(tf_model *model, int block, int which, void *out, const 
                      rows);
 }
 
-void pattention_infer(tf_model *model, int block, int which, void *out, bool accumulate, const void *in, int rows) {
+/* The inference form's key tokens, centred where the model has them, and with them the eps scale
+ * (the folded LayerNorm's sigma^2; NULL otherwise). */
+static const void *infer_keys(const tf_model *model, int block, int which, const void **eps_scale) {
     const void *centered = model->centered_keys[block][which];
-    const void *keys = centered ? centered : model_param(model, model->layout.keys[block][which]);
-    pattention_apply(model, block, which, keys, centered ? model->stream_variance : NULL, out, accumulate, in, rows);
+    *eps_scale = centered ? model->stream_variance : NULL;
+    return centered ? centered : model_param(model, model->layout.keys[block][which]);
+}
+
+void pattention_infer(tf_model *model, int block, int which, void *out, bool accumulate, const void *in, int rows) {
+    const void *eps_scale, *keys = infer_keys(model, block, which, &eps_scale);
+    pattention_apply(model, block, which, keys, eps_scale, out, accumulate, in, rows);
 }
 
 void pattention_infer_pooled(tf_model *model, int block, int which, void *pooled, const void *in, int batch) {
     const tf_backend *backend = model->backend;
     tf_pattention_cache *cache = &model->blocks[block].patt[which];
     int n = pattention_tokens(model, which), dim = model->config.dim, tokens = model->tokens;
-    const void *centered = model->centered_keys[block][which];
-    const void *keys = centered ? centered : model_param(model, model->layout.keys[block][which]);
+    const void *eps_scale, *keys = infer_keys(model, block, which, &eps_scale);
 
-    model_op_class(model, TF_OP_PATTENTION_GEMM);
-    backend->matmul(cache->scores, in, keys,
-                    &(tf_matmul_desc){.m = batch * tokens, .n = n, .k = dim, .transpose_b = true});
+    pattention_scores(model, block, which, keys, in, batch * tokens);
     /* mean(S) per image into probs (a buffer of batch * tokens rows, n wide, so it fits), then one
      * row per image through the value tokens, added to the pool in the master dtype. */
     model_op_class(model, TF_OP_PATTENTION_NORM);
     backend->pattention_norm_pool(model->probs, cache->row_norm, cache->scores, batch, tokens, n,
-                                  pattention_tau(model, block, which), model->config.eps,
-                                  centered ? model->stream_variance : NULL);
+                                  pattention_tau(model, block, which), model->config.eps, eps_scale);
     model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(pooled, model->probs, model_param(model, model->layout.values[block][which]),
                     &(tf_matmul_desc){.m = batch, .n = dim, .k = n, .accumulate = true, .master_output = true});
