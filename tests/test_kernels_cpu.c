@@ -264,6 +264,13 @@ static double reference_gelu(double z) {
     return 0.5 * z * (1.0 + erf(z / sqrt(2.0)));
 }
 
+/* The definition's r = sqrt(sum_j A_j^2 + eps) of one row, eps being the row's. */
+static double reference_row_norm(const double *a_row, int n, double eps) {
+    double sum = eps;
+    for (int j = 0; j < n; j++) sum += a_row[j] * a_row[j];
+    return sqrt(sum);
+}
+
 typedef struct {
     double *s, *row_norm, *a, *w;
     int rows, n;
@@ -284,10 +291,7 @@ static void test_pattention_norm_case(int rows, int n, float tau, float eps) {
     /* Reference: the definition r = sqrt(sum A^2 + eps), Z = tau A / r, S = GELU(Z) via erf. */
     double *expected_s = new_f64(count), *expected_norm = new_f64(rows);
     for (int i = 0; i < rows; i++) {
-        double sum = eps;
-        for (int j = 0; j < n; j++)
-            sum += a[(size_t)i * n + j] * a[(size_t)i * n + j];
-        expected_norm[i] = sqrt(sum);
+        expected_norm[i] = reference_row_norm(a + (size_t)i * n, n, eps);
         for (int j = 0; j < n; j++)
             expected_s[(size_t)i * n + j] = reference_gelu(tau * a[(size_t)i * n + j] / expected_norm[i]);
     }
@@ -336,10 +340,7 @@ static void test_pattention_gelu_accuracy(void) {
     double *a = new_f64(n);
     for (int j = 0; j < n; j++)
         a[j] = (float)(-1.0 + 2.0 * j / (n - 1));
-    double sum = 0.0;
-    for (int j = 0; j < n; j++)
-        sum += a[j] * a[j];
-    float tau = (float)(zmax * sqrt(sum));
+    float tau = (float)(zmax * reference_row_norm(a, n, 0.0));
     float *a32 = to_f32(a, n), *s32 = new_f32(n), *norm32 = new_f32(1);
     f32->pattention_norm_forward(s32, norm32, a32, 1, n, tau, 0.0f, NULL);
     float scale = tau / norm32[0];
@@ -369,9 +370,7 @@ static void test_pattention_norm_eps_scale(int rows, int n) {
     for (int i = 0; i < rows; i++) eps_scale[i] = (float)(0.1 + 2.0 * tf_rng_uniform(&rng));
     f64->pattention_norm_forward(s, row_norm, a, rows, n, tau, eps, eps_scale);
     for (int i = 0; i < rows; i++) {
-        double sum = (double)eps * eps_scale[i];
-        for (int j = 0; j < n; j++) sum += a[(size_t)i * n + j] * a[(size_t)i * n + j];
-        expected_norm[i] = sqrt(sum);
+        expected_norm[i] = reference_row_norm(a + (size_t)i * n, n, (double)eps * eps_scale[i]);
         for (int j = 0; j < n; j++)
             expected_s[(size_t)i * n + j] = reference_gelu(tau * a[(size_t)i * n + j] / expected_norm[i]);
     }
@@ -398,10 +397,8 @@ static void test_pattention_norm_pool(int batch, int tokens, int n) {
     for (int b = 0; b < batch; b++)
         for (int t = 1; t < tokens; t++) {
             const double *a_row = a + ((size_t)b * tokens + t) * n;
-            double sum = (double)eps * eps_scale[b * tokens + t];
-            for (int j = 0; j < n; j++) sum += a_row[j] * a_row[j];
-            for (int j = 0; j < n; j++)
-                expected[(size_t)b * n + j] += reference_gelu(tau * a_row[j] / sqrt(sum)) / (tokens - 1);
+            double r = reference_row_norm(a_row, n, (double)eps * eps_scale[b * tokens + t]);
+            for (int j = 0; j < n; j++) expected[(size_t)b * n + j] += reference_gelu(tau * a_row[j] / r) / (tokens - 1);
         }
     char what[96];
     snprintf(what, sizeof what, "pattention_norm_pool %dx%dx%d: mean S fp64", batch, tokens, n);

@@ -6,13 +6,15 @@
  * Row sums are accumulated in double in both builds. */
 #include "kernels/cpu/cpu_real.h"
 
-/* r = sqrt(sum_j A_j^2 + eps e_row) of one row, the sum in double. */
-static real row_norm_of(const real *a_row, int n, float eps, real eps_scale) {
+/* r = sqrt(sum_j A_j^2 + eps e_row) of row `row` of a, e_row = eps_scale[row] or 1 without a
+ * scale; the sum in double. */
+static real row_norm_of(const real *a, size_t row, int n, float eps, const real *eps_scale) {
+    const real *a_row = a + row * n;
     double sum_squares = 0.0;
 #pragma omp simd reduction(+ : sum_squares)
     for (int j = 0; j < n; j++)
         sum_squares += (double)a_row[j] * (double)a_row[j];
-    return (real)sqrt(sum_squares + (double)eps * (double)eps_scale);
+    return (real)sqrt(sum_squares + (double)eps * (eps_scale ? (double)eps_scale[row] : 1.0));
 }
 
 void CPU_FN(pattention_norm_forward)(void *s_buffer, void *row_norm_buffer, const void *a_buffer, int rows,
@@ -24,7 +26,7 @@ void CPU_FN(pattention_norm_forward)(void *s_buffer, void *row_norm_buffer, cons
         const real *a_row = a + (size_t)row * n;
         real *s_row = s + (size_t)row * n;
         /* Z is computed from the stored (rounded) r so that backward recomputes the same Z. */
-        real r = row_norm_of(a_row, n, eps, eps_scale ? eps_scale[row] : 1);
+        real r = row_norm_of(a, (size_t)row, n, eps, eps_scale);
         real scale = (real)tau / r;
         row_norm[row] = r;
 #pragma omp simd
@@ -80,7 +82,7 @@ void CPU_FN(pattention_norm_pool)(void *pooled_buffer, void *row_norm_buffer, co
     int rows = batch * tokens, column_blocks = (n + COLUMNS - 1) / COLUMNS;
 #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++)
-        row_norm[row] = row_norm_of(a + (size_t)row * n, n, eps, eps_scale ? eps_scale[row] : 1);
+        row_norm[row] = row_norm_of(a, (size_t)row, n, eps, eps_scale);
 #pragma omp parallel for schedule(static)
     for (int task = 0; task < batch * column_blocks; task++) {
         int image = task / column_blocks, first = task % column_blocks * COLUMNS;

@@ -17,6 +17,11 @@
  * or unaligned buffers, take a plain kernel (one warp per row) that reads the row twice. */
 #include "kernels/cuda/cuda_common.cuh"
 
+/* The eps of a row: eps, times eps_scale[row] where a scale is given (kernels.h). */
+__device__ __forceinline__ float row_eps(float eps, const float *eps_scale, size_t row) {
+    return eps_scale ? eps * eps_scale[row] : eps;
+}
+
 template <int CHUNKS, int WARPS>
 __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_kernel(bf16 *s, float *row_norm,
                                                                                       const bf16 *a, int rows, int n,
@@ -29,7 +34,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_ker
     uint4 raw[CHUNKS];
     float sum = row_sum<WARPS>(load_row_chunks<CHUNKS, WARPS>(raw, a + (size_t)row * n, n, t, active), scratch);
     if (!active) return;
-    float r = sqrtf(sum + (eps_scale ? eps * eps_scale[row] : eps)), scale = tau / r;
+    float r = sqrtf(sum + row_eps(eps, eps_scale, row)), scale = tau / r;
     if (t == 0) row_norm[row] = r;
     uint4 *s_row = reinterpret_cast<uint4 *>(s + (size_t)row * n);
 #pragma unroll
@@ -102,14 +107,15 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_ke
     }
 }
 
-/* r = sqrt(sum_j A_j^2 + eps) of one row, summed by the 32 lanes of a warp (the plain kernels). */
-__device__ __forceinline__ float warp_row_norm(const bf16 *a_row, int n, int lane, float row_eps) {
+/* r = sqrt(sum_j A_j^2 + eps) of one row (eps: the row's, from row_eps), summed by the 32 lanes
+ * of a warp (the plain kernels). */
+__device__ __forceinline__ float warp_row_norm(const bf16 *a_row, int n, int lane, float eps) {
     float sum = 0.0f;
     for (int j = lane; j < n; j += 32) {
         float x = bf16_load(a_row + j);
         sum = fmaf(x, x, sum);
     }
-    return sqrtf(warp_sum(sum) + row_eps);
+    return sqrtf(warp_sum(sum) + eps);
 }
 
 /* Any width and alignment: one warp per row, the row read from memory in each pass. */
@@ -121,7 +127,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_pla
     int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     const bf16 *a_row = a + (size_t)row * n;
-    float r = warp_row_norm(a_row, n, lane, eps_scale ? eps * eps_scale[row] : eps), scale = tau / r;
+    float r = warp_row_norm(a_row, n, lane, row_eps(eps, eps_scale, row)), scale = tau / r;
     if (lane == 0) row_norm[row] = r;
     for (int j = lane; j < n; j += 32) bf16_store(s + (size_t)row * n + j, gelu_erf(bf16_load(a_row + j) * scale));
 }
@@ -175,7 +181,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS, CHUNKS <= 3 ? 4 : 3) void patten
         sum = row_sum<WARPS>(sum, scratch);
         if (token >= tokens) continue;
         size_t row = first_row + token;
-        float r = sqrtf(sum + (eps_scale ? eps * eps_scale[row] : eps)), scale = tau / r;
+        float r = sqrtf(sum + row_eps(eps, eps_scale, row)), scale = tau / r;
 #pragma unroll
         for (int c = 0; c < CHUNKS; c++) {
             float x[8];
@@ -216,7 +222,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_row_norm_plain_k
                                                                                         const float *eps_scale) {
     int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
-    float r = warp_row_norm(a + (size_t)row * n, n, lane, eps_scale ? eps * eps_scale[row] : eps);
+    float r = warp_row_norm(a + (size_t)row * n, n, lane, row_eps(eps, eps_scale, row));
     if (lane == 0) row_norm[row] = r;
 }
 
