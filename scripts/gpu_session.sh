@@ -28,9 +28,10 @@ stage_fetch() {
 }
 
 environment() {
-    if [[ ! -d $deps ]]; then
+    if [[ ! -f $deps/unpacked ]]; then # a marker: a run without .deps/debs must not leave it half made
         mkdir -p $deps
-        for package in .deps/debs/*.deb; do dpkg -x "$package" $deps; done
+        for package in .deps/debs/*.deb; do dpkg -x "$package" $deps || return 1; done
+        touch $deps/unpacked
     fi
     export PKG_CONFIG_PATH=$deps/usr/lib/x86_64-linux-gnu/pkgconfig:$deps/usr/share/pkgconfig
     export PKG_CONFIG_SYSROOT_DIR=$deps

@@ -549,7 +549,16 @@ static void test_attention(void) {
         attention_case(2, 17, 3, 32, use_cudnn);
         attention_case(4, 50, 3, 32, use_cudnn);
         attention_case(4, 50, 3, 64, use_cudnn);
-        attention_case(2, 197, 2, 64, use_cudnn); /* several tiles of queries and keys */
+        attention_case(2, 197, 2, 64, use_cudnn); /* whole sequence in shared memory, 4 key chunks */
+        /* the whole-sequence kernel's last chunk at each count of 8-key blocks (17: 3, 50: 7,
+         * 197: 1 above), none (128) and the longest sequence it takes (256) */
+        attention_case(1, 77, 2, 64, use_cudnn);
+        attention_case(1, 92, 1, 64, use_cudnn);
+        attention_case(1, 100, 1, 32, use_cudnn);
+        attention_case(1, 108, 1, 64, use_cudnn);
+        attention_case(1, 128, 2, 64, use_cudnn);
+        attention_case(1, 256, 1, 64, use_cudnn);
+        attention_case(2, 300, 2, 64, use_cudnn); /* longer than that: tiles of queries and keys */
         attention_case(2, 130, 2, 128, use_cudnn);
         attention_case(3, 70, 2, 24, use_cudnn);
         if (!small_only) attention_case(256, 197, 12, 64, use_cudnn);

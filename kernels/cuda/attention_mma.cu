@@ -186,6 +186,326 @@ __global__ __launch_bounds__(MMA_THREADS) void attention_forward_mma_kernel(atte
     }
 }
 
+/* ---- forward, a whole sequence's keys and values in shared memory ----
+ * For the short sequences of a ViT (197 tokens): one CTA per (image, head) loads K and V once
+ * (cp.async, rows padded to 16 with zeros), and its warps take the query rows 16 at a time
+ * straight from global memory. The tiled kernel above loads K and V once per 64 queries and
+ * pads queries and keys to 64; here queries are padded to 16, keys go in chunks of 64 with no
+ * bounds checks, and the last, shorter chunk is a kernel body of its own per count of 8-key
+ * blocks (so that no product waits behind a branch). Fragments come from shared memory
+ * through ldmatrix: K's rows are the scores' B operand as they are, V's through the
+ * transposing form. A row of D bf16 is D / 8 chunks of 16 bytes, stored swizzled (`swizzled`)
+ * so that the 8 rows an ldmatrix reads fall in distinct banks without padding.
+ * Measured on the H100 (512 x 12 heads x 197 x 64): 0.356 ms, against cuDNN's 0.337 (so cuDNN
+ * stays first) and 0.646 for a first form with a branch per 8-key block; bound by the latency
+ * of its dependent products and exponentials (3 CTAs an SM; 4, or two units of queries a warp
+ * sharing each K and V fragment, ran slower). docs/performance.md, "Attention of our own". */
+__device__ __forceinline__ void cp_async16(void *shared, const void *global) {
+    unsigned address = (unsigned)__cvta_generic_to_shared(shared);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const bf16 *shared) {
+    unsigned address = (unsigned)__cvta_generic_to_shared(shared);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_transposed(uint32_t r[4], const bf16 *shared) {
+    unsigned address = (unsigned)__cvta_generic_to_shared(shared);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+/* 2^x; x = -inf gives 0 (the probabilities are in [0, 1], so flushing denormals changes nothing
+ * that reaches bf16). */
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* WHOLE_BLOCKS_PER_SM: 53 KB of shared memory and up to 168 registers a thread for B/16's 197
+ * tokens (4 CTAs spill registers and ran 3% slower) */
+enum { WHOLE_MAX_TOKENS = 256, WHOLE_CHUNK = 64, RESCALE_LOG2 = 8, WHOLE_BLOCKS_PER_SM = 3 };
+
+__host__ __device__ static inline int padded_to_16(int tokens) {
+    return (tokens + 15) / 16 * 16;
+}
+
+/* Element (row, column) of a [rows][D] tile whose 16-byte chunks are swizzled: chunk c of a row
+ * is stored at c ^ (line % chunks) where line counts 128-byte lines (D = 64: one row a line,
+ * D = 32: two), so 8 consecutive rows cover the 8 bank groups. */
+template <int D>
+__device__ __forceinline__ int swizzled(int row, int column) {
+    constexpr int CHUNKS = D / 8, ROWS_PER_LINE = 64 / D;
+    return row * D + (((column / 8) ^ ((row / ROWS_PER_LINE) % CHUNKS)) * 8) + column % 8;
+}
+
+/* Issue the loads of K and V of (b, h) into shared memory, one cp.async group per chunk of 64
+ * rows, rows [tokens, padded) zero (their probabilities are zero, and 0 x garbage could be NaN).
+ * The first unit of queries waits for each chunk just before using it (wait_for_chunk). */
+template <int D>
+__device__ __forceinline__ void load_sequence(bf16 *ks, bf16 *vs, const attention_forward_args &args, int b, int h,
+                                              int padded) {
+    /* thread i copies chunk i % CHUNKS of rows i / CHUNKS + ROWS_PER_PASS j; the swizzle repeats
+     * every 8 rows, so its place in a row is the same for all of them */
+    constexpr int CHUNKS = D / 8, ROWS_PER_PASS = MMA_THREADS / CHUNKS;
+    int part = threadIdx.x % CHUNKS, first_row = threadIdx.x / CHUNKS;
+    int first_at = swizzled<D>(first_row, part * 8);
+    size_t row_stride = (size_t)args.heads * D, head_start = token_head_offset(b, 0, h, args.tokens, args.heads, D);
+    const bf16 *k_src = args.k + head_start + part * 8, *v_src = args.v + head_start + part * 8;
+    for (int r0 = 0; r0 < padded; r0 += WHOLE_CHUNK) {
+        int end = min(r0 + WHOLE_CHUNK, padded);
+        for (int r = r0 + first_row; r < end; r += ROWS_PER_PASS) {
+            int at = first_at + (r - first_row) * D;
+            if (r < args.tokens) {
+                cp_async16(ks + at, k_src + r * row_stride);
+                cp_async16(vs + at, v_src + r * row_stride);
+            } else {
+                *reinterpret_cast<uint4 *>(ks + at) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4 *>(vs + at) = make_uint4(0, 0, 0, 0);
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+}
+
+/* Chunk c of `chunks` is in shared memory for every thread of the CTA (all threads call it). */
+__device__ __forceinline__ void wait_for_chunk(int c, int chunks) {
+    switch (chunks - 1 - c) { /* groups that may still be in flight */
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    }
+    __syncthreads();
+}
+
+/* The A fragments of query rows q0 .. q0 + 15 (rows past the sequence zero). */
+template <int D>
+__device__ __forceinline__ void load_query_fragments(uint32_t qa[D / 16][4], const attention_forward_args &args, int b,
+                                                     int h, int q0, int g, int t) {
+    int top = q0 + g, bottom = top + 8;
+    const bf16 *top_row = args.q + token_head_offset(b, top, h, args.tokens, args.heads, D) + 2 * t;
+    const bf16 *bottom_row = args.q + token_head_offset(b, bottom, h, args.tokens, args.heads, D) + 2 * t;
+    bool top_valid = top < args.tokens, bottom_valid = bottom < args.tokens;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; kc++) {
+        qa[kc][0] = top_valid ? __ldg(reinterpret_cast<const unsigned *>(top_row + kc * 16)) : 0u;
+        qa[kc][1] = bottom_valid ? __ldg(reinterpret_cast<const unsigned *>(bottom_row + kc * 16)) : 0u;
+        qa[kc][2] = top_valid ? __ldg(reinterpret_cast<const unsigned *>(top_row + kc * 16 + 8)) : 0u;
+        qa[kc][3] = bottom_valid ? __ldg(reinterpret_cast<const unsigned *>(bottom_row + kc * 16 + 8)) : 0u;
+    }
+}
+
+/* Where this lane's ldmatrix rows start within 8 (K) or 16 (V) rows of a tile whose first row
+ * is a multiple of 8: the swizzle depends on the row modulo 8 only, so these offsets hold for
+ * every such tile. K: matrices = columns 16 kc + 0-7, 8-15, 16-23, 24-31 of 8 keys, for kc =
+ * 0, 2, ...; V (transposed): keys 0-7 and 8-15 of 8 dims, then of the next 8, for dims 16 j. */
+template <int D>
+struct fragment_offsets {
+    int k[D / 32], v[D / 16];
+};
+
+template <int D>
+__device__ __forceinline__ fragment_offsets<D> lane_fragment_offsets(int lane) {
+    fragment_offsets<D> f;
+    int v_row = lane % 8 + ((lane / 8) % 2) * 8, v_column = (lane / 16) * 8;
+#pragma unroll
+    for (int i = 0; i < D / 32; i++) f.k[i] = swizzled<D>(lane % 8, i * 32 + (lane / 8) * 8);
+#pragma unroll
+    for (int j = 0; j < D / 16; j++) f.v[j] = swizzled<D>(v_row, j * 16 + v_column);
+    return f;
+}
+
+/* What a warp carries through the chunks of one 16-row unit of queries: the output so far, the
+ * running maximum of the raw scores and this thread's share of the row sums (rows g, g + 8). */
+template <int D>
+struct query_unit {
+    uint32_t qa[D / 16][4];
+    float o[D / 8][4], m[2], l[2];
+};
+
+/* v[0] = max (SUM false) or sum (SUM true) of v[0 .. N), as a tree: short dependency chains. */
+template <int N, bool SUM>
+__device__ __forceinline__ float tree_reduce(float v[N]) {
+#pragma unroll
+    for (int stride = 1; stride < N; stride *= 2)
+#pragma unroll
+        for (int i = 0; i + stride < N; i += 2 * stride) v[i] = SUM ? v[i] + v[i + stride] : fmaxf(v[i], v[i + stride]);
+    return v[0];
+}
+
+/* The keys k0 .. k0 + 8 BLOCKS - 1 for one unit: scores, online softmax in base 2 (scores kept
+ * unscaled, the scale folded into the exponent), o += p v. TAIL: keys at or past `tokens` get
+ * probability 0. */
+template <int D, int BLOCKS, bool TAIL>
+__device__ __forceinline__ void attend_chunk(query_unit<D> &u, const bf16 *ks, const bf16 *vs,
+                                             const fragment_offsets<D> &f, int k0, int tokens, float scale2,
+                                             int lane) {
+    int t = lane % 4;
+    float s[BLOCKS + (BLOCKS & 1)][4];
+    const bf16 *k_tile = ks + k0 * D, *v_tile = vs + k0 * D;
+#pragma unroll
+    for (int nb = 0; nb < BLOCKS; nb++) {
+        s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc += 2) {
+            uint32_t kb[4];
+            ldmatrix_x4(kb, k_tile + nb * 8 * D + f.k[kc / 2]);
+            mma_16816(s[nb], u.qa[kc], kb[0], kb[1]);
+            mma_16816(s[nb], u.qa[kc + 1], kb[2], kb[3]);
+        }
+    }
+    if (TAIL)
+#pragma unroll
+        for (int nb = 0; nb < BLOCKS; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (k0 + nb * 8 + 2 * t + (e & 1) >= tokens) s[nb][e] = -INFINITY;
+    /* The reference maximum m moves only when a row's scores exceed it by more than
+     * 2^RESCALE_LOG2 (softmax does not depend on it; probabilities up to 2^8 are exact enough
+     * in fp32 and bf16): after the first chunk a ViT's rows almost never rescale o and l. */
+    float row_max[2];
+    bool grows = false;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float part[BLOCKS];
+#pragma unroll
+        for (int nb = 0; nb < BLOCKS; nb++) part[nb] = fmaxf(s[nb][2 * r], s[nb][2 * r + 1]);
+        row_max[r] = tree_reduce<BLOCKS, false>(part);
+        row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
+        row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
+        grows |= (row_max[r] - u.m[r]) * scale2 > RESCALE_LOG2; /* m = -inf before the first chunk */
+    }
+    if (__any_sync(0xffffffffu, grows))
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float m_new = fmaxf(u.m[r], row_max[r]); /* finite: every chunk has a key */
+            float correction = fast_exp2((u.m[r] - m_new) * scale2); /* 0 at the first chunk */
+            u.m[r] = m_new;
+            u.l[r] *= correction;
+#pragma unroll
+            for (int nb = 0; nb < D / 8; nb++) {
+                u.o[nb][2 * r] *= correction;
+                u.o[nb][2 * r + 1] *= correction;
+            }
+        }
+    float shift[2] = {-u.m[0] * scale2, -u.m[1] * scale2};
+#pragma unroll
+    for (int nb = 0; nb < BLOCKS; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[nb][e] = fast_exp2(fmaf(s[nb][e], scale2, shift[e >> 1]));
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float part[BLOCKS];
+#pragma unroll
+        for (int nb = 0; nb < BLOCKS; nb++) part[nb] = s[nb][2 * r] + s[nb][2 * r + 1];
+        u.l[r] += tree_reduce<BLOCKS, true>(part);
+    }
+    if (BLOCKS & 1) s[BLOCKS][0] = s[BLOCKS][1] = s[BLOCKS][2] = s[BLOCKS][3] = 0.0f;
+    /* o += p v, 16 keys a step */
+#pragma unroll
+    for (int kc = 0; kc < (BLOCKS + 1) / 2; kc++) {
+        uint32_t pa[4];
+        accumulators_to_a(pa, s[2 * kc], s[2 * kc + 1]);
+#pragma unroll
+        for (int nb = 0; nb < D / 8; nb += 2) {
+            uint32_t vb[4];
+            ldmatrix_x4_transposed(vb, v_tile + kc * 16 * D + f.v[nb / 2]);
+            mma_16816(u.o[nb], pa, vb[0], vb[1]);
+            mma_16816(u.o[nb + 1], pa, vb[2], vb[3]);
+        }
+    }
+}
+
+/* Chunk c of a unit: a full one, or the last, shorter one at its count of 8-key blocks. */
+template <int D>
+__device__ __forceinline__ void attend(query_unit<D> &u, const bf16 *ks, const bf16 *vs, const fragment_offsets<D> &f,
+                                       int c, int tokens, float scale2, int lane) {
+    int k0 = c * WHOLE_CHUNK, keys = tokens - k0;
+    if (keys >= WHOLE_CHUNK) {
+        attend_chunk<D, WHOLE_CHUNK / 8, false>(u, ks, vs, f, k0, tokens, scale2, lane);
+        return;
+    }
+    switch ((keys + 7) / 8) {
+    case 1: attend_chunk<D, 1, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
+    case 2: attend_chunk<D, 2, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
+    case 3: attend_chunk<D, 3, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
+    case 4: attend_chunk<D, 4, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
+    case 5: attend_chunk<D, 5, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
+    case 6: attend_chunk<D, 6, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
+    default: attend_chunk<D, 7, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void start_unit(query_unit<D> &u, const attention_forward_args &args, int b, int h, int q0,
+                                           int lane) {
+    load_query_fragments<D>(u.qa, args, b, h, q0, lane / 4, lane % 4);
+    u.m[0] = u.m[1] = -INFINITY;
+    u.l[0] = u.l[1] = 0.0f;
+#pragma unroll
+    for (int nb = 0; nb < D / 8; nb++) u.o[nb][0] = u.o[nb][1] = u.o[nb][2] = u.o[nb][3] = 0.0f;
+}
+
+template <int D>
+__device__ __forceinline__ void finish_unit(query_unit<D> &u, const attention_forward_args &args, int b, int h, int q0,
+                                            float scale2, int lane) {
+    int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        u.l[r] += __shfl_xor_sync(0xffffffffu, u.l[r], 1);
+        u.l[r] += __shfl_xor_sync(0xffffffffu, u.l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int s_index = q0 + g + 8 * r;
+        if (s_index >= args.tokens) continue;
+        float inverse = 1.0f / u.l[r];
+        bf16 *out_row = args.out + token_head_offset(b, s_index, h, args.tokens, args.heads, D);
+#pragma unroll
+        for (int nb = 0; nb < D / 8; nb++)
+            *reinterpret_cast<__nv_bfloat162 *>(out_row + nb * 8 + 2 * t) =
+                __floats2bfloat162_rn(u.o[nb][2 * r] * inverse, u.o[nb][2 * r + 1] * inverse);
+        if (t == 0)
+            args.lse[((size_t)b * args.heads + h) * args.tokens + s_index] = (u.m[r] * scale2 + log2f(u.l[r])) * LN2;
+    }
+}
+
+/* Warp w takes the units of 16 queries w, w + 4, ...; its first unit waits for each chunk of
+ * K and V as it arrives, so computing starts after the first 64 rows. */
+template <int D>
+__global__ __launch_bounds__(MMA_THREADS, WHOLE_BLOCKS_PER_SM) void attention_forward_whole_kernel(
+    attention_forward_args args) {
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int h = blockIdx.x, b = blockIdx.y, tokens = args.tokens, padded = padded_to_16(tokens);
+    int chunks = (tokens + WHOLE_CHUNK - 1) / WHOLE_CHUNK;
+    bf16 *ks = reinterpret_cast<bf16 *>(shared_bytes), *vs = ks + padded * D;
+    float scale2 = args.scale * LOG2E;
+    load_sequence<D>(ks, vs, args, b, h, padded);
+    fragment_offsets<D> f = lane_fragment_offsets<D>(lane);
+    constexpr int STEP = 16 * (MMA_THREADS / 32);
+
+    int q0 = warp * 16;
+    query_unit<D> u;
+    if (q0 < tokens) start_unit<D>(u, args, b, h, q0, lane);
+    for (int c = 0; c < chunks; c++) {
+        wait_for_chunk(c, chunks);
+        if (q0 < tokens) attend<D>(u, ks, vs, f, c, tokens, scale2, lane);
+    }
+    if (q0 < tokens) finish_unit<D>(u, args, b, h, q0, scale2, lane);
+    for (q0 += STEP; q0 < tokens; q0 += STEP) {
+        start_unit<D>(u, args, b, h, q0, lane);
+        for (int c = 0; c < chunks; c++) attend<D>(u, ks, vs, f, c, tokens, scale2, lane);
+        finish_unit<D>(u, args, b, h, q0, scale2, lane);
+    }
+}
+
 /* ---- backward: dK and dV, per tile of 64 keys (warp w: keys 16 w .. 16 w + 15) ----
  * Key-major: S^T = K Q^T and dP^T = V dO^T (16 keys x 64 queries per warp), then
  * P^T = 2^(S^T c log2 e - lse2), dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q. */
@@ -392,7 +712,22 @@ static bool raise_shared_limit(const void *kernel, size_t bytes, bool *done, con
 }
 
 template <int D>
+static size_t whole_shared_bytes(int tokens) {
+    return (size_t)2 * padded_to_16(tokens) * D * sizeof(bf16);
+}
+
+template <int D>
 static void forward_launch(const attention_forward_args &args) {
+    if (args.tokens <= WHOLE_MAX_TOKENS) {
+        static bool ready;
+        if (!raise_shared_limit<D>((const void *)attention_forward_whole_kernel<D>,
+                                   whole_shared_bytes<D>(WHOLE_MAX_TOKENS), &ready, "attention_forward_whole_kernel"))
+            return;
+        dim3 grid(args.heads, args.batch);
+        attention_forward_whole_kernel<D>
+            <<<grid, MMA_THREADS, whole_shared_bytes<D>(args.tokens), cuda_ctx.stream>>>(args);
+        return;
+    }
     dim3 grid(ceil_div_u((size_t)args.tokens, TILE), args.heads, args.batch);
     attention_forward_mma_kernel<D><<<grid, MMA_THREADS, 0, cuda_ctx.stream>>>(args);
 }

@@ -209,17 +209,18 @@ static void bench_pattention_norm(void) {
 /* ---- attention ---- */
 typedef struct {
     void *q, *k, *v, *out, *lse, *dout, *dq, *dk, *dv;
+    int batch;
 } attention_context;
 
 static void run_attention_forward(void *context) {
     attention_context *c = context;
-    gpu->attention_forward(c->out, c->lse, c->q, c->k, c->v, BATCH, TOKENS, HEADS, HEAD_DIM);
+    gpu->attention_forward(c->out, c->lse, c->q, c->k, c->v, c->batch, TOKENS, HEADS, HEAD_DIM);
 }
 
 static void run_attention_backward(void *context) {
     attention_context *c = context;
-    gpu->attention_backward(c->dq, c->dk, c->dv, c->dout, c->q, c->k, c->v, c->out, c->lse, BATCH, TOKENS, HEADS,
-                            HEAD_DIM);
+    gpu->attention_backward(c->dq, c->dk, c->dv, c->dout, c->q, c->k, c->v, c->out, c->lse, c->batch, TOKENS,
+                            HEADS, HEAD_DIM);
 }
 
 static void run_attention_both(void *context) {
@@ -231,7 +232,7 @@ static void bench_attention(void) {
     printf("-- attention %d x %d heads x %d tokens x %d (PyTorch SDPA through cuDNN: 1.05 ms forward + backward) "
            "--\n",
            BATCH, HEADS, TOKENS, HEAD_DIM);
-    size_t count = (size_t)ROWS * DIM;
+    size_t count = (size_t)2 * ROWS * DIM; /* forward also at the inference batch, 2 x BATCH */
     attention_context c;
     c.q = device_buffer(count, TF_DTYPE_BF16, 1.0f);
     c.k = device_buffer(count, TF_DTYPE_BF16, 1.0f);
@@ -241,7 +242,7 @@ static void bench_attention(void) {
     c.dq = device_buffer(count, TF_DTYPE_BF16, 0.0f);
     c.dk = device_buffer(count, TF_DTYPE_BF16, 0.0f);
     c.dv = device_buffer(count, TF_DTYPE_BF16, 0.0f);
-    c.lse = device_buffer((size_t)BATCH * HEADS * TOKENS, TF_DTYPE_F32, 0.0f);
+    c.lse = device_buffer((size_t)2 * BATCH * HEADS * TOKENS, TF_DTYPE_F32, 0.0f);
     double forward_flops = 4.0 * BATCH * HEADS * TOKENS * TOKENS * HEAD_DIM, backward_flops = 2.5 * forward_flops;
     for (int use_cudnn = 1; use_cudnn >= 0; use_cudnn--) {
         bool on = tf_cuda_attention_use_cudnn(use_cudnn);
@@ -251,6 +252,11 @@ static void bench_attention(void) {
         }
         float min_ms, ms;
         char label[128];
+        c.batch = 2 * BATCH;
+        ms = time_ms(run_attention_forward, &c, &min_ms);
+        snprintf(label, sizeof label, "attention forward batch %d [%s]", c.batch, tf_cuda_attention_last_forward());
+        report(label, ms, min_ms, 2 * forward_flops, "TFLOP/s");
+        c.batch = BATCH;
         ms = time_ms(run_attention_forward, &c, &min_ms);
         snprintf(label, sizeof label, "attention forward [%s]", tf_cuda_attention_last_forward());
         report(label, ms, min_ms, forward_flops, "TFLOP/s");
