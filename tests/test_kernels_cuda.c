@@ -559,6 +559,7 @@ static void test_attention(void) {
         attention_case(1, 128, 2, 64, use_cudnn);
         attention_case(1, 256, 1, 64, use_cudnn);
         attention_case(2, 300, 2, 64, use_cudnn); /* longer than that: tiles of queries and keys */
+        attention_case(1, 300, 2, 32, use_cudnn);
         attention_case(2, 130, 2, 128, use_cudnn);
         attention_case(3, 70, 2, 24, use_cudnn);
         if (!small_only) attention_case(256, 197, 12, 64, use_cudnn);

@@ -13,9 +13,10 @@
  *   C (16 x 8, fp32):       {c0,c1} = C[g][2t, 2t+1], {c2,c3} = C[g+8][2t, 2t+1]
  * so two neighbouring 16 x 8 accumulator blocks of scores are exactly the A fragment of the
  * next product (scores x values), and a B operand whose k index runs along a row of shared
- * memory is one 32-bit load per pair. Operands needed the other way round are stored
- * transposed in shared memory when their tile is loaded. Shared-memory rows are padded by 8
- * bf16 (16 bytes), which spreads the 8 g-rows of a fragment load over distinct banks. */
+ * memory is one 32-bit load per pair. In the backward kernels, operands needed the other way
+ * round are stored transposed in shared memory when their tile is loaded, and shared-memory rows
+ * are padded by 8 bf16 (16 bytes), which spreads the 8 g-rows of a fragment load over distinct
+ * banks; the forward kernels read their fragments through ldmatrix (see "forward" below). */
 #include "kernels/cuda/attention.cuh"
 
 enum { MMA_THREADS = 128, ROW_PAD = 8 };
@@ -86,120 +87,23 @@ __device__ __forceinline__ void load_rows_transposed(bf16 *dst, const bf16 *src,
     }
 }
 
-/* ---- forward ---- */
-template <int D>
-__global__ __launch_bounds__(MMA_THREADS) void attention_forward_mma_kernel(attention_forward_args args) {
-    constexpr int RS = D + ROW_PAD, TS = TILE + ROW_PAD;
-    __shared__ __align__(16) bf16 qs[TILE * RS], ks[TILE * RS], vt[D * TS];
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z, tokens = args.tokens, heads = args.heads;
-    float scale2 = args.scale * LOG2E;
-
-    load_rows<D>(qs, args.q, b, h, q0, tokens, heads);
-    __syncthreads();
-    uint32_t qa[D / 16][4];
-#pragma unroll
-    for (int kc = 0; kc < D / 16; kc++) load_a_fragment(qa[kc], qs, RS, warp * 16, kc * 16, g, t);
-
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[D / 8][4];
-#pragma unroll
-    for (int nb = 0; nb < D / 8; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
-
-    for (int k0 = 0; k0 < tokens; k0 += TILE) {
-        __syncthreads(); /* every warp is done with the previous ks, vt */
-        load_rows<D>(ks, args.k, b, h, k0, tokens, heads);
-        load_rows_transposed<D>(vt, args.v, b, h, k0, tokens, heads);
-        __syncthreads();
-        /* s = q k^T for 16 queries x 64 keys */
-        float s[TILE / 8][4];
-#pragma unroll
-        for (int nb = 0; nb < TILE / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
-#pragma unroll
-        for (int kc = 0; kc < D / 16; kc++)
-#pragma unroll
-            for (int nb = 0; nb < TILE / 8; nb++) {
-                const bf16 *k_row = ks + (nb * 8 + g) * RS + kc * 16 + 2 * t;
-                mma_16816(s[nb], qa[kc], load_pair(k_row), load_pair(k_row + 8));
-            }
-        /* online softmax in base 2; rows g (elements 0, 1) and g + 8 (elements 2, 3) */
-        float row_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nb = 0; nb < TILE / 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                bool valid = k0 + nb * 8 + 2 * t + (e & 1) < tokens;
-                s[nb][e] = valid ? s[nb][e] * scale2 : -INFINITY;
-                row_max[e >> 1] = fmaxf(row_max[e >> 1], s[nb][e]);
-            }
-        float correction[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
-            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
-            float m_new = fmaxf(m[r], row_max[r]); /* finite: every tile has a key */
-            correction[r] = exp2f(m[r] - m_new);
-            m[r] = m_new;
-            l[r] *= correction[r]; /* this thread's share of the row sum */
-        }
-#pragma unroll
-        for (int nb = 0; nb < TILE / 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[nb][e] = exp2f(s[nb][e] - m[e >> 1]);
-                l[e >> 1] += s[nb][e];
-            }
-#pragma unroll
-        for (int nb = 0; nb < D / 8; nb++) {
-            o[nb][0] *= correction[0];
-            o[nb][1] *= correction[0];
-            o[nb][2] *= correction[1];
-            o[nb][3] *= correction[1];
-        }
-        /* o += p v: the probabilities are the A operand, v^T rows give the B pairs */
-#pragma unroll
-        for (int kc = 0; kc < TILE / 16; kc++) {
-            uint32_t pa[4];
-            accumulators_to_a(pa, s[2 * kc], s[2 * kc + 1]);
-#pragma unroll
-            for (int nb = 0; nb < D / 8; nb++) {
-                const bf16 *v_row = vt + (nb * 8 + g) * TS + kc * 16 + 2 * t;
-                mma_16816(o[nb], pa, load_pair(v_row), load_pair(v_row + 8));
-            }
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int s_index = q0 + warp * 16 + g + 8 * r;
-        if (s_index >= tokens) continue;
-        float inverse = 1.0f / l[r];
-        bf16 *out_row = args.out + token_head_offset(b, s_index, h, tokens, heads, D);
-#pragma unroll
-        for (int nb = 0; nb < D / 8; nb++)
-            *reinterpret_cast<__nv_bfloat162 *>(out_row + nb * 8 + 2 * t) =
-                __floats2bfloat162_rn(o[nb][2 * r] * inverse, o[nb][2 * r + 1] * inverse);
-        if (t == 0) args.lse[((size_t)b * heads + h) * tokens + s_index] = (m[r] + log2f(l[r])) * LN2;
-    }
-}
-
-/* ---- forward, a whole sequence's keys and values in shared memory ----
- * For the short sequences of a ViT (197 tokens): one CTA per (image, head) loads K and V once
- * (cp.async, rows padded to 16 with zeros), and its warps take the query rows 16 at a time
- * straight from global memory. The tiled kernel above loads K and V once per 64 queries and
- * pads queries and keys to 64; here queries are padded to 16, keys go in chunks of 64 with no
- * bounds checks, and the last, shorter chunk is a kernel body of its own per count of 8-key
- * blocks (so that no product waits behind a branch). Fragments come from shared memory
- * through ldmatrix: K's rows are the scores' B operand as they are, V's through the
- * transposing form. A row of D bf16 is D / 8 chunks of 16 bytes, stored swizzled (`swizzled`)
- * so that the 8 rows an ldmatrix reads fall in distinct banks without padding.
- * Measured on the H100 (512 x 12 heads x 197 x 64): 0.356 ms, against cuDNN's 0.337 (so cuDNN
- * stays first) and 0.646 for a first form with a branch per 8-key block; bound by the latency
- * of its dependent products and exponentials (3 CTAs an SM; 4, or two units of queries a warp
- * sharing each K and V fragment, ran slower). docs/performance.md, "Attention of our own". */
+/* ---- forward ----
+ * Each warp owns a unit of 16 query rows (A fragments straight from global memory, rows past
+ * the sequence zero) and walks the keys in chunks of 64 (`attend`): scores, online softmax,
+ * o += p v, with no bounds checks in a full chunk and the last, shorter chunk a body of its
+ * own per count of 8-key blocks (so that no product waits behind a branch). K and V come into
+ * shared memory by cp.async; fragments come out through ldmatrix: K's rows are the scores' B
+ * operand as they are, V's through the transposing form. A row of D bf16 is D / 8 chunks of 16
+ * bytes, stored swizzled (`swizzled`) so that the 8 rows an ldmatrix reads fall in distinct
+ * banks without padding.
+ * Two kernels: for sequences that fit in shared memory (ViT's 197 tokens) one CTA per (image,
+ * head) loads K and V once and its four warps take the units in turn
+ * (attention_forward_whole_kernel); longer ones go by tiles of 64 queries per CTA, loading K
+ * and V 64 rows at a time (attention_forward_mma_kernel). Measured on the H100 (512 x 12
+ * heads x 197 x 64, whole sequence): 0.356 ms, against cuDNN's 0.337 (so cuDNN stays first)
+ * and 0.646 for a first form with a branch per 8-key block; bound by the latency of its
+ * dependent products and exponentials (3 CTAs an SM; 4, or two units of queries a warp sharing
+ * each K and V fragment, ran slower). docs/performance.md, "Attention of our own". */
 __device__ __forceinline__ void cp_async16(void *shared, const void *global) {
     unsigned address = (unsigned)__cvta_generic_to_shared(shared);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global));
@@ -229,7 +133,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 /* WHOLE_BLOCKS_PER_SM: 53 KB of shared memory and up to 168 registers a thread for B/16's 197
  * tokens (4 CTAs spill registers and ran 3% slower) */
-enum { WHOLE_MAX_TOKENS = 256, WHOLE_CHUNK = 64, RESCALE_LOG2 = 8, WHOLE_BLOCKS_PER_SM = 3 };
+enum { WHOLE_MAX_TOKENS = 256, RESCALE_LOG2 = 8, WHOLE_BLOCKS_PER_SM = 3 };
 
 __host__ __device__ static inline int padded_to_16(int tokens) {
     return (tokens + 15) / 16 * 16;
@@ -244,32 +148,29 @@ __device__ __forceinline__ int swizzled(int row, int column) {
     return row * D + (((column / 8) ^ ((row / ROWS_PER_LINE) % CHUNKS)) * 8) + column % 8;
 }
 
-/* Issue the loads of K and V of (b, h) into shared memory, one cp.async group per chunk of 64
- * rows, rows [tokens, padded) zero (their probabilities are zero, and 0 x garbage could be NaN).
- * The first unit of queries waits for each chunk just before using it (wait_for_chunk). */
+/* Issue the loads of rows [first, end) of K and V of (b, h) into tiles whose row 0 is row
+ * tile_start of the sequence (a multiple of 8); rows at or past the sequence's end are written
+ * zero (their probabilities are zero, and 0 x garbage could be NaN). The caller commits and
+ * waits for the cp.async group. */
 template <int D>
-__device__ __forceinline__ void load_sequence(bf16 *ks, bf16 *vs, const attention_forward_args &args, int b, int h,
-                                              int padded) {
-    /* thread i copies chunk i % CHUNKS of rows i / CHUNKS + ROWS_PER_PASS j; the swizzle repeats
-     * every 8 rows, so its place in a row is the same for all of them */
+__device__ __forceinline__ void load_key_rows(bf16 *ks, bf16 *vs, const attention_forward_args &args, int b, int h,
+                                              int tile_start, int first, int end) {
+    /* thread i copies chunk i % CHUNKS of rows first + i / CHUNKS + ROWS_PER_PASS j; the
+     * swizzle repeats every 8 rows, so its place in a row is the same for all of them */
     constexpr int CHUNKS = D / 8, ROWS_PER_PASS = MMA_THREADS / CHUNKS;
-    int part = threadIdx.x % CHUNKS, first_row = threadIdx.x / CHUNKS;
-    int first_at = swizzled<D>(first_row, part * 8);
+    int part = threadIdx.x % CHUNKS, start = first + threadIdx.x / CHUNKS;
+    int start_at = swizzled<D>(start - tile_start, part * 8);
     size_t row_stride = (size_t)args.heads * D, head_start = token_head_offset(b, 0, h, args.tokens, args.heads, D);
     const bf16 *k_src = args.k + head_start + part * 8, *v_src = args.v + head_start + part * 8;
-    for (int r0 = 0; r0 < padded; r0 += WHOLE_CHUNK) {
-        int end = min(r0 + WHOLE_CHUNK, padded);
-        for (int r = r0 + first_row; r < end; r += ROWS_PER_PASS) {
-            int at = first_at + (r - first_row) * D;
-            if (r < args.tokens) {
-                cp_async16(ks + at, k_src + r * row_stride);
-                cp_async16(vs + at, v_src + r * row_stride);
-            } else {
-                *reinterpret_cast<uint4 *>(ks + at) = make_uint4(0, 0, 0, 0);
-                *reinterpret_cast<uint4 *>(vs + at) = make_uint4(0, 0, 0, 0);
-            }
+    for (int r = start; r < end; r += ROWS_PER_PASS) {
+        int at = start_at + (r - start) * D;
+        if (r < args.tokens) {
+            cp_async16(ks + at, k_src + r * row_stride);
+            cp_async16(vs + at, v_src + r * row_stride);
+        } else {
+            *reinterpret_cast<uint4 *>(ks + at) = make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4 *>(vs + at) = make_uint4(0, 0, 0, 0);
         }
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
     }
 }
 
@@ -339,16 +240,15 @@ __device__ __forceinline__ float tree_reduce(float v[N]) {
     return v[0];
 }
 
-/* The keys k0 .. k0 + 8 BLOCKS - 1 for one unit: scores, online softmax in base 2 (scores kept
- * unscaled, the scale folded into the exponent), o += p v. TAIL: keys at or past `tokens` get
- * probability 0. */
+/* The keys k0 .. k0 + 8 BLOCKS - 1, rows 0 .. of k_tile and v_tile, for one unit: scores,
+ * online softmax in base 2 (scores kept unscaled, the scale folded into the exponent), o += p v.
+ * TAIL: keys at or past `tokens` get probability 0. */
 template <int D, int BLOCKS, bool TAIL>
-__device__ __forceinline__ void attend_chunk(query_unit<D> &u, const bf16 *ks, const bf16 *vs,
+__device__ __forceinline__ void attend_chunk(query_unit<D> &u, const bf16 *k_tile, const bf16 *v_tile,
                                              const fragment_offsets<D> &f, int k0, int tokens, float scale2,
                                              int lane) {
     int t = lane % 4;
     float s[BLOCKS + (BLOCKS & 1)][4];
-    const bf16 *k_tile = ks + k0 * D, *v_tile = vs + k0 * D;
 #pragma unroll
     for (int nb = 0; nb < BLOCKS; nb++) {
         s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
@@ -422,23 +322,24 @@ __device__ __forceinline__ void attend_chunk(query_unit<D> &u, const bf16 *ks, c
     }
 }
 
-/* Chunk c of a unit: a full one, or the last, shorter one at its count of 8-key blocks. */
+/* The chunk of keys from k0 (rows 0 .. of k_tile and v_tile) for one unit: a full one of TILE
+ * keys, or the last, shorter one at its count of 8-key blocks. */
 template <int D>
-__device__ __forceinline__ void attend(query_unit<D> &u, const bf16 *ks, const bf16 *vs, const fragment_offsets<D> &f,
-                                       int c, int tokens, float scale2, int lane) {
-    int k0 = c * WHOLE_CHUNK, keys = tokens - k0;
-    if (keys >= WHOLE_CHUNK) {
-        attend_chunk<D, WHOLE_CHUNK / 8, false>(u, ks, vs, f, k0, tokens, scale2, lane);
+__device__ __forceinline__ void attend(query_unit<D> &u, const bf16 *k_tile, const bf16 *v_tile,
+                                       const fragment_offsets<D> &f, int k0, int tokens, float scale2, int lane) {
+    int keys = tokens - k0;
+    if (keys >= TILE) {
+        attend_chunk<D, TILE / 8, false>(u, k_tile, v_tile, f, k0, tokens, scale2, lane);
         return;
     }
     switch ((keys + 7) / 8) {
-    case 1: attend_chunk<D, 1, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
-    case 2: attend_chunk<D, 2, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
-    case 3: attend_chunk<D, 3, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
-    case 4: attend_chunk<D, 4, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
-    case 5: attend_chunk<D, 5, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
-    case 6: attend_chunk<D, 6, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
-    default: attend_chunk<D, 7, true>(u, ks, vs, f, k0, tokens, scale2, lane); break;
+    case 1: attend_chunk<D, 1, true>(u, k_tile, v_tile, f, k0, tokens, scale2, lane); break;
+    case 2: attend_chunk<D, 2, true>(u, k_tile, v_tile, f, k0, tokens, scale2, lane); break;
+    case 3: attend_chunk<D, 3, true>(u, k_tile, v_tile, f, k0, tokens, scale2, lane); break;
+    case 4: attend_chunk<D, 4, true>(u, k_tile, v_tile, f, k0, tokens, scale2, lane); break;
+    case 5: attend_chunk<D, 5, true>(u, k_tile, v_tile, f, k0, tokens, scale2, lane); break;
+    case 6: attend_chunk<D, 6, true>(u, k_tile, v_tile, f, k0, tokens, scale2, lane); break;
+    default: attend_chunk<D, 7, true>(u, k_tile, v_tile, f, k0, tokens, scale2, lane); break;
     }
 }
 
@@ -476,18 +377,44 @@ __device__ __forceinline__ void finish_unit(query_unit<D> &u, const attention_fo
     }
 }
 
-/* Warp w takes the units of 16 queries w, w + 4, ...; its first unit waits for each chunk of
- * K and V as it arrives, so computing starts after the first 64 rows. */
+/* Any length: a CTA takes 64 queries (warp w: 16 w .. 16 w + 15) and walks K and V in tiles
+ * of 64 rows. */
+template <int D>
+__global__ __launch_bounds__(MMA_THREADS) void attention_forward_mma_kernel(attention_forward_args args) {
+    __shared__ __align__(16) bf16 ks[TILE * D], vs[TILE * D];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int q0 = blockIdx.x * TILE + warp * 16, h = blockIdx.y, b = blockIdx.z, tokens = args.tokens;
+    int padded = padded_to_16(tokens);
+    float scale2 = args.scale * LOG2E;
+    fragment_offsets<D> f = lane_fragment_offsets<D>(lane);
+    query_unit<D> u;
+    start_unit<D>(u, args, b, h, q0, lane);
+    for (int k0 = 0; k0 < tokens; k0 += TILE) {
+        __syncthreads(); /* every warp is done with the previous tiles */
+        load_key_rows<D>(ks, vs, args, b, h, k0, k0, min(k0 + TILE, padded));
+        asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+        __syncthreads();
+        attend<D>(u, ks, vs, f, k0, tokens, scale2, lane);
+    }
+    finish_unit<D>(u, args, b, h, q0, scale2, lane);
+}
+
+/* Whole sequences: one cp.async group per 64 rows of K and V, all issued at once; warp w takes
+ * the units of 16 queries w, w + 4, ..., its first unit waiting for each group as it arrives,
+ * so computing starts after the first 64 rows. */
 template <int D>
 __global__ __launch_bounds__(MMA_THREADS, WHOLE_BLOCKS_PER_SM) void attention_forward_whole_kernel(
     attention_forward_args args) {
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int h = blockIdx.x, b = blockIdx.y, tokens = args.tokens, padded = padded_to_16(tokens);
-    int chunks = (tokens + WHOLE_CHUNK - 1) / WHOLE_CHUNK;
+    int chunks = (tokens + TILE - 1) / TILE;
     bf16 *ks = reinterpret_cast<bf16 *>(shared_bytes), *vs = ks + padded * D;
     float scale2 = args.scale * LOG2E;
-    load_sequence<D>(ks, vs, args, b, h, padded);
+    for (int r0 = 0; r0 < padded; r0 += TILE) {
+        load_key_rows<D>(ks, vs, args, b, h, 0, r0, min(r0 + TILE, padded));
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
     fragment_offsets<D> f = lane_fragment_offsets<D>(lane);
     constexpr int STEP = 16 * (MMA_THREADS / 32);
 
@@ -496,12 +423,13 @@ __global__ __launch_bounds__(MMA_THREADS, WHOLE_BLOCKS_PER_SM) void attention_fo
     if (q0 < tokens) start_unit<D>(u, args, b, h, q0, lane);
     for (int c = 0; c < chunks; c++) {
         wait_for_chunk(c, chunks);
-        if (q0 < tokens) attend<D>(u, ks, vs, f, c, tokens, scale2, lane);
+        if (q0 < tokens) attend<D>(u, ks + c * TILE * D, vs + c * TILE * D, f, c * TILE, tokens, scale2, lane);
     }
     if (q0 < tokens) finish_unit<D>(u, args, b, h, q0, scale2, lane);
     for (q0 += STEP; q0 < tokens; q0 += STEP) {
         start_unit<D>(u, args, b, h, q0, lane);
-        for (int c = 0; c < chunks; c++) attend<D>(u, ks, vs, f, c, tokens, scale2, lane);
+        for (int c = 0; c < chunks; c++)
+            attend<D>(u, ks + c * TILE * D, vs + c * TILE * D, f, c * TILE, tokens, scale2, lane);
         finish_unit<D>(u, args, b, h, q0, scale2, lane);
     }
 }
