@@ -6,6 +6,7 @@
  * fp64 one on the same (fp32-representable) inputs; and the in-place, accumulate and overwrite
  * rules that kernels/kernels.h states. Shapes are small, odd and non-square on purpose. */
 #include "kernels/kernels.h"
+#include "kernels/normal_cdf.h"
 #include "tests/test_util.h"
 
 #include <math.h>
@@ -360,6 +361,27 @@ static void test_pattention_gelu_accuracy(void) {
     free_all();
 }
 
+/* The CUDA kernels' standard normal distribution (kernels/normal_cdf.h, Abramowitz & Stegun
+ * 7.1.26), here in its host build, against double precision over z in [-12, 12]: Phi within 3e-7
+ * absolute everywhere, relative where the tail is small (the form keeps it as a product, not
+ * 1 - something); phi relative. */
+static void test_cuda_standard_normal(void) {
+    const int points = 480001;
+    double worst_absolute = 0.0, worst_tail = 0.0, worst_density = 0.0;
+    for (int i = 0; i < points; i++) {
+        float z = (float)(-12.0 + 24.0 * i / (points - 1));
+        tf_normal normal = tf_standard_normal(z);
+        double cdf = 0.5 * erfc(-(double)z / sqrt(2.0)), pdf = exp(-0.5 * (double)z * z) / sqrt(2.0 * M_PI);
+        worst_absolute = fmax(worst_absolute, fabs(normal.cdf - cdf));
+        if (z >= -4.0f && z <= 0.0f) worst_tail = fmax(worst_tail, fabs(normal.cdf - cdf) / cdf);
+        if (fabsf(z) <= 6.0f) worst_density = fmax(worst_density, fabs(normal.pdf - pdf) / pdf);
+    }
+    expect_below("CUDA Phi (host build), |error| over [-12, 12]", worst_absolute, 3e-7);
+    /* erff's form 0.5 (1 + erf), even with erf correctly rounded: 4.7e-4 here (1 + erf cancels). */
+    expect_below("CUDA Phi (host build), relative error over [-4, 0]", worst_tail, 6e-4);
+    expect_below("CUDA phi (host build), relative error over [-6, 6]", worst_density, 3e-6);
+}
+
 /* eps scaled per row (the inference form's eps_scale): r = sqrt(sum A^2 + eps e_row), with A
  * small enough that the eps term moves r. */
 static void test_pattention_norm_eps_scale(int rows, int n) {
@@ -418,6 +440,7 @@ static void test_pattention_norm(void) {
     test_pattention_norm_pool(3, 5, 40);
     test_pattention_norm_pool(2, 9, 300); /* columns in two blocks of the CPU loop */
     test_pattention_gelu_accuracy();
+    test_cuda_standard_normal();
     free_all();
 }
 

@@ -15,6 +15,7 @@ extern "C" {
 #include "kernels/kernels.h"
 }
 #include "kernels/cuda/cuda_backend.cuh"
+#include "kernels/normal_cdf.h"
 
 #include <cublasLt.h>
 #include <cuda_bf16.h>
@@ -251,23 +252,21 @@ __device__ __forceinline__ float block_max(float v, float *scratch) {
     return warp_max(v);
 }
 
-/* Exact (erf) GELU through the standard normal CDF Phi: GELU(z) = z Phi(z), GELU'(z) = Phi(z) +
- * z phi(z). A pass that needs both computes Phi once and calls the _from_cdf forms, which give
- * the same bits as gelu_erf and gelu_erf_derivative. */
-__device__ __forceinline__ float normal_cdf(float z) {
-    return 0.5f * (1.0f + erff(z * 0.70710678118654752f));
+/* Exact (erf) GELU through the standard normal distribution (kernels/normal_cdf.h says how and
+ * why in that form): GELU(z) = z Phi(z), GELU'(z) = Phi(z) + z phi(z). A pass that needs both
+ * evaluates the distribution once and calls the _at forms, which give the same bits as gelu_erf
+ * and gelu_erf_derivative. */
+__device__ __forceinline__ float gelu_erf_at(float z, tf_normal normal) {
+    return z * normal.cdf;
 }
-__device__ __forceinline__ float gelu_erf_from_cdf(float z, float cdf) {
-    return z * cdf;
-}
-__device__ __forceinline__ float gelu_erf_derivative_from_cdf(float z, float cdf) {
-    return cdf + z * (0.39894228040143268f * __expf(-0.5f * z * z));
+__device__ __forceinline__ float gelu_erf_derivative_at(float z, tf_normal normal) {
+    return normal.cdf + z * normal.pdf;
 }
 __device__ __forceinline__ float gelu_erf(float z) {
-    return gelu_erf_from_cdf(z, normal_cdf(z));
+    return gelu_erf_at(z, tf_standard_normal(z));
 }
 __device__ __forceinline__ float gelu_erf_derivative(float z) {
-    return gelu_erf_derivative_from_cdf(z, normal_cdf(z));
+    return gelu_erf_derivative_at(z, tf_standard_normal(z));
 }
 
 /* ---- row kernels ----

@@ -50,8 +50,10 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_ker
     }
 }
 
+/* Three blocks an SM with up to 3 chunks a thread, two with 4 (80 and 128 registers, a 4-byte
+ * spill in some shapes): left to itself the compiler takes more registers for fewer blocks. */
 template <int CHUNKS, int WARPS>
-__global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_kernel(bf16 *da, bf16 *s,
+__global__ __launch_bounds__(ROW_BLOCK_THREADS, CHUNKS <= 3 ? 3 : 2) void pattention_norm_backward_kernel(bf16 *da, bf16 *s,
                                                                                        const bf16 *ds, const bf16 *a,
                                                                                        const float *row_norm,
                                                                                        int rows, int n, float tau) {
@@ -80,9 +82,10 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_ke
         bf16x8_unpack(raw_ds[c], g);
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            float z = x[i] * scale, cdf = normal_cdf(z);
-            dz[c * 8 + i] = g[i] * gelu_erf_derivative_from_cdf(z, cdf);
-            recomputed[i] = gelu_erf_from_cdf(z, cdf);
+            float z = x[i] * scale;
+            tf_normal normal = tf_standard_normal(z);
+            dz[c * 8 + i] = g[i] * gelu_erf_derivative_at(z, normal);
+            recomputed[i] = gelu_erf_at(z, normal);
             dot = fmaf(x[i], dz[c * 8 + i], dot);
         }
         raw_s[c] = bf16x8_pack(recomputed);
@@ -148,10 +151,11 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_pl
     dot = warp_sum(dot);
     float coefficient = dot / (r * r);
     for (int j = lane; j < n; j += 32) {
-        float x = bf16_load(a_row + j), z = x * scale, cdf = normal_cdf(z);
-        float dz = bf16_load(ds_row + j) * gelu_erf_derivative_from_cdf(z, cdf);
+        float x = bf16_load(a_row + j), z = x * scale;
+        tf_normal normal = tf_standard_normal(z);
+        float dz = bf16_load(ds_row + j) * gelu_erf_derivative_at(z, normal);
         bf16_store(da + (size_t)row * n + j, scale * (dz - x * coefficient));
-        bf16_store(s + (size_t)row * n + j, gelu_erf_from_cdf(z, cdf));
+        bf16_store(s + (size_t)row * n + j, gelu_erf_at(z, normal));
     }
 }
 
@@ -159,9 +163,9 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_pl
  * 8 / WARPS row groups taking the rows 1, 2, ... in turn, each thread summing S over its columns
  * in registers. Up to 3 chunks a thread fit 64 registers: four blocks an SM, so that B/16's 512
  * images are one wave (4 chunks would spill in 64). The pass is bound by the GELU's arithmetic,
- * not the memory: on the H100, 512 x 197 x 3072 takes 0.45 ms, the same pass without the GELU
- * 0.21 ms (the memory's rate; scripts/experiments/norm_experiments.cu), and neither loads issued a
- * row ahead nor more blocks an image made it faster. The groups' sums are added in shared memory
+ * not the memory: on the H100, 512 x 197 x 3072 takes 0.31 ms (0.45 with erff's GELU), the same
+ * pass without the GELU 0.21 ms (the memory's rate; scripts/experiments/norm_experiments.cu), and
+ * neither loads issued a row ahead nor more blocks an image made it faster. The groups' sums are added in shared memory
  * in a fixed order, so the result is the same bits run to run. */
 template <int CHUNKS, int WARPS>
 __global__ __launch_bounds__(ROW_BLOCK_THREADS, CHUNKS <= 3 ? 4 : 3) void pattention_norm_pool_kernel(

@@ -1,7 +1,7 @@
 /* Is the Pattention norm pass (kernels/cuda/pattention_norm.cu) bound by memory or by the
  * arithmetic of its exact GELU? The same row kernels, forward and backward, with three GELUs:
  *
- *   erff      what the backend does: Phi(z) = (1 + erff(z / sqrt 2)) / 2
+ *   erff      what the backend did until row 26 of docs/performance.md: Phi(z) = (1 + erff(z / sqrt 2)) / 2
  *   none      Phi(z) = z (not a GELU: the memory-bound floor of the same pass)
  *   erfc      Phi from erfc(|z| / sqrt 2) = t exp(-y^2 + P(t)), t = 1 / (1 + y / 2) (Numerical
  *             Recipes' erfcc, relative error < 1.2e-7 for every y >= 0), one reciprocal and one
@@ -27,10 +27,17 @@ enum { ERFF = 0, NONE = 1, ERFC = 2 };
 
 template <int VARIANT>
 __device__ __forceinline__ float cdf(float z) {
-    if (VARIANT == ERFF) return normal_cdf(z); /* the backend's */
+    if (VARIANT == ERFF) return 0.5f * (1.0f + erff(z * 0.70710678118654752f)); /* the backend's until row 26 */
     if (VARIANT == NONE) return z;
     float half_tail = 0.5f * erfc_positive(fabsf(z) * 0.70710678118654752f);
     return z < 0.0f ? half_tail : 1.0f - half_tail;
+}
+
+__device__ __forceinline__ float gelu_erf_from_cdf(float z, float cdf) {
+    return z * cdf;
+}
+__device__ __forceinline__ float gelu_erf_derivative_from_cdf(float z, float cdf) {
+    return cdf + z * (0.39894228040143268f * __expf(-0.5f * z * z));
 }
 
 template <int CHUNKS, int WARPS, int VARIANT>
