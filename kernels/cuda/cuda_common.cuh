@@ -164,13 +164,15 @@ static int fastest_candidate(int count, int timed_runs, Run run) {
 typedef __nv_bfloat16 bf16;
 
 /* 8 bf16 = 16 bytes, the unit of the vectorised loads. */
+/* A bf16 is the top half of the float it widens to: integer operations, one an element, where
+ * __bfloat1622float2's inline-asm cvt kept the compiler from reusing a chunk unpacked before (the
+ * norm forward unpacked its row twice, 48 cvt for 24 elements). */
 __device__ __forceinline__ void bf16x8_unpack(uint4 raw, float out[8]) {
-    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        float2 f = __bfloat1622float2(h[i]);
-        out[2 * i] = f.x;
-        out[2 * i + 1] = f.y;
+        out[2 * i] = __uint_as_float(words[i] << 16);              /* the lower address: low half */
+        out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
     }
 }
 

@@ -50,8 +50,8 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_ker
     }
 }
 
-/* Three blocks an SM with up to 3 chunks a thread, two with 4 (80 and 128 registers, a 4-byte
- * spill in some shapes): left to itself the compiler takes more registers for fewer blocks. */
+/* Three blocks an SM with up to 3 chunks a thread, two with 4 (80 and 128 registers): left to
+ * itself the compiler takes more registers for fewer blocks. */
 template <int CHUNKS, int WARPS>
 __global__ __launch_bounds__(ROW_BLOCK_THREADS, CHUNKS <= 3 ? 3 : 2) void pattention_norm_backward_kernel(bf16 *da, bf16 *s,
                                                                                        const bf16 *ds, const bf16 *a,
