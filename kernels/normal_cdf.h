@@ -14,9 +14,9 @@
  * norm pass is bound by its instructions, not its memory traffic. erff's two branches were both
  * computed (the norm forward's SASS for 24 elements a thread: 1032 instructions, 216 of them
  * selects); with this form 752, no branch: `bench infer` B/16 9908-9923 -> 10221-10243 img/s,
- * `bench train` +1.4% (docs/performance.md, row 26). On the GPU the exponential and reciprocal are the hardware's
- * approximations (ex2.approx.ftz, rcp.approx.ftz: within 2 and 1 ulp), which add ~1e-7 to Phi's
- * error; the host build (the test) uses exp2f and a division. */
+ * `bench train` +1.4% (docs/performance.md, row 26). On the GPU the exponential and reciprocal
+ * are the hardware's approximations (ex2.approx.ftz, rcp.approx.ftz: within 2 and 1 ulp), which
+ * add ~1e-7 to Phi's error; the host build (the test) uses exp2f and a division. */
 #ifndef TF_NORMAL_CDF_H
 #define TF_NORMAL_CDF_H
 
@@ -50,9 +50,10 @@ typedef struct {
 
 TF_NORMAL_FN tf_normal tf_standard_normal(float z) {
     float t = tf_normal_reciprocal(fmaf(fabsf(z), 0.23164189f, 1.0f)); /* p = 0.3275911, over sqrt 2 */
-    float gauss = tf_normal_exp2(z * z * -0.72134752f);                 /* exp(-z^2 / 2) = 2^(-z^2 log2(e) / 2) */
-    float poly = fmaf(t, fmaf(t, fmaf(t, fmaf(t, 0.5307027145f, -0.7265760135f), 0.7107068705f), -0.142248368f),
-                      0.127414796f);
+    float gauss = tf_normal_exp2(z * z * -0.72134752f); /* exp(-z^2 / 2) = 2^(-z^2 log2(e) / 2) */
+    float poly =
+        fmaf(t, fmaf(t, fmaf(t, fmaf(t, 0.5307027145f, -0.7265760135f), 0.7107068705f), -0.142248368f),
+             0.127414796f);
     float tail = t * poly * gauss; /* 1 - Phi(|z|) */
     tf_normal normal = {z < 0.0f ? tail : 1.0f - tail, 0.39894228f * gauss};
     return normal;

@@ -163,10 +163,10 @@ static int fastest_candidate(int count, int timed_runs, Run run) {
 /* ---- bf16 and reductions on the device ---- */
 typedef __nv_bfloat16 bf16;
 
-/* 8 bf16 = 16 bytes, the unit of the vectorised loads. */
-/* A bf16 is the top half of the float it widens to: integer operations, one an element, where
- * __bfloat1622float2's inline-asm cvt kept the compiler from reusing a chunk unpacked before (the
- * norm forward unpacked its row twice, 48 cvt for 24 elements). */
+/* 8 bf16 = 16 bytes, the unit of the vectorised loads. A bf16 is the top half of the float it
+ * widens to: integer operations, one an element, where __bfloat1622float2's inline-asm cvt kept
+ * the compiler from reusing a chunk unpacked before (the norm forward unpacked its row twice, 48
+ * cvt for 24 elements). */
 __device__ __forceinline__ void bf16x8_unpack(uint4 raw, float out[8]) {
     const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll

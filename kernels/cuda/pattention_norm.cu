@@ -53,10 +53,8 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_ker
 /* Three blocks an SM with up to 3 chunks a thread, two with 4 (80 and 128 registers): left to
  * itself the compiler takes more registers for fewer blocks. */
 template <int CHUNKS, int WARPS>
-__global__ __launch_bounds__(ROW_BLOCK_THREADS, CHUNKS <= 3 ? 3 : 2) void pattention_norm_backward_kernel(bf16 *da, bf16 *s,
-                                                                                       const bf16 *ds, const bf16 *a,
-                                                                                       const float *row_norm,
-                                                                                       int rows, int n, float tau) {
+__global__ __launch_bounds__(ROW_BLOCK_THREADS, CHUNKS <= 3 ? 3 : 2) void pattention_norm_backward_kernel(
+    bf16 *da, bf16 *s, const bf16 *ds, const bf16 *a, const float *row_norm, int rows, int n, float tau) {
     __shared__ float scratch[8];
     int row = row_of_thread<WARPS>(), t = row_thread_index<WARPS>();
     bool active = row < rows;
@@ -165,8 +163,8 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_pl
  * images are one wave (4 chunks would spill in 64). The pass is bound by the GELU's arithmetic,
  * not the memory: on the H100, 512 x 197 x 3072 takes 0.31 ms (0.45 with erff's GELU), the same
  * pass without the GELU 0.21 ms (the memory's rate; scripts/experiments/norm_experiments.cu), and
- * neither loads issued a row ahead nor more blocks an image made it faster. The groups' sums are added in shared memory
- * in a fixed order, so the result is the same bits run to run. */
+ * neither loads issued a row ahead nor more blocks an image made it faster. The groups' sums are
+ * added in shared memory in a fixed order, so the result is the same bits run to run. */
 template <int CHUNKS, int WARPS>
 __global__ __launch_bounds__(ROW_BLOCK_THREADS, CHUNKS <= 3 ? 4 : 3) void pattention_norm_pool_kernel(
     bf16 *pooled_s, const bf16 *a, int tokens, int n, float tau, float eps, const float *eps_scale) {
