@@ -484,11 +484,20 @@ static void test_pattention_norm(void) {
 }
 
 /* ---- attention ---- */
-static void attention_case(int batch, int tokens, int heads, int head_dim, bool use_cudnn) {
+/* Which implementation a case asks for: cuDNN (forward and backward), our mma.sync / FMA kernels,
+ * or the wgmma forward (Hopper) with our backward (cuDNN's backward after it is the model's
+ * training step on Hopper, checked by tests/test_torch_parity.py's B/16 case; here it would fill
+ * cuDNN's plan cache with shapes the other cases need). */
+typedef enum { ATTENTION_CUDNN, ATTENTION_OWN, ATTENTION_WGMMA } attention_path;
+
+static void attention_case(int batch, int tokens, int heads, int head_dim, attention_path path) {
     op_check c;
+    bool use_cudnn = path == ATTENTION_CUDNN;
     bool cudnn_on = tf_cuda_attention_use_cudnn(use_cudnn);
-    op_begin(&c, "attention[%s] fwd+bwd batch=%d tokens=%d heads=%d head_dim=%d", use_cudnn ? "cudnn" : "own", batch,
-             tokens, heads, head_dim);
+    tf_cuda_attention_use_wgmma(path == ATTENTION_WGMMA);
+    const char *names[] = {"cudnn", "own", "wgmma"};
+    op_begin(&c, "attention[%s] fwd+bwd batch=%d tokens=%d heads=%d head_dim=%d", names[path], batch, tokens, heads,
+             head_dim);
     size_t n = (size_t)batch * tokens * heads * head_dim, rows = (size_t)batch * heads * tokens;
     pair q = pair_new("q", n, true), k = pair_new("k", n, true), v = pair_new("v", n, true);
     pair out = pair_new("out", n, true), lse = pair_new("lse", rows, false), dout = pair_new("dout", n, true);
@@ -524,12 +533,14 @@ static void attention_case(int batch, int tokens, int heads, int head_dim, bool 
     op_compare(&c, &dv, BF16_LIMIT);
     const char *backward_used = tf_cuda_attention_last_backward();
     const char *expected = use_cudnn ? "cudnn" : "own";
-    size_t prefix = strlen(expected);
+    const char *expected_forward = path == ATTENTION_WGMMA ? "own-wgmma" : expected;
     if (use_cudnn && !cudnn_on)
         op_fail(&c, "cuDNN attention is unavailable: %s", tf_cuda_attention_cudnn_status());
-    else if (strncmp(forward_used, expected, prefix) != 0 || strncmp(backward_used, expected, prefix) != 0)
-        op_fail(&c, "ran forward on %s, backward on %s instead of %s: %s", forward_used, backward_used, expected,
-                tf_cuda_attention_last_fallback_reason());
+    else if (strncmp(forward_used, expected_forward, strlen(expected_forward)) != 0 ||
+             strncmp(backward_used, expected, strlen(expected)) != 0 ||
+             (path != ATTENTION_WGMMA && strcmp(forward_used, "own-wgmma") == 0))
+        op_fail(&c, "ran forward on %s, backward on %s instead of %s and %s: %s", forward_used, backward_used,
+                expected_forward, expected, tf_cuda_attention_last_fallback_reason());
     size_t used = strlen(c.label);
     snprintf(c.label + used, sizeof c.label - used, " [%s]", backward_used);
     pair_free(&q);
@@ -546,24 +557,37 @@ static void attention_case(int batch, int tokens, int heads, int head_dim, bool 
 
 static void test_attention(void) {
     for (int use_cudnn = 1; use_cudnn >= 0; use_cudnn--) {
-        attention_case(2, 17, 3, 32, use_cudnn);
-        attention_case(4, 50, 3, 32, use_cudnn);
-        attention_case(4, 50, 3, 64, use_cudnn);
-        attention_case(2, 197, 2, 64, use_cudnn); /* whole sequence in shared memory, 4 key chunks */
+        attention_path path = use_cudnn ? ATTENTION_CUDNN : ATTENTION_OWN;
+        attention_case(2, 17, 3, 32, path);
+        attention_case(4, 50, 3, 32, path);
+        attention_case(4, 50, 3, 64, path);
+        attention_case(2, 197, 2, 64, path); /* whole sequence in shared memory, 4 key chunks */
         /* the whole-sequence kernel's last chunk at each count of 8-key blocks (17: 3, 50: 7,
          * 197: 1 above), none (128) and the longest sequence it takes (256) */
-        attention_case(1, 77, 2, 64, use_cudnn);
-        attention_case(1, 92, 1, 64, use_cudnn);
-        attention_case(1, 100, 1, 32, use_cudnn);
-        attention_case(1, 108, 1, 64, use_cudnn);
-        attention_case(1, 128, 2, 64, use_cudnn);
-        attention_case(1, 256, 1, 64, use_cudnn);
-        attention_case(2, 300, 2, 64, use_cudnn); /* longer than that: tiles of queries and keys */
-        attention_case(1, 300, 2, 32, use_cudnn);
-        attention_case(2, 130, 2, 128, use_cudnn);
-        attention_case(3, 70, 2, 24, use_cudnn);
-        if (!small_only) attention_case(256, 197, 12, 64, use_cudnn);
+        attention_case(1, 77, 2, 64, path);
+        attention_case(1, 92, 1, 64, path);
+        attention_case(1, 100, 1, 32, path);
+        attention_case(1, 108, 1, 64, path);
+        attention_case(1, 128, 2, 64, path);
+        attention_case(1, 256, 1, 64, path);
+        attention_case(2, 300, 2, 64, path); /* longer than that: tiles of queries and keys */
+        attention_case(1, 300, 2, 32, path);
+        attention_case(2, 130, 2, 128, path);
+        attention_case(3, 70, 2, 24, path);
+        if (!small_only) attention_case(256, 197, 12, 64, path);
     }
+    /* The wgmma forward's sequence lengths: its shortest, the model's and its longest (one masked
+     * key in its last 8-key block, four, none). */
+    if (tf_cuda_attention_use_wgmma(true)) {
+        attention_case(3, 193, 2, 64, ATTENTION_WGMMA);
+        attention_case(2, 197, 2, 64, ATTENTION_WGMMA);
+        attention_case(2, 200, 3, 64, ATTENTION_WGMMA);
+        attention_case(1, 197, 16, 64, ATTENTION_WGMMA);
+        if (!small_only) attention_case(512, 197, 12, 64, ATTENTION_WGMMA);
+    } else {
+        printf("attention[wgmma]: skipped, the GPU is not of compute capability 9.0\n");
+    }
+    tf_cuda_attention_use_wgmma(true);
     tf_cuda_attention_use_cudnn(true);
 }
 

@@ -1,10 +1,12 @@
 /* Multi-head softmax attention (not causal, scale c = 1 / sqrt(head_dim)) on q, k, v, out of
  * layout [batch * tokens, heads * head_dim]: element (b, s, h, d) at ((b S + s) H + h) D + d.
  *
- * Three implementations, chosen per call: cuDNN's fused flash attention (attention_cudnn.cu),
- * preferred when its graph can be built for the shape; our tensor-core kernels
- * (attention_mma.cu) for head_dim 32 and 64; and the plain fp32 FMA kernels below for any
- * head_dim up to 128 (simple rather than fast: shared-memory tiles, no tensor cores).
+ * Four implementations, chosen per call: for the forward of 193-200 tokens at head_dim 64 on
+ * Hopper (ViT at 224 pixels), our wgmma kernel (attention_wgmma.cu), the fastest there; cuDNN's
+ * fused flash attention (attention_cudnn.cu), preferred otherwise when its graph can be built for
+ * the shape; our tensor-core kernels (attention_mma.cu) for head_dim 32 and 64; and the plain
+ * fp32 FMA kernels below for any head_dim up to 128 (simple rather than fast: shared-memory
+ * tiles, no tensor cores).
  *
  * Forward, per (b, h, tile of 64 queries), online softmax over tiles of 64 keys in base 2:
  *   s = c log2(e) q.k,  m = running max,  l = running sum of 2^(s - m),  o = running sum of
@@ -392,8 +394,8 @@ static const char *last_own = "own";
 #define ATTENTION_FORMAT "batch %d tokens %d heads %d head_dim %d"
 #define ATTENTION_SHAPE ATTENTION_FORMAT, batch, tokens, heads, head_dim
 
-static void own_attention_forward(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
-                                  int tokens, int heads, int head_dim) {
+static attention_forward_args forward_args(void *out, void *lse, const void *q, const void *k, const void *v,
+                                           int batch, int tokens, int heads, int head_dim) {
     attention_forward_args args;
     args.out = (bf16 *)out;
     args.lse = (float *)lse;
@@ -405,6 +407,12 @@ static void own_attention_forward(void *out, void *lse, const void *q, const voi
     args.heads = heads;
     args.head_dim = head_dim;
     args.scale = 1.0f / sqrtf((float)head_dim);
+    return args;
+}
+
+static void own_attention_forward(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
+                                  int tokens, int heads, int head_dim) {
+    attention_forward_args args = forward_args(out, lse, q, k, v, batch, tokens, heads, head_dim);
     const void *pointers[5] = {out, lse, q, k, v};
     if (attention_mma_supports(head_dim, pointers, 5)) {
         attention_mma_forward(args);
@@ -466,6 +474,13 @@ static void own_attention_backward(void *dq, void *dk, void *dv, const void *dou
 static const char *last_forward = "none", *last_backward = "none";
 static char last_fallback_reason[1024];
 
+static bool wgmma_allowed = true;
+
+extern "C" bool tf_cuda_attention_use_wgmma(bool use) {
+    wgmma_allowed = use;
+    return use && attention_wgmma_available();
+}
+
 extern "C" bool tf_cuda_attention_use_cudnn(bool use) {
     cuda_ctx.attention_prefer_cudnn = use && cuda_ctx.cudnn && cuda_ctx.cudnn_unavailable[0] == '\0';
     return cuda_ctx.attention_prefer_cudnn;
@@ -510,6 +525,14 @@ static bool cudnn_alignment_ok(const void *const *pointers, int count) {
 
 extern "C" void cuda_attention_forward(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                                        int tokens, int heads, int head_dim) {
+    /* 193-200 tokens on Hopper (ViT at 224 pixels: 197): our wgmma kernel, which is faster than
+     * cuDNN's there (docs/performance.md, row 28). Its log-sum-exp is what cuDNN's backward reads. */
+    if (wgmma_allowed && batch > 0 && heads > 0 &&
+        attention_wgmma_forward(forward_args(out, lse, q, k, v, batch, tokens, heads, head_dim))) {
+        LAUNCH_CHECK("attention_forward_kernel (wgmma)", ATTENTION_SHAPE);
+        last_forward = "own-wgmma";
+        return;
+    }
     const void *pointers[5] = {out, lse, q, k, v};
     if (cuda_ctx.attention_prefer_cudnn && cudnn_alignment_ok(pointers, 5)) {
         if (cudnn_attention_forward(out, lse, q, k, v, batch, tokens, heads, head_dim, last_fallback_reason,

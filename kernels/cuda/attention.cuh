@@ -39,4 +39,10 @@ bool attention_mma_supports(int head_dim, const void *const *pointers, int count
 void attention_mma_forward(const attention_forward_args &args);
 void attention_mma_backward(const attention_backward_args &args);
 
+/* The forward on Hopper's wgmma (attention_wgmma.cu, compiled for sm_90a): 193-200 tokens,
+ * head_dim 64, 16-byte aligned buffers, a GPU of compute capability 9.0. Launches on
+ * cuda_ctx.stream and returns true, or launches nothing and returns false. */
+bool attention_wgmma_available(void);
+bool attention_wgmma_forward(const attention_forward_args &args);
+
 #endif

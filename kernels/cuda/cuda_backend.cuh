@@ -4,8 +4,9 @@
  *
  * Attention has two implementations: cuDNN's fused flash attention (built through cuDNN's
  * backend graph API, once per shape) and our own flash-style kernels (attention.cu,
- * attention_mma.cu). cuDNN is preferred when it can be opened; a shape whose cuDNN graph cannot
- * be built falls back to our kernels, with one log line saying why. */
+ * attention_mma.cu, attention_wgmma.cu). cuDNN is preferred when it can be opened, except for the
+ * forward our wgmma kernel takes (193-200 tokens, head_dim 64, Hopper), which is faster; a shape
+ * whose cuDNN graph cannot be built falls back to our kernels, with one log line saying why. */
 #ifndef TF_KERNELS_CUDA_BACKEND_CUH
 #define TF_KERNELS_CUDA_BACKEND_CUH
 
@@ -22,11 +23,17 @@ extern "C" {
  * cuDNN will be tried (false when it is unavailable, see tf_cuda_attention_cudnn_status). */
 bool tf_cuda_attention_use_cudnn(bool use);
 
+/* Let the wgmma forward take the shapes it can (true, the default) or not (false: tests and
+ * benchmarks of the other implementations); returns whether it will (false on a GPU other than
+ * compute capability 9.0). */
+bool tf_cuda_attention_use_wgmma(bool use);
+
 /* "" when cuDNN attention is available, otherwise why not. */
 const char *tf_cuda_attention_cudnn_status(void);
 
 /* Which implementation the last attention_forward / attention_backward used: "cudnn",
- * "own-mma" (our tensor-core kernels, head_dim 32 and 64) or "own-fma" (our plain kernels). */
+ * "own-wgmma" (forward only), "own-mma" (our tensor-core kernels, head_dim 32 and 64) or
+ * "own-fma" (our plain kernels). */
 const char *tf_cuda_attention_last_forward(void);
 const char *tf_cuda_attention_last_backward(void);
 

@@ -244,6 +244,18 @@ static void bench_attention(void) {
     c.dv = device_buffer(count, TF_DTYPE_BF16, 0.0f);
     c.lse = device_buffer((size_t)2 * BATCH * HEADS * TOKENS, TF_DTYPE_F32, 0.0f);
     double forward_flops = 4.0 * BATCH * HEADS * TOKENS * TOKENS * HEAD_DIM, backward_flops = 2.5 * forward_flops;
+    if (tf_cuda_attention_use_wgmma(true)) {
+        float min_ms, ms;
+        char label[128];
+        for (c.batch = 2 * BATCH; c.batch >= BATCH; c.batch /= 2) {
+            ms = time_ms(run_attention_forward, &c, &min_ms);
+            snprintf(label, sizeof label, "attention forward batch %d [%s]", c.batch, tf_cuda_attention_last_forward());
+            report(label, ms, min_ms, forward_flops * c.batch / BATCH, "TFLOP/s");
+        }
+    } else {
+        printf("attention forward through wgmma: unavailable (not a GPU of compute capability 9.0)\n");
+    }
+    tf_cuda_attention_use_wgmma(false); /* cuDNN's and our other kernels, forward and backward */
     for (int use_cudnn = 1; use_cudnn >= 0; use_cudnn--) {
         bool on = tf_cuda_attention_use_cudnn(use_cudnn);
         if (use_cudnn && !on) {
@@ -271,6 +283,7 @@ static void bench_attention(void) {
             printf("  (cuDNN fell back to our kernels: %s)\n", tf_cuda_attention_last_fallback_reason());
     }
     tf_cuda_attention_use_cudnn(true);
+    tf_cuda_attention_use_wgmma(true);
     gpu->free(c.q);
     gpu->free(c.k);
     gpu->free(c.v);
