@@ -8,9 +8,10 @@
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/attention_wgmma.cuh"
 
-typedef CUresult (*encode_tiled_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
-                                    const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
-                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+typedef CUresult (*encode_tiled_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                    const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                    const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                    CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
 /* The encoder, once the device is known to run the kernel; NULL otherwise. */
 static encode_tiled_fn wgmma_encoder(void) {
@@ -40,12 +41,14 @@ bool attention_wgmma_available(void) {
 }
 
 /* Head columns of a [rows, width] bf16 tensor, boxes of 64 columns by `box_rows` rows. */
-static bool encode_heads(CUtensorMap *map, encode_tiled_fn encode, const bf16 *x, int rows, int width, int box_rows) {
-    cuuint64_t dims[2] = {(cuuint64_t)width, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)width * sizeof(bf16)};
+static bool encode_heads(CUtensorMap *map, encode_tiled_fn encode, const bf16 *x, int rows, int width,
+                         int box_rows) {
+    cuuint64_t dims[2] = {(cuuint64_t)width, (cuuint64_t)rows},
+               strides[1] = {(cuuint64_t)width * sizeof(bf16)};
     cuuint32_t box[2] = {wgmma_attention::HEAD_DIM, (cuuint32_t)box_rows}, element_strides[2] = {1, 1};
     return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)x, dims, strides, box, element_strides,
-                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 bool attention_wgmma_forward(const attention_forward_args &args) {
@@ -62,8 +65,8 @@ bool attention_wgmma_forward(const attention_forward_args &args) {
         CUtensorMap maps[3];
     } last;
     int rows = args.batch * args.tokens, width = args.heads * HEAD_DIM;
-    if (last.q != args.q || last.k != args.k || last.v != args.v || last.rows != rows || last.width != width ||
-        last.tokens != args.tokens) {
+    if (last.q != args.q || last.k != args.k || last.v != args.v || last.rows != rows ||
+        last.width != width || last.tokens != args.tokens) {
         last.q = NULL; /* kept only once all three are made */
         if (!encode_heads(&last.maps[0], encode, args.q, rows, width, args.tokens) ||
             !encode_heads(&last.maps[1], encode, args.k, rows, width, args.tokens) ||

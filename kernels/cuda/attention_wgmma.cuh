@@ -39,9 +39,9 @@ enum {
     THREADS = 384, /* a producer warp group and two consumer warp groups */
     HEAD_DIM = 64,
     MIN_TOKENS = 193,
-    MAX_TOKENS = 200,    /* the first product's N */
-    VALUE_KEYS = 208,    /* keys of the second product: 13 k steps of 16 */
-    ROW_BYTES = 128,     /* one row of a head: 64 bf16, one 128-byte swizzle row */
+    MAX_TOKENS = 200,                      /* the first product's N */
+    VALUE_KEYS = 208,                      /* keys of the second product: 13 k steps of 16 */
+    ROW_BYTES = 128,                       /* one row of a head: 64 bf16, one 128-byte swizzle row */
     REGION_BYTES = MAX_TOKENS * ROW_BYTES, /* a multiple of the 1024-byte swizzle pattern */
     STAGE_BYTES = 3 * REGION_BYTES,        /* Q, V, K */
     STAGES = 3,
@@ -71,12 +71,12 @@ __device__ __forceinline__ void barrier_wait(uint64_t *bar, int parity) {
                  : "memory");
 }
 /* TMA: the box at (column, row) of the tensor map into shared memory, completing on bar. */
-__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int column, int row, uint64_t *bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::
-            "r"(smem_address(dst)),
-        "l"((uint64_t)map), "r"(column), "r"(row), "r"(smem_address(bar))
-        : "memory");
+__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int column, int row,
+                                         uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], "
+                 "[%1, {%2, %3}], [%4];" ::"r"(smem_address(dst)),
+                 "l"((uint64_t)map), "r"(column), "r"(row), "r"(smem_address(bar))
+                 : "memory");
 }
 
 /* Shared-memory matrix descriptor of a 128-byte-swizzled region whose rows are 64 bf16 (128
@@ -102,20 +102,23 @@ __device__ __forceinline__ void wgmma_wait_all() {
  * compiler may read an accumulator before the wait, or reuse an operand register during it. */
 __device__ __forceinline__ void pin(float *r, int n) {
 #pragma unroll
-    for (int i = 0; i < n; i++) asm volatile("" : "+f"(r[i])::"memory");
+    for (int i = 0; i < n; i++)
+        asm volatile("" : "+f"(r[i])::"memory");
 }
 __device__ __forceinline__ void pin(uint32_t *r, int n) {
 #pragma unroll
-    for (int i = 0; i < n; i++) asm volatile("" : "+r"(r[i])::"memory");
+    for (int i = 0; i < n; i++)
+        asm volatile("" : "+r"(r[i])::"memory");
 }
 
-#define F8(i)                                                                                                    \
-    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
-        "+f"(d[i + 7])
+#define F8(i)                                                                                                \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]),              \
+        "+f"(d[i + 6]), "+f"(d[i + 7])
 
 /* D (64 x 200, fp32, 100 registers a thread) (+)= A (64 x 16, shared, K-major) B^T (200 x 16,
  * shared, K-major). */
-__device__ __forceinline__ void wgmma_m64n200k16_ss(float d[100], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+__device__ __forceinline__ void wgmma_m64n200k16_ss(float d[100], uint64_t desc_a, uint64_t desc_b,
+                                                    int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %102, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n200k16.f32.bf16.bf16 {"
                  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
@@ -126,13 +129,15 @@ __device__ __forceinline__ void wgmma_m64n200k16_ss(float d[100], uint64_t desc_
                  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
                  "%96, %97, %98, %99"
                  "}, %100, %101, p, 1, 1, 0, 0;\n}\n"
-                 : F8(0), F8(8), F8(16), F8(24), F8(32), F8(40), F8(48), F8(56), F8(64), F8(72), F8(80), F8(88), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99])
+                 : F8(0), F8(8), F8(16), F8(24), F8(32), F8(40), F8(48), F8(56), F8(64), F8(72), F8(80),
+                   F8(88), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99])
                  : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
 /* D (64 x 64, fp32, 32 registers) (+)= A (64 x 16, bf16 pairs in registers) B (16 x 64, shared,
  * MN-major). */
-__device__ __forceinline__ void wgmma_m64n64k16_rs(float d[32], const uint32_t a[4], uint64_t desc_b, int accumulate) {
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float d[32], const uint32_t a[4], uint64_t desc_b,
+                                                   int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
                  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
@@ -172,7 +177,8 @@ struct unit_args {
  * + g and + 8. */
 __device__ __forceinline__ void attend_tile(const uint8_t *stage, int tile, int image, int head,
                                             const unit_args &a) {
-    const uint8_t *q = stage + tile * 64 * ROW_BYTES, *v = stage + REGION_BYTES, *k = stage + 2 * REGION_BYTES;
+    const uint8_t *q = stage + tile * 64 * ROW_BYTES, *v = stage + REGION_BYTES,
+                  *k = stage + 2 * REGION_BYTES;
     int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, g = lane >> 2, t = lane & 3;
 
     float s[100];
@@ -191,7 +197,8 @@ __device__ __forceinline__ void attend_tile(const uint8_t *stage, int tile, int 
     /* Row maxima and sums as trees over four partials: short dependency chains. */
     float part0[4], part1[4];
 #pragma unroll
-    for (int i = 0; i < 4; i++) part0[i] = part1[i] = -INFINITY;
+    for (int i = 0; i < 4; i++)
+        part0[i] = part1[i] = -INFINITY;
 #pragma unroll
     for (int j = 0; j < 25; j++) {
         part0[j & 3] = fmaxf(part0[j & 3], fmaxf(s[4 * j], s[4 * j + 1]));
@@ -201,7 +208,8 @@ __device__ __forceinline__ void attend_tile(const uint8_t *stage, int tile, int 
     float max1 = quad_max(fmaxf(fmaxf(part1[0], part1[1]), fmaxf(part1[2], part1[3])));
     float shift0 = -max0 * a.scale2, shift1 = -max1 * a.scale2;
 #pragma unroll
-    for (int i = 0; i < 4; i++) part0[i] = part1[i] = 0.0f;
+    for (int i = 0; i < 4; i++)
+        part0[i] = part1[i] = 0.0f;
 
     /* P in two halves, each multiplied by V as soon as it is made: the second half's exponentials
      * run while the tensor cores take the first's products. k step c of the second product is the
@@ -260,10 +268,11 @@ __device__ __forceinline__ void attend_tile(const uint8_t *stage, int tile, int 
 
 /* q, k, v, out: [batch * tokens, heads * 64] bf16 (head h in columns 64 h ..); lse: [batch, heads,
  * tokens]. The tensor maps' boxes are 64 columns by `tokens` rows. */
-__global__ __launch_bounds__(THREADS, 1) void attention_forward_kernel(const __grid_constant__ CUtensorMap q_map,
-                                                                       const __grid_constant__ CUtensorMap k_map,
-                                                                       const __grid_constant__ CUtensorMap v_map,
-                                                                       unit_args a, int units) {
+__global__ __launch_bounds__(THREADS,
+                             1) void attention_forward_kernel(const __grid_constant__ CUtensorMap q_map,
+                                                              const __grid_constant__ CUtensorMap k_map,
+                                                              const __grid_constant__ CUtensorMap v_map,
+                                                              unit_args a, int units) {
     extern __shared__ uint8_t raw[];
     uint8_t *smem = reinterpret_cast<uint8_t *>(((uintptr_t)raw + 1023) & ~(uintptr_t)1023);
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + STAGES * STAGE_BYTES), *empty = full + STAGES;
@@ -301,7 +310,8 @@ __global__ __launch_bounds__(THREADS, 1) void attention_forward_kernel(const __g
         int image = unit / a.heads, head = unit - image * a.heads;
         barrier_wait(&full[s], round & 1);
         const uint8_t *stage = smem + s * STAGE_BYTES;
-        for (int tile = consumer; tile * 64 < a.tokens; tile += 2) attend_tile(stage, tile, image, head, a);
+        for (int tile = consumer; tile * 64 < a.tokens; tile += 2)
+            attend_tile(stage, tile, image, head, a);
         /* The stage's last products are done (waited for above): the producer may refill it. */
         if ((threadIdx.x & 127) == 0) barrier_arrive(&empty[s]);
         if (++s == STAGES) s = 0, round++;

@@ -19,9 +19,10 @@
 
 using namespace wgmma_attention;
 
-typedef CUresult (*encode_tiled_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
-                                    const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
-                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+typedef CUresult (*encode_tiled_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                    const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                    const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                    CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 static encode_tiled_fn encode;
 
 static CUtensorMap head_map(const bf16 *x, int rows, int width, int box_rows) {
@@ -35,8 +36,8 @@ static CUtensorMap head_map(const bf16 *x, int rows, int width, int box_rows) {
 }
 
 /* One thread per (image, head, query row), fp32 throughout. */
-__global__ void reference_kernel(float *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int batch,
-                                 int tokens, int heads, float scale) {
+__global__ void reference_kernel(float *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
+                                 int batch, int tokens, int heads, float scale) {
     size_t index = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (index >= (size_t)batch * heads * tokens) return;
     int row = index % tokens, head = (index / tokens) % heads, image = index / ((size_t)tokens * heads);
@@ -46,7 +47,8 @@ __global__ void reference_kernel(float *out, float *lse, const bf16 *q, const bf
     for (int j = 0; j < tokens; j++) {
         const bf16 *kr = k + ((size_t)image * tokens + j) * width + head * HEAD_DIM;
         float s = 0;
-        for (int d = 0; d < HEAD_DIM; d++) s += __bfloat162float(qr[d]) * __bfloat162float(kr[d]);
+        for (int d = 0; d < HEAD_DIM; d++)
+            s += __bfloat162float(qr[d]) * __bfloat162float(kr[d]);
         m = fmaxf(m, s * scale);
     }
     float acc[HEAD_DIM] = {0}, l = 0;
@@ -54,13 +56,16 @@ __global__ void reference_kernel(float *out, float *lse, const bf16 *q, const bf
         const bf16 *kr = k + ((size_t)image * tokens + j) * width + head * HEAD_DIM;
         const bf16 *vr = v + ((size_t)image * tokens + j) * width + head * HEAD_DIM;
         float s = 0;
-        for (int d = 0; d < HEAD_DIM; d++) s += __bfloat162float(qr[d]) * __bfloat162float(kr[d]);
+        for (int d = 0; d < HEAD_DIM; d++)
+            s += __bfloat162float(qr[d]) * __bfloat162float(kr[d]);
         float p = expf(s * scale - m);
         l += p;
-        for (int d = 0; d < HEAD_DIM; d++) acc[d] += p * __bfloat162float(vr[d]);
+        for (int d = 0; d < HEAD_DIM; d++)
+            acc[d] += p * __bfloat162float(vr[d]);
     }
     float *o = out + ((size_t)image * tokens + row) * width + head * HEAD_DIM;
-    for (int d = 0; d < HEAD_DIM; d++) o[d] = acc[d] / l;
+    for (int d = 0; d < HEAD_DIM; d++)
+        o[d] = acc[d] / l;
     lse[((size_t)image * heads + head) * tokens + row] = m + logf(l);
 }
 
@@ -125,7 +130,8 @@ struct problem {
             worst = fmax(worst, fabs(x - r[i]));
             largest = fmax(largest, fabs(r[i]));
         }
-        for (size_t i = 0; i < rows; i++) worst_lse = fmax(worst_lse, fabs(hl[i] - rl[i]));
+        for (size_t i = 0; i < rows; i++)
+            worst_lse = fmax(worst_lse, fabs(hl[i] - rl[i]));
         printf("check batch %d tokens %d heads %d: out worst %.3e of max %.3f (relative %.3e), "
                "lse worst %.3e, %zu not finite: %s\n",
                batch, tokens, heads, worst, largest, worst / largest, worst_lse, bad,
@@ -138,8 +144,10 @@ struct problem {
 int main() {
     setvbuf(stdout, NULL, _IOLBF, 0);
     cudaDriverEntryPointQueryResult found;
-    CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", (void **)&encode, 12000, cudaEnableDefault, &found));
-    CK(cudaFuncSetAttribute(attention_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
+    CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", (void **)&encode, 12000, cudaEnableDefault,
+                                        &found));
+    CK(cudaFuncSetAttribute(attention_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            SMEM_BYTES));
     for (int tokens : {193, 197, 200}) {
         problem p(3, tokens, 2);
         p.check();
@@ -149,7 +157,8 @@ int main() {
         problem p(s[0], s[1], s[2]);
         p.check();
         std::vector<float> times;
-        for (int r = 0; r < 5; r++) times.push_back(time_ms([&] { p.run(); }, 20, 3));
+        for (int r = 0; r < 5; r++)
+            times.push_back(time_ms([&] { p.run(); }, 20, 3));
         std::sort(times.begin(), times.end());
         double bytes = 4.0 * p.n * 2;
         printf("time batch %d tokens %d heads %d: %.4f ms (min %.4f, max %.4f), %.0f GB/s of q, k, v, out\n",
