@@ -33,6 +33,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "kernels/cuda/hopper.cuh"
+
 namespace wgmma_attention {
 
 enum {
@@ -50,54 +52,6 @@ enum {
 
 typedef __nv_bfloat16 bf16;
 
-__device__ __forceinline__ uint32_t smem_address(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void barrier_init(uint64_t *bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count));
-}
-__device__ __forceinline__ void barrier_expect_bytes(uint64_t *bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void barrier_arrive(uint64_t *bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
-}
-__device__ __forceinline__ void barrier_wait(uint64_t *bar, int parity) {
-    asm volatile("{\n.reg .pred done;\nwait_%=:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 "@!done bra wait_%=;\n}\n" ::"r"(smem_address(bar)),
-                 "r"(parity)
-                 : "memory");
-}
-/* TMA: the box at (column, row) of the tensor map into shared memory, completing on bar. */
-__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int column, int row,
-                                         uint64_t *bar) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], "
-                 "[%1, {%2, %3}], [%4];" ::"r"(smem_address(dst)),
-                 "l"((uint64_t)map), "r"(column), "r"(row), "r"(smem_address(bar))
-                 : "memory");
-}
-
-/* Shared-memory matrix descriptor of a 128-byte-swizzled region whose rows are 64 bf16 (128
- * bytes, one swizzle row), 8-row groups 1024 bytes apart (the TMA box layout), for either use:
- * K-major (Q, K: the reduction runs along a row) and MN-major (V: the reduction runs down the
- * rows; the 64 output columns are one swizzle row). Either way the stride field is the 8-row
- * group's and the leading field is unused (measured: the MN-major product is right with any
- * leading offset, and wrong with a stride other than 1024). */
-__device__ __forceinline__ uint64_t descriptor(const void *p) {
-    return ((smem_address(p) & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() {
-    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_wait_all() {
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-}
 /* Registers an asynchronous product writes or reads, pinned across its wait: without this the
  * compiler may read an accumulator before the wait, or reuse an operand register during it. */
 __device__ __forceinline__ void pin(float *r, int n) {
@@ -185,9 +139,9 @@ __device__ __forceinline__ void attend_tile(const uint8_t *stage, int tile, int 
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < HEAD_DIM / 16; step++)
-        wgmma_m64n200k16_ss(s, descriptor(q + 32 * step), descriptor(k + 32 * step), step > 0);
+        wgmma_m64n200k16_ss(s, smem_descriptor(q + 32 * step), smem_descriptor(k + 32 * step), step > 0);
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<0>();
     pin(s, 100);
 
     /* Keys past the sequence: in the last 8-column block only (193-200 tokens). */
@@ -234,12 +188,12 @@ __device__ __forceinline__ void attend_tile(const uint8_t *stage, int tile, int 
         wgmma_fence();
 #pragma unroll
         for (int c = half * 7; c < half * 7 + steps; c++)
-            wgmma_m64n64k16_rs(o, p + 4 * c, descriptor(v + c * 16 * ROW_BYTES), c > 0);
+            wgmma_m64n64k16_rs(o, p + 4 * c, smem_descriptor(v + c * 16 * ROW_BYTES), c > 0);
         wgmma_commit();
     }
     float sum0 = quad_sum((part0[0] + part0[1]) + (part0[2] + part0[3]));
     float sum1 = quad_sum((part1[0] + part1[1]) + (part1[2] + part1[3]));
-    wgmma_wait_all();
+    wgmma_wait<0>();
     pin(o, 32);
     pin(p, 52);
 
@@ -298,9 +252,9 @@ __global__ __launch_bounds__(THREADS,
             if (round > 0) barrier_wait(&empty[s], (round - 1) & 1);
             uint8_t *stage = smem + s * STAGE_BYTES;
             barrier_expect_bytes(&full[s], bytes);
-            tma_load(stage, &q_map, head * HEAD_DIM, image * a.tokens, &full[s]);
-            tma_load(stage + REGION_BYTES, &v_map, head * HEAD_DIM, image * a.tokens, &full[s]);
-            tma_load(stage + 2 * REGION_BYTES, &k_map, head * HEAD_DIM, image * a.tokens, &full[s]);
+            tma_load_2d(stage, &q_map, head * HEAD_DIM, image * a.tokens, &full[s]);
+            tma_load_2d(stage + REGION_BYTES, &v_map, head * HEAD_DIM, image * a.tokens, &full[s]);
+            tma_load_2d(stage + 2 * REGION_BYTES, &k_map, head * HEAD_DIM, image * a.tokens, &full[s]);
             if (++s == STAGES) s = 0, round++;
         }
         return;

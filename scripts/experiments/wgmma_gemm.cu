@@ -26,7 +26,7 @@
  * (clusters of 2); the row sums cost 3-9%; the GELU epilogue costs 0.31-0.65 ms on N 3072 in every
  * schedule, two epilogue warp groups of their own included, which closes the routes that needed it.
  *
- * nvcc -O3 -gencode arch=compute_90a,code=sm_90a wgmma_gemm.cu -lcublasLt -o wgmma_gemm && ./wgmma_gemm
+ * nvcc -O3 -I../.. -gencode arch=compute_90a,code=sm_90a wgmma_gemm.cu -lcublasLt -o wgmma_gemm && ./wgmma_gemm
  * ./wgmma_gemm profile   # the N 3072 kernels once each, clusters of 1, for ncu --kernel-name regex:gemm_kernel
  * ./wgmma_gemm groups    # cuBLASLt and the epilogue warp groups' kernel (gemm_gelu_kernel<..., true>) alone */
 #include <cublasLt.h>
@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "experiments.cuh"
+#include "kernels/cuda/hopper.cuh"
 
 enum { BN = 256, BK = 64, THREADS = 384, B_STAGE_BYTES = BN * BK * 2, BOX_BYTES = 64 * 64 * 2 };
 
@@ -70,39 +71,7 @@ template <bool PINGPONG, bool DEFERRED = false> struct layout {
 
 typedef __nv_bfloat16 bf16;
 
-/* ---- PTX wrappers ---- */
-__device__ __forceinline__ uint32_t smem_address(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void barrier_init(uint64_t *bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count));
-}
-__device__ __forceinline__ void barrier_expect_bytes(uint64_t *bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void barrier_arrive(uint64_t *bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
-}
-__device__ __forceinline__ void barrier_wait(uint64_t *bar, int parity) {
-    asm volatile("{\n.reg .pred done;\nwait_%=:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 "@!done bra wait_%=;\n}\n" ::"r"(smem_address(bar)),
-                 "r"(parity)
-                 : "memory");
-}
-/* TMA: the box at (inner, outer) of the tensor map into shared memory, completing on bar. */
-__device__ __forceinline__ void tma_load_2d(void *dst, const CUtensorMap *map, int inner, int outer, uint64_t *bar) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-                 ::"r"(smem_address(dst)), "l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_address(bar))
-                 : "memory");
-}
-/* Shared-memory matrix descriptor of a K-major tile with 128-byte swizzle: rows of 64 bf16
- * (128 bytes), 8-row groups 1024 bytes apart. */
-__device__ __forceinline__ uint64_t smem_descriptor(const void *p) {
-    uint64_t address = smem_address(p);
-    return ((address & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
-}
+/* ---- PTX wrappers (the shared ones: kernels/cuda/hopper.cuh) ---- */
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, const void *src, int inner, int outer) {
     asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];"
                  ::"l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_address(src))
@@ -133,11 +102,6 @@ __device__ __forceinline__ void tma_load_2d_multicast(void *dst, const CUtensorM
 }
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
 template <int R> __device__ __forceinline__ void registers_decrease() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R));

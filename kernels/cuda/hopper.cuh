@@ -1,0 +1,58 @@
+/* PTX wrappers of Hopper's asynchronous machinery (sm_90a): shared-memory addresses, mbarriers,
+ * TMA loads, wgmma's matrix descriptor and its fence, commit and wait. Used by the wgmma attention
+ * (attention_wgmma.cuh) and the GEMM experiment (scripts/experiments/wgmma_gemm.cu). */
+#ifndef TF_KERNELS_CUDA_HOPPER_CUH
+#define TF_KERNELS_CUDA_HOPPER_CUH
+
+#include <cuda.h>
+#include <stdint.h>
+
+__device__ __forceinline__ uint32_t smem_address(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void barrier_init(uint64_t *bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count));
+}
+__device__ __forceinline__ void barrier_expect_bytes(uint64_t *bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void barrier_arrive(uint64_t *bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
+}
+__device__ __forceinline__ void barrier_wait(uint64_t *bar, int parity) {
+    asm volatile("{\n.reg .pred done;\nwait_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra wait_%=;\n}\n" ::"r"(smem_address(bar)),
+                 "r"(parity)
+                 : "memory");
+}
+/* TMA: the box at (inner, outer) of the tensor map into shared memory, completing on bar. */
+__device__ __forceinline__ void tma_load_2d(void *dst, const CUtensorMap *map, int inner, int outer,
+                                            uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], "
+                 "[%1, {%2, %3}], [%4];" ::"r"(smem_address(dst)),
+                 "l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_address(bar))
+                 : "memory");
+}
+/* Shared-memory matrix descriptor of a tile in 128-byte swizzle whose rows are 64 bf16 (128 bytes,
+ * one swizzle row), 8-row groups 1024 bytes apart (the TMA box layout). It serves K-major operands
+ * (the reduction runs along a row) and, with 64 output columns, MN-major ones (the reduction runs
+ * down the rows): either way the stride field is the 8-row group's and the leading field is unused
+ * (measured for MN-major: right with any leading offset, wrong with a stride other than 1024). */
+__device__ __forceinline__ uint64_t smem_descriptor(const void *p) {
+    uint64_t address = smem_address(p);
+    return ((address & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+/* Waits until at most N committed groups of this warp group's products are in flight. */
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+#endif
