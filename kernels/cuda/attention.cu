@@ -527,8 +527,7 @@ extern "C" void cuda_attention_forward(void *out, void *lse, const void *q, cons
                                        int tokens, int heads, int head_dim) {
     /* 193-200 tokens on Hopper (ViT at 224 pixels: 197): our wgmma kernel, which is faster than
      * cuDNN's there (docs/performance.md, row 28). Its log-sum-exp is what cuDNN's backward reads. */
-    if (wgmma_allowed && batch > 0 && heads > 0 &&
-        attention_wgmma_forward(forward_args(out, lse, q, k, v, batch, tokens, heads, head_dim))) {
+    if (wgmma_allowed && attention_wgmma_forward(forward_args(out, lse, q, k, v, batch, tokens, heads, head_dim))) {
         LAUNCH_CHECK("attention_forward_kernel (wgmma)", ATTENTION_SHAPE);
         last_forward = "own-wgmma";
         return;

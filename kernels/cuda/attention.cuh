@@ -28,6 +28,30 @@ typedef struct {
     float scale;
 } attention_backward_args;
 
+/* Helpers of the tensor-core kernels (attention_mma.cu, attention_wgmma.cuh), whose accumulator
+ * layouts give each thread two rows (g and g + 8) shared by the four lanes of a quad. */
+/* bf16(low), bf16(high) as one 32-bit register: low in the lower half (the lower address). */
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+/* 2^x; x = -inf gives 0 (the probabilities are in [0, 1], so flushing denormals changes nothing
+ * that reaches bf16). */
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+/* Max and sum over the four lanes of a quad (lanes 4 g .. 4 g + 3). */
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
 /* Where (b, s, h, 0) lives. */
 __device__ __forceinline__ size_t token_head_offset(int b, int s, int h, int tokens, int heads, int head_dim) {
     return (((size_t)b * tokens + s) * heads + h) * head_dim;

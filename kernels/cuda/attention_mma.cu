@@ -34,11 +34,6 @@ __device__ __forceinline__ uint32_t load_pair(const bf16 *p) {
     return *reinterpret_cast<const uint32_t *>(p);
 }
 
-__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
-
 /* The A fragment of rows [row0, row0 + 16) and columns [col0, col0 + 16) of a row-major tile
  * with row stride `stride` (bf16). */
 __device__ __forceinline__ void load_a_fragment(uint32_t a[4], const bf16 *tile, int stride, int row0, int col0,
@@ -121,14 +116,6 @@ __device__ __forceinline__ void ldmatrix_x4_transposed(uint32_t r[4], const bf16
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(address));
-}
-
-/* 2^x; x = -inf gives 0 (the probabilities are in [0, 1], so flushing denormals changes nothing
- * that reaches bf16). */
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
 }
 
 /* WHOLE_BLOCKS_PER_SM: 53 KB of shared memory and up to 168 registers a thread for B/16's 197
@@ -276,9 +263,7 @@ __device__ __forceinline__ void attend_chunk(query_unit<D> &u, const bf16 *k_til
         float part[BLOCKS];
 #pragma unroll
         for (int nb = 0; nb < BLOCKS; nb++) part[nb] = fmaxf(s[nb][2 * r], s[nb][2 * r + 1]);
-        row_max[r] = tree_reduce<BLOCKS, false>(part);
-        row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
-        row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
+        row_max[r] = quad_max(tree_reduce<BLOCKS, false>(part));
         grows |= (row_max[r] - u.m[r]) * scale2 > RESCALE_LOG2; /* m = -inf before the first chunk */
     }
     if (__any_sync(0xffffffffu, grows))
@@ -358,10 +343,7 @@ __device__ __forceinline__ void finish_unit(query_unit<D> &u, const attention_fo
                                             float scale2, int lane) {
     int g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        u.l[r] += __shfl_xor_sync(0xffffffffu, u.l[r], 1);
-        u.l[r] += __shfl_xor_sync(0xffffffffu, u.l[r], 2);
-    }
+    for (int r = 0; r < 2; r++) u.l[r] = quad_sum(u.l[r]);
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int s_index = q0 + g + 8 * r;

@@ -1,5 +1,5 @@
 /* Attention forward for 193-200 tokens and head_dim 64 (ViT-B/16 and L/16 at 224 pixels: 197) on
- * Hopper's asynchronous tensor-core path: TMA loads, mbarriers, wgmma. Device code only: the
+ * Hopper's asynchronous tensor-core path: TMA loads, mbarriers, wgmma. The kernel only: the
  * backend's launcher (attention_wgmma.cu) and scripts/experiments/attention_wgmma.cu include it;
  * it must be compiled for sm_90a.
  *
@@ -30,9 +30,8 @@
 #define TF_KERNELS_CUDA_ATTENTION_WGMMA_CUH
 
 #include <cuda.h>
-#include <cuda_bf16.h>
-#include <stdint.h>
 
+#include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/hopper.cuh"
 
 namespace wgmma_attention {
@@ -49,8 +48,6 @@ enum {
     STAGES = 3,
     SMEM_BYTES = STAGES * STAGE_BYTES + 2 * STAGES * 8 /* barriers */ + 1024 /* alignment */
 };
-
-typedef __nv_bfloat16 bf16;
 
 /* Registers an asynchronous product writes or reads, pinned across its wait: without this the
  * compiler may read an accumulator before the wait, or reuse an operand register during it. */
@@ -101,24 +98,6 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float d[32], const uint32_t a
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 #undef F8
-
-__device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ uint32_t pack_bf16x2(float low, float high) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
-__device__ __forceinline__ float quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
 
 struct unit_args {
     bf16 *out;
@@ -175,14 +154,14 @@ __device__ __forceinline__ void attend_tile(const uint8_t *stage, int tile, int 
         const int first = half ? 14 : 0, last = half ? 25 : 14, steps = half ? 6 : 7;
 #pragma unroll
         for (int j = first; j < last; j++) {
-            float p00 = exp2_approx(fmaf(s[4 * j], a.scale2, shift0));
-            float p01 = exp2_approx(fmaf(s[4 * j + 1], a.scale2, shift0));
-            float p10 = exp2_approx(fmaf(s[4 * j + 2], a.scale2, shift1));
-            float p11 = exp2_approx(fmaf(s[4 * j + 3], a.scale2, shift1));
+            float p00 = fast_exp2(fmaf(s[4 * j], a.scale2, shift0));
+            float p01 = fast_exp2(fmaf(s[4 * j + 1], a.scale2, shift0));
+            float p10 = fast_exp2(fmaf(s[4 * j + 2], a.scale2, shift1));
+            float p11 = fast_exp2(fmaf(s[4 * j + 3], a.scale2, shift1));
             part0[j & 3] += p00 + p01;
             part1[j & 3] += p10 + p11;
-            p[2 * j] = pack_bf16x2(p00, p01);
-            p[2 * j + 1] = pack_bf16x2(p10, p11);
+            p[2 * j] = pack_pair(p00, p01);
+            p[2 * j + 1] = pack_pair(p10, p11);
         }
         if (half) p[50] = p[51] = 0; /* keys 200-207 */
         wgmma_fence();
@@ -204,19 +183,18 @@ __device__ __forceinline__ void attend_tile(const uint8_t *stage, int tile, int 
 #pragma unroll
         for (int j = 0; j < 8; j++)
             *reinterpret_cast<uint32_t *>(out + (size_t)row0 * width + 8 * j) =
-                pack_bf16x2(o[4 * j] * inverse0, o[4 * j + 1] * inverse0);
+                pack_pair(o[4 * j] * inverse0, o[4 * j + 1] * inverse0);
     }
     if (row1 < a.tokens) {
 #pragma unroll
         for (int j = 0; j < 8; j++)
             *reinterpret_cast<uint32_t *>(out + (size_t)row1 * width + 8 * j) =
-                pack_bf16x2(o[4 * j + 2] * inverse1, o[4 * j + 3] * inverse1);
+                pack_pair(o[4 * j + 2] * inverse1, o[4 * j + 3] * inverse1);
     }
     if (t == 0) {
         float *lse = a.lse + ((size_t)image * a.heads + head) * a.tokens;
-        const float ln2 = 0.69314718056f;
-        if (row0 < a.tokens) lse[row0] = (max0 * a.scale2 + log2f(sum0)) * ln2;
-        if (row1 < a.tokens) lse[row1] = (max1 * a.scale2 + log2f(sum1)) * ln2;
+        if (row0 < a.tokens) lse[row0] = (max0 * a.scale2 + log2f(sum0)) * LN2;
+        if (row1 < a.tokens) lse[row1] = (max1 * a.scale2 + log2f(sum1)) * LN2;
     }
 }
 

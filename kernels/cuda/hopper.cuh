@@ -1,10 +1,12 @@
 /* PTX wrappers of Hopper's asynchronous machinery (sm_90a): shared-memory addresses, mbarriers,
- * TMA loads, wgmma's matrix descriptor and its fence, commit and wait. Used by the wgmma attention
- * (attention_wgmma.cuh) and the GEMM experiment (scripts/experiments/wgmma_gemm.cu). */
+ * TMA loads, wgmma's matrix descriptor and its fence, commit and wait; and on the host, the TMA
+ * descriptors of bf16 matrices those loads read. Used by the wgmma attention (attention_wgmma.cu[h])
+ * and the experiments scripts/experiments/attention_wgmma.cu and wgmma_gemm.cu. */
 #ifndef TF_KERNELS_CUDA_HOPPER_CUH
 #define TF_KERNELS_CUDA_HOPPER_CUH
 
 #include <cuda.h>
+#include <cuda_runtime.h>
 #include <stdint.h>
 
 __device__ __forceinline__ uint32_t smem_address(const void *p) {
@@ -53,6 +55,36 @@ __device__ __forceinline__ void wgmma_commit() {
 /* Waits until at most N committed groups of this warp group's products are in flight. */
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+/* ---- host: TMA descriptors ---- */
+typedef CUresult (*tensor_map_encoder)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                       const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                       const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                       CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+/* The driver's cuTensorMapEncodeTiled, found through the runtime (no link to libcuda); NULL when
+ * the driver has none. */
+static inline tensor_map_encoder find_tensor_map_encoder(void) {
+    void *encode = NULL;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &encode, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+        return NULL;
+    return (tensor_map_encoder)encode;
+}
+
+/* A row-major [rows, cols] bf16 matrix read in boxes of 64 columns (128 bytes, the swizzle span)
+ * by box_rows rows, in 128-byte swizzle (the layout smem_descriptor describes); false when the
+ * driver refuses it. */
+static inline bool encode_bf16_boxes(CUtensorMap *map, tensor_map_encoder encode, const void *base, int rows,
+                                     int cols, int box_rows) {
+    cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)cols * 2};
+    cuuint32_t box[2] = {64, (cuuint32_t)box_rows}, element_strides[2] = {1, 1};
+    return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box, element_strides,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 #endif

@@ -19,19 +19,11 @@
 
 using namespace wgmma_attention;
 
-typedef CUresult (*encode_tiled_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
-                                    const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
-                                    const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                    CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-static encode_tiled_fn encode;
+static tensor_map_encoder encode;
 
 static CUtensorMap head_map(const bf16 *x, int rows, int width, int box_rows) {
     CUtensorMap map;
-    cuuint64_t dims[2] = {(cuuint64_t)width, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)width * 2};
-    cuuint32_t box[2] = {HEAD_DIM, (cuuint32_t)box_rows}, element_strides[2] = {1, 1};
-    CK(encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)x, dims, strides, box, element_strides,
-              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+    CK(!encode_bf16_boxes(&map, encode, x, rows, width, box_rows));
     return map;
 }
 
@@ -143,9 +135,8 @@ struct problem {
 
 int main() {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    cudaDriverEntryPointQueryResult found;
-    CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", (void **)&encode, 12000, cudaEnableDefault,
-                                        &found));
+    encode = find_tensor_map_encoder();
+    CK(!encode);
     CK(cudaFuncSetAttribute(attention_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             SMEM_BYTES));
     for (int tokens : {193, 197, 200}) {

@@ -668,19 +668,10 @@ __global__ __launch_bounds__(WIDE ? (int)WIDE_THREADS : (int)THREADS, 1) void ge
 }
 
 /* ---- host ---- */
-typedef CUresult (*encode_tiled_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
-                                    const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
-                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
 /* A row-major [rows, cols] bf16 matrix, read in boxes of box_rows x 64 with 128-byte swizzle. */
-static CUtensorMap tensor_map(encode_tiled_fn encode, const bf16 *base, int rows, int cols, int box_rows) {
-    /* box: 64 columns (128 bytes, the swizzle span) by box_rows */
+static CUtensorMap tensor_map(tensor_map_encoder encode, const bf16 *base, int rows, int cols, int box_rows) {
     CUtensorMap map;
-    cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)cols * 2};
-    cuuint32_t box[2] = {BK, (cuuint32_t)box_rows}, element_strides[2] = {1, 1};
-    CK(encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box, element_strides,
-              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+    CK(!encode_bf16_boxes(&map, encode, base, rows, cols, box_rows));
     return map;
 }
 
@@ -746,7 +737,7 @@ static void staged_forms(cudaLaunchConfig_t config, const CUtensorMap &map_a, co
 }
 
 template <int CLUSTER, bool PINGPONG>
-static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, const bf16 *C_ref, bf16 *S_ref,
+static void ours(tensor_map_encoder encode, const bf16 *A, const bf16 *B, bf16 *C, const bf16 *C_ref, bf16 *S_ref,
                  float *row_sumsq, int M, int N, int K) {
     typedef layout<PINGPONG> L;
     CUtensorMap map_a = tensor_map(encode, A, M, K, L::tile_m), map_b = tensor_map(encode, B, N, K, BN / CLUSTER);
@@ -830,7 +821,7 @@ static void ours(encode_tiled_fn encode, const bf16 *A, const bf16 *B, bf16 *C, 
 #undef OURS
 }
 
-static void measure(encode_tiled_fn encode, int M, int N, int K) {
+static void measure(tensor_map_encoder encode, int M, int N, int K) {
     bf16 *A, *B, *C, *C_ref, *S_ref;
     float *row_sumsq;
     CK(cudaMalloc(&A, (size_t)M * K * 2));
@@ -881,10 +872,8 @@ static void measure(encode_tiled_fn encode, int M, int N, int K) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0); /* each line out as it is printed, should a kernel hang */
-    encode_tiled_fn encode = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", (void **)&encode, 12000, cudaEnableDefault, &found));
-    if (found != cudaDriverEntryPointSuccess || !encode) {
+    tensor_map_encoder encode = find_tensor_map_encoder();
+    if (!encode) {
         printf("cuTensorMapEncodeTiled not found\n");
         return 1;
     }
