@@ -1,7 +1,8 @@
 /* PTX wrappers of Hopper's asynchronous machinery (sm_90a): shared-memory addresses, mbarriers,
- * TMA loads, wgmma's matrix descriptor and its fence, commit and wait; and on the host, the TMA
- * descriptors of bf16 matrices those loads read. Used by the wgmma attention (attention_wgmma.cu[h])
- * and the experiments scripts/experiments/attention_wgmma.cu and wgmma_gemm.cu. */
+ * TMA loads and stores, bulk groups, named barriers, wgmma's matrix descriptor and its fence,
+ * commit and wait; and on the host, the TMA descriptors of bf16 matrices those loads and stores
+ * use. Used by the wgmma attention (attention_wgmma.cu[h]) and the experiments
+ * scripts/experiments/attention_wgmma.cu and wgmma_gemm.cu. */
 #ifndef TF_KERNELS_CUDA_HOPPER_CUH
 #define TF_KERNELS_CUDA_HOPPER_CUH
 
@@ -36,6 +37,37 @@ __device__ __forceinline__ void tma_load_2d(void *dst, const CUtensorMap *map, i
                  "[%1, {%2, %3}], [%4];" ::"r"(smem_address(dst)),
                  "l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_address(bar))
                  : "memory");
+}
+/* TMA: shared memory into the box at (inner, outer) of the tensor map, as one bulk group of the
+ * calling thread (bulk_commit; bulk_wait_read before the shared memory is written again). */
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, int inner, int outer, const void *src) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"((uint64_t)map),
+        "r"(inner), "r"(outer), "r"(smem_address(src))
+        : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+/* Waits until the calling thread's bulk groups but the last N have read their shared memory
+ * (bulk_wait_read) or are complete (bulk_wait). */
+template <int N> __device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+template <int N> __device__ __forceinline__ void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+}
+/* Orders this thread's ordinary shared-memory accesses before later ones of the async proxy (TMA,
+ * wgmma). */
+__device__ __forceinline__ void fence_async_shared() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+/* Named barriers (0 is __syncthreads'): `threads` arrivals in all, counting those that wait. */
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 /* Shared-memory matrix descriptor of a tile in 128-byte swizzle whose rows are 64 bf16 (128 bytes,
  * one swizzle row), 8-row groups 1024 bytes apart (the TMA box layout). It serves K-major operands

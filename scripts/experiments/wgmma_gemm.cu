@@ -72,11 +72,6 @@ template <bool PINGPONG, bool DEFERRED = false> struct layout {
 typedef __nv_bfloat16 bf16;
 
 /* ---- PTX wrappers (the shared ones: kernels/cuda/hopper.cuh) ---- */
-__device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, const void *src, int inner, int outer) {
-    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];"
-                 ::"l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_address(src))
-                 : "memory");
-}
 __device__ __forceinline__ uint32_t cluster_rank() {
     uint32_t rank;
     asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
@@ -99,9 +94,6 @@ __device__ __forceinline__ void tma_load_2d_multicast(void *dst, const CUtensorM
                  " [%0], [%1, {%2, %3}], [%4], %5;"
                  ::"r"(smem_address(dst)), "l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_address(bar)), "h"(mask)
                  : "memory");
-}
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 template <int R> __device__ __forceinline__ void registers_decrease() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R));
@@ -316,7 +308,7 @@ __device__ __forceinline__ void epilogue(float d[128], uint8_t *c_tile, const CU
 #pragma unroll
         for (int box = 0; box < BN / 64; box++) {
             uint8_t *box_base = c_tile + (box % 2) * BOX_BYTES;
-            if (leader) asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+            if (leader) bulk_wait_read<1>();
             named_barrier_sync(1 + consumer, 128);
 #pragma unroll
             for (int chunk = 0; chunk < 8; chunk++) {
@@ -332,11 +324,11 @@ __device__ __forceinline__ void epilogue(float d[128], uint8_t *c_tile, const CU
                     sum_bottom += b.x * b.x + b.y * b.y;
                 }
             }
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            fence_async_shared();
             named_barrier_sync(1 + consumer, 128);
             if (leader) {
-                tma_store_2d(map_c, box_base, n0 + 64 * box, m0);
-                asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+                tma_store_2d(map_c, n0 + 64 * box, m0, box_base);
+                bulk_commit();
             }
         }
     }
@@ -358,7 +350,7 @@ __device__ __forceinline__ void epilogue(float d[128], uint8_t *c_tile, const CU
  * the other consumer arrives (128 threads), this one waits (128). */
 __device__ __forceinline__ void turn_wait(int consumer) { named_barrier_sync(3 + consumer, 256); }
 __device__ __forceinline__ void turn_pass(int consumer) {
-    asm volatile("bar.arrive %0, %1;" ::"r"(3 + (1 - consumer)), "r"(256) : "memory");
+    named_barrier_arrive(3 + (1 - consumer), 256);
 }
 
 template <int CLUSTER, int EPILOGUE, bool PINGPONG>
@@ -383,7 +375,7 @@ __device__ __forceinline__ void consume(uint8_t *smem, uint8_t *c_tiles, uint64_
                                   });
         epilogue<EPILOGUE>(d, c_tile, map_c, row_sumsq, tau, eps, m0, n0, consumer);
     }
-    if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    if (leader) bulk_wait<0>();
 }
 
 /* The GELU through experiments.cuh's branch-free erfc (norm_experiments.cu's erfc variant). */
@@ -452,11 +444,11 @@ __device__ __forceinline__ void drain_units(int first, int last, uint8_t *c_tile
         shared_store(second_at, gelu_pair<GELU_FORM>(x2, scale_top));
         shared_store(second_at + 8 * 128, gelu_pair<GELU_FORM>(x3, scale_bottom));
         if (chunk == 6) {
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            fence_async_shared();
             named_barrier_sync(1 + consumer, 128);
             if (leader) {
-                tma_store_2d(map_c, c_tile + box * BOX_BYTES, n0 + 64 * box, m0);
-                asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+                tma_store_2d(map_c, n0 + 64 * box, m0, c_tile + box * BOX_BYTES);
+                bulk_commit();
             }
         }
     }
@@ -495,7 +487,7 @@ __device__ __forceinline__ void consume_deferred(uint8_t *smem, uint8_t *c_tiles
                                    pending_top, pending_bottom, consumer);
         });
         /* the boxes are free once the previous tile's stores have read them */
-        if (leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        if (leader) bulk_wait_read<0>();
         named_barrier_sync(1 + consumer, 128);
 #pragma unroll
         for (int i = 0; i < 32; i++) {
@@ -510,7 +502,7 @@ __device__ __forceinline__ void consume_deferred(uint8_t *smem, uint8_t *c_tiles
     }
     if (pending_m0 >= 0)
         drain_units<GELU_FORM>(0, 16, c_tile, map_c, pending_m0, pending_n0, pending_top, pending_bottom, consumer);
-    if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    if (leader) bulk_wait<0>();
 }
 
 /* ---- epilogue warps ----
@@ -583,19 +575,18 @@ __device__ __forceinline__ void staged_gelu(uint8_t *c_tiles, float *scales, uin
                              : "memory");
             }
         }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        fence_async_shared();
         named_barrier_sync(3, WORKERS);
         if (leader) {
             for (int box = 0; box < 8; box++)
-                tma_store_2d(map_c, c_tiles + (box / 4) * L::c_tile_bytes + (box % 4) * BOX_BYTES, n0 + 64 * (box % 4),
-                             m0 + 64 * (box / 4));
-            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-            asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+                tma_store_2d(map_c, n0 + 64 * (box % 4), m0 + 64 * (box / 4), c_tiles + (box / 4) * L::c_tile_bytes + (box % 4) * BOX_BYTES);
+            bulk_commit();
+            bulk_wait_read<0>();
             barrier_arrive(&staged_empty[0]);
             barrier_arrive(&staged_empty[1]);
         }
     }
-    if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    if (leader) bulk_wait<0>();
 }
 
 /* The shared memory of the staged-epilogue kernels: the ring (3 stages), the staged tile (two
