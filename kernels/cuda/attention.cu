@@ -526,7 +526,7 @@ static bool cudnn_alignment_ok(const void *const *pointers, int count) {
 extern "C" void cuda_attention_forward(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                                        int tokens, int heads, int head_dim) {
     /* 193-200 tokens on Hopper (ViT at 224 pixels: 197): our wgmma kernel, which is faster than
-     * cuDNN's there (docs/performance.md, row 28). Its log-sum-exp is what cuDNN's backward reads. */
+     * cuDNN's there (docs/performance.md, rows 28 and 29). Its log-sum-exp is what cuDNN's backward reads. */
     if (wgmma_allowed && attention_wgmma_forward(forward_args(out, lse, q, k, v, batch, tokens, heads, head_dim))) {
         LAUNCH_CHECK("attention_forward_kernel (wgmma)", ATTENTION_SHAPE);
         last_forward = "own-wgmma";

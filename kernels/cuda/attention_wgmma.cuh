@@ -130,7 +130,7 @@ struct row_stats {
  * groups): P is made in two halves, the first half's products issued before the second half's
  * exponentials. k step c of the second product is the key blocks 2c (a0, a1) and 2c + 1 (a2, a3),
  * i.e. p[4c ..]. */
-__device__ __forceinline__ row_stats softmax_values(float s[100], uint32_t p[52], float o[32],
+__device__ __forceinline__ row_stats softmax_values(float s[100], uint32_t p[VALUE_KEYS / 4], float o[32],
                                                     const uint8_t *v, const unit_args &a, int consumer) {
     int t = threadIdx.x & 3;
     /* Keys past the sequence: in the last 8-column block only (193-200 tokens). */
@@ -262,7 +262,7 @@ __global__ __launch_bounds__(THREADS, 1) void attention_forward_kernel(
     int consumer = group - 1, tiles = (a.tokens + 63) / 64;
     int unit = blockIdx.x, tile = consumer, s = 0, round = 0;
     float scores[100], o[32];
-    uint32_t p[52];
+    uint32_t p[VALUE_KEYS / 4]; /* P in bf16 pairs, the second product's A operand */
     if (consumer == 1) named_barrier_arrive(TURN_BARRIER, 256); /* consumer 0 takes the first turn */
     while (unit < units) {
         int next_unit = unit, next_tile = tile + 2;
@@ -277,7 +277,7 @@ __global__ __launch_bounds__(THREADS, 1) void attention_forward_kernel(
         if (consumer == 0 || next_unit < units) named_barrier_arrive(TURN_BARRIER + 1 - consumer, 256);
         wgmma_wait<0>();
         pin(o, 32);
-        pin(p, 52);
+        pin(p, VALUE_KEYS / 4);
         int image = unit / a.heads, head = unit - image * a.heads;
         store_tile(o, r, stage, tile, image, head, a, &out_map, &out_tail, consumer);
         if (next_unit != unit) {

@@ -579,7 +579,8 @@ __device__ __forceinline__ void staged_gelu(uint8_t *c_tiles, float *scales, uin
         named_barrier_sync(3, WORKERS);
         if (leader) {
             for (int box = 0; box < 8; box++)
-                tma_store_2d(map_c, n0 + 64 * (box % 4), m0 + 64 * (box / 4), c_tiles + (box / 4) * L::c_tile_bytes + (box % 4) * BOX_BYTES);
+                tma_store_2d(map_c, n0 + 64 * (box % 4), m0 + 64 * (box / 4),
+                             c_tiles + (box / 4) * L::c_tile_bytes + (box % 4) * BOX_BYTES);
             bulk_commit();
             bulk_wait_read<0>();
             barrier_arrive(&staged_empty[0]);
