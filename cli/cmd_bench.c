@@ -271,6 +271,14 @@ static void print_throughput(const tf_bench *bench, const bench_arguments *argum
     if (world > 1) printf(" in all, %.1f img/s per GPU", per_gpu);
     printf("\n  %.1f GFLOP/image, %.1f TFLOP/s%s = %.1f%% of %.0f TFLOP/s (H100 bf16 GEMM)\n", flops / 1e9, tflops,
            world > 1 ? " per GPU" : "", 100.0 * tflops / H100_BF16_TFLOPS, H100_BF16_TFLOPS);
+    if (!bench->training) {
+        int skipped = 0, depth = bench->model.config.depth;
+        for (int block = 0; block < depth; block++) skipped += bench->model.ffn_variance_invisible[block];
+        printf("  variance passes skipped: %d of %d (FFN keys that prove eps var(x) below the row norms' precision",
+               skipped, 2 * depth);
+        if (skipped) printf(" on rows within %.0f sigma of their mean", bench->model.variance_proof_mean_ratio);
+        printf("; vision/variance_proof.c)\n");
+    }
     size_t memory = model_memory_bytes(&bench->model);
     size_t master_bytes = bench->model.layout.total * tf_dtype_size(bench->backend->master_dtype);
     if (bench->training) memory += (bench->optimizer.ema ? 3 : 2) * master_bytes; /* gradients, m, v, EMA */

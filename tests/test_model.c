@@ -2,9 +2,10 @@
  * differences in double precision (the fp64 CPU backend), with drop path active and both pooling
  * modes; the fp32 backend against the fp64 one; the parameter layout's counts for the four presets
  * of DESIGN.md section 2; drop-path scale statistics; the inference form (model_infer) against
- * model_forward. */
+ * model_forward, and the proof that lets it skip a variance pass (vision/variance_proof.c). */
 #include "common/config.h"
 #include "tests/test_util.h"
+#include "vision/layers.h"
 #include "vision/model.h"
 
 #include <math.h>
@@ -310,6 +311,109 @@ static void check_preset_counts(void) {
     }
 }
 
+/* variance_proof_keys on keys whose bound is known: c times 4 copies of an orthonormal basis of
+ * the directions orthogonal to 1 (Helmert's), so that Kc^T Kc = 4 c^2 (I - 11^T / d) and lambda =
+ * 4 c^2, 10% either side of the threshold eps 2^(p + 2) / d; with a basis direction left out,
+ * lambda = 0. One key row given a mean t: lambda is the same (the mean lies along 1), and the rows
+ * over which the proof holds are those with |m| <= sqrt(mu d) / (4 |s|) sigma, |s| = t d. */
+static void check_variance_proof_keys(void) {
+    enum { DIM = 16, COPIES = 4, N = COPIES * (DIM - 1) };
+    const float eps = 1e-6f;
+    const double mu = eps * ldexp(1.0, 24 + 2) / DIM;
+    float *keys = malloc((size_t)N * DIM * sizeof *keys);
+    double basis[DIM - 1][DIM];
+    for (int k = 1; k < DIM; k++)
+        for (int j = 0; j < DIM; j++)
+            basis[k - 1][j] = (j < k ? 1.0 : j == k ? -(double)k : 0.0) / sqrt((double)k * (k + 1));
+    const double ratios[5] = {0.9, 1.1, 1.2, 1.2, 1.2}; /* 4 c^2 / mu */
+    bool proved[5];
+    double mean_ratio[5], c = 0.0;
+    for (int trial = 0; trial < 5; trial++) {
+        c = sqrt(ratios[trial] * mu / COPIES);
+        for (int i = 0; i < N; i++)
+            for (int j = 0; j < DIM; j++) {
+                int direction = i % (DIM - 1);
+                double value = c * basis[direction][j];
+                if (trial == 3 && direction == 3) value = 0.0;
+                if (trial == 4 && i == 0) value += 0.5 * c; /* a mean on one key row */
+                keys[(size_t)i * DIM + j] = (float)value;
+            }
+        proved[trial] = variance_proof_keys(keys, N, DIM, eps, 24, &mean_ratio[trial]);
+    }
+    CHECK(!proved[0] && proved[1] && proved[2],
+          "variance proof: lambda at 0.9 / 1.1 / 1.2 x the threshold gives %d %d %d (want 0 1 1)", proved[0],
+          proved[1], proved[2]);
+    CHECK(!proved[3], "variance proof: keys missing a direction (lambda 0) proved");
+    double expected = sqrt(mu * DIM) / (4.0 * 0.5 * c * DIM);
+    CHECK(proved[4] && fabs(mean_ratio[4] / expected - 1.0) < 1e-5,
+          "variance proof with a key row's mean: proved %d, rows within %.6g sigma of their mean (want 1, "
+          "%.6g)",
+          proved[4], mean_ratio[4], expected);
+    CHECK(!variance_proof_keys(keys, N, DIM, eps, 53, &mean_ratio[0]),
+          "variance proof in double precision: never for such keys");
+    free(keys);
+}
+
+/* The inference form with FFN keys large enough for the proof (x 3000: lambda d well above eps
+ * 2^26 for this model's 10 x 8 keys): every FFN's variance pass skipped, logits as with every pass
+ * read (the CPU sums r^2 in double and rounds r to fp32, so a row may move by an ulp) and as
+ * model_forward's; and the proof found again for new parameters (back at the init scale, where it
+ * does not hold). */
+static void check_variance_proof_in_model(tf_pool pool) {
+    tf_model_config config = tiny_config(pool, 3);
+    enum { BATCH = 4 };
+    tf_model model;
+    if (!CHECK_OK(model_create(&model, &config, tf_cpu_backend(TF_DTYPE_F32), BATCH, true))) return;
+    CHECK_OK(model_init_params(&model, 3));
+    size_t total = model.layout.total;
+    float *params = malloc(total * sizeof *params);
+    model_get_params(&model, params);
+    for (int block = 0; block < config.depth; block++) {
+        const tf_tensor_info *keys = &model.layout.tensors[model.layout.keys[block][TF_PATT_FFN]];
+        for (size_t i = 0; i < keys->count; i++)
+            params[keys->offset + i] *= 3000.0f;
+    }
+    model_set_params(&model, params);
+    tiny_inputs inputs = make_inputs(&config, BATCH, 41);
+    size_t count = (size_t)BATCH * config.classes;
+    float skipped[BATCH * 5], every[BATCH * 5], forward[BATCH * 5];
+    model_load_pixels(&model, inputs.pixels, BATCH);
+    model_infer(&model, BATCH);
+    CHECK_OK(model_logits(&model, skipped, BATCH));
+    int proved = 0;
+    for (int block = 0; block < config.depth; block++)
+        proved += model.ffn_variance_invisible[block];
+    CHECK(proved == config.depth, "variance proof: %d of %d FFNs proved with keys x 3000", proved,
+          config.depth);
+    model.read_every_variance = true;
+    model_infer(&model, BATCH);
+    CHECK_OK(model_logits(&model, every, BATCH));
+    model.read_every_variance = false;
+    model_forward(&model, BATCH, NULL);
+    CHECK_OK(model_logits(&model, forward, BATCH));
+    double against_every = logits_error(skipped, every, count),
+           against_forward = logits_error(skipped, forward, count);
+    CHECK(against_every <= 1e-6, "variance passes skipped: logits within 1e-6 of every pass read's: %.3g",
+          against_every);
+    CHECK(against_forward <= 1e-5, "variance passes skipped: logits within 1e-5 of model_forward's: %.3g",
+          against_forward);
+    printf("  %s pool, FFN keys x 3000: %d variance passes skipped (rows within %.3g sigma of their mean), "
+           "logits "
+           "%.2g from every pass read's, %.2g from model_forward's\n",
+           pool == TF_POOL_AVG ? "avg" : "cls", proved, model.variance_proof_mean_ratio, against_every,
+           against_forward);
+    CHECK_OK(model_init_params(&model, 3));
+    model_infer(&model, BATCH);
+    proved = 0;
+    for (int block = 0; block < config.depth; block++)
+        proved += model.ffn_variance_invisible[block];
+    CHECK(proved == 0, "variance proof: found again for new parameters (init scale): %d FFNs proved, want 0",
+          proved);
+    free(params);
+    free_inputs(&inputs);
+    model_destroy(&model);
+}
+
 /* Drop path keeps a sample of block l with probability 1 - rate_l and scales it by 1/(1 - rate_l). */
 static void check_drop_scales(void) {
     tf_model_config config = tiny_config(TF_POOL_AVG, 3);
@@ -344,6 +448,9 @@ int main(void) {
     check_inference_form(TF_DTYPE_F64, TF_POOL_CLS, 1e-7);
     check_inference_form(TF_DTYPE_F32, TF_POOL_AVG, 1e-5);
     check_inference_form(TF_DTYPE_F32, TF_POOL_CLS, 1e-5);
+    check_variance_proof_keys();
+    check_variance_proof_in_model(TF_POOL_AVG);
+    check_variance_proof_in_model(TF_POOL_CLS);
     check_load_before_backward();
     check_gradient_hook();
     check_preset_counts();

@@ -30,6 +30,9 @@ TOLERANCE = 1e-4
 # logits, loss and gradients are checked at DESIGN.md's bf16 bound. The AdamW step works on the fp32
 # master weights with the dump's own gradients and keeps the fp32 bound.
 BF16_TOLERANCE = 1e-2
+# The inference form with the variance passes its keys' proof skips, against the same with every
+# pass read: the skipped term is below fp32's resolution of the row norms, so at most a rounding.
+VARIANCE_SKIP_TOLERANCE = 1e-6
 # Whole-model bf16 gradients are about 1% off float64 in PyTorch's own autocast too, so on CUDA
 # they are held to autocast's error on the same inputs (autocast_errors): each tensor within
 # AUTOCAST_TENSOR_FACTOR times autocast's error for it (or BF16_TOLERANCE), which catches a broken
@@ -64,7 +67,7 @@ CASES = [
 # The whole B/16 (DESIGN.md's preset, 10 classes, batch 2): run when asked for (fourth argument
 # "b16"), since float64 PyTorch on 114.8M parameters takes a while on a small CPU.
 B16_CASE = {"name": "b16", "config": "configs/tokenformer_b16.yaml", "batch": 2, "seed": 3,
-            "sets": ["model.classes=10"] + OPTIMIZER_SETS}
+            "sets": ["model.classes=10"] + OPTIMIZER_SETS, "variance_passes_skipped": 12}
 
 
 def relative_error(ours, reference) -> float:
@@ -257,7 +260,8 @@ def check_inputs(config: ref.ModelConfig, bundle: dict, case: dict) -> list:
     expected = {"input.images": (batch, config.channels, config.img_size, config.img_size),
                 "input.targets": (batch, config.classes), "input.drop_scales": (config.depth, 2, batch),
                 "output.logits": (batch, config.classes), "output.loss": (1,),
-                "output.inference_logits": (batch, config.classes)}
+                "output.inference_logits": (batch, config.classes),
+                "output.inference_logits_every_variance": (batch, config.classes)}
     for name, shape in expected.items():
         if name not in bundle or tuple(bundle[name].shape) != shape:
             got = list(bundle[name].shape) if name in bundle else "absent"
@@ -330,6 +334,15 @@ def compare_case(case: dict, scratch: str, dump: str, device: str):
         plain_logits = ref.forward(params, config, as_torch("input.images"), no_drop)
     inference_error = relative_error(bundle["output.inference_logits"], plain_logits)
     rows.append(("logits", "output.inference_logits", inference_error, bound))
+    # The same with every variance pass read (vision/variance_proof.c): where the keys proved the
+    # skipped passes' term below fp32's resolution, the logits move by no more than rounding.
+    every = torch.from_numpy(bundle["output.inference_logits_every_variance"]).to(torch.float64)
+    rows.append(("logits", "inference, skipped variance passes vs none",
+                 relative_error(bundle["output.inference_logits"], every), VARIANCE_SKIP_TOLERANCE))
+    skipped = int(bundle_meta.get("variance_passes_skipped", "-1"))
+    print(f"  {case['name']}: {skipped} of {config.depth} FFN variance passes skipped by the keys' proof")
+    if skipped != case.get("variance_passes_skipped", 0):
+        problems.append(f"{skipped} variance passes skipped, expected {case.get('variance_passes_skipped', 0)}")
     grads = {name: relative_error(bundle["grad." + name], t.grad) for name, t in params.items()}
     rows += [("grad", name, error, max(bound, AUTOCAST_TENSOR_FACTOR * autocast.get(name, 0.0)))
              for name, error in grads.items()]

@@ -62,6 +62,7 @@ tf_status optimizer_step(tf_optimizer *optimizer, tf_model *model, double lr, fl
     void *compute = model->params_compute != model->params ? model->params_compute : NULL;
     backend->adamw_update(model->params, compute, model->grads, optimizer->m, optimizer->v, optimizer->groups,
                           optimizer->group_count, &hyper);
+    model_params_changed(model);
     if (optimizer->ema) backend->ema_update(optimizer->ema, model->params, model->layout.total, config->ema_decay);
     return backend->synchronize();
 }

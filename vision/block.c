@@ -66,6 +66,8 @@ void block_forward(tf_model *model, int block, int batch, const void *drop_scale
  * stream is a compute buffer here (bf16 on CUDA), as a GEMM operand must be; in training it is
  * fp32 for the gradients' sake (kernels.h), which inference has none of. Without the eps scaling
  * the logits moved by up to 1e-4 relative (a fresh small model, whose stream has sigma ~ 0.1).
+ * Where a block's FFN keys prove eps var(x) below the row norms' precision (variance_proof.c:
+ * B/16's, which are 3072 x 768), the pass before the FFN is skipped: 12 of B/16's 24.
  * Here the attention branch, up to the stream's variance for the FFN's folded LayerNorm; the FFN
  * in block_infer and block_infer_pooled. */
 static void attention_branch_infer(tf_model *model, int block, int batch) {
@@ -84,6 +86,7 @@ static void attention_branch_infer(tf_model *model, int block, int batch) {
     backend->attention_forward(cache->attention, cache->attention_lse, cache->q, cache->k, cache->v, batch, tokens,
                                config->heads, dim / config->heads);
     pattention_infer(model, block, TF_PATT_O, x, true, cache->attention, rows);
+    if (ffn_variance_skipped(model, block)) return; /* its keys prove eps var(x) invisible */
     model_op_class(model, TF_OP_LAYERNORM);
     backend->layernorm_variance(model->stream_variance, x, rows, dim, TF_LAYERNORM_EPS);
 }

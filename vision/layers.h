@@ -33,7 +33,8 @@ void embed_backward(tf_model *model, int batch);
 void pattention_forward(tf_model *model, int block, int which, void *out, const void *in, int rows);
 /* The inference form's (block_infer): where the model has centred key tokens for it
  * (model->centered_keys), `in` is the residual stream itself rather than its LayerNorm, and
- * model->stream_variance holds the LayerNorm's sigma^2 per row; out += the result with accumulate. */
+ * model->stream_variance holds the LayerNorm's sigma^2 per row (unless its keys make it unneeded:
+ * ffn_variance_skipped); out += the result with accumulate. */
 void pattention_infer(tf_model *model, int block, int which, void *out, bool accumulate, const void *in, int rows);
 /* pattention_infer whose result only reaches the logits through its mean over each image's patch
  * tokens: pooled [batch, dim] (master) += that mean, with in [batch * tokens, dim]
@@ -42,6 +43,17 @@ void pattention_infer_pooled(tf_model *model, int block, int which, void *pooled
 /* From d_out, adds the key and value gradients, and writes (or adds, with accumulate) d_in. */
 void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,
                          const void *in, int rows);
+
+/* vision/variance_proof.c: whether centred keys [n, dim] prove eps var(x) below half a unit in the
+ * last place of a row norm summed with precision_bits bits, for every row x whose mean is within
+ * *mean_ratio standard deviations; and that proof for every FFN of the model, found again when
+ * the parameters have changed (model_infer). */
+bool variance_proof_keys(const float *centered, int n, int dim, float eps, int precision_bits, double *mean_ratio);
+void variance_proof_update(tf_model *model);
+/* The inference form skips the variance pass of the LayerNorm folded into block `block`'s FFN. */
+static inline bool ffn_variance_skipped(const tf_model *model, int block) {
+    return model->ffn_variance_invisible[block] && !model->read_every_variance;
+}
 
 /* Block `block`: model->residual (its input) becomes its output, in place; it also writes the
  * next block's LN(x) (or, for the last block, nothing more). drop_scales: the master buffer

@@ -127,6 +127,7 @@ tf_status model_create(tf_model *model, const tf_model_config *config, const tf_
     model->config = *config;
     model->backend = backend;
     model->max_batch = max_batch;
+    model->params_generation = 1; /* no proof yet: proof_generation 0 */
     model->training = training;
     model->patches = (config->img_size / config->patch) * (config->img_size / config->patch);
     model->tokens = 1 + model->patches;
@@ -224,6 +225,11 @@ void model_refresh_compute_params(tf_model *model) {
     if (model->params_compute != model->params)
         backend->convert(model->params_compute, backend->compute_dtype, model->params, backend->master_dtype,
                          model->layout.total);
+    model_params_changed(model);
+}
+
+void model_params_changed(tf_model *model) {
+    model->params_generation++;
 }
 
 void model_swap_params(tf_model *model, void **other) {
@@ -234,6 +240,7 @@ void model_swap_params(tf_model *model, void **other) {
         model->params_compute = model->params;
     else
         model_refresh_compute_params(model);
+    model_params_changed(model);
 }
 
 void model_zero_grads(tf_model *model) {
@@ -325,6 +332,7 @@ void model_infer(tf_model *model, int batch) {
     const tf_backend *backend = model->backend;
     model_op_class(model, TF_OP_OTHER);
     center_keys(model);
+    variance_proof_update(model);
     embed_forward(model, batch, model->stream, backend->compute_dtype);
     int last = model->config.depth - 1;
     for (int block = 0; block < last; block++) block_infer(model, block, batch);

@@ -32,53 +32,63 @@ static void pattention_scores(tf_model *model, int block, int which, const void 
                            &(tf_matmul_desc){.m = rows, .n = n, .k = dim, .transpose_b = true});
 }
 
-/* out = S V (or out += S V) with S = GELU(norm(in keys^T)), eps scaled per row by eps_scale when
- * given; A and the row norms stay in the cache. */
-static void pattention_apply(tf_model *model, int block, int which, const void *keys, const void *eps_scale,
-                             void *out, bool accumulate, const void *in, int rows) {
+/* The key tokens a Pattention's scores are taken against (centred ones in the inference form,
+ * where the model has them) and the eps of its row norms, scaled per row by eps_scale if given. */
+typedef struct {
+    const void *keys;
+    float eps;
+    const void *eps_scale;
+} keys_and_eps;
+
+/* out = S V (or out += S V) with S = GELU(norm(in keys^T)); A and the row norms stay in the cache. */
+static void pattention_apply(tf_model *model, int block, int which, keys_and_eps norm, void *out, bool accumulate,
+                             const void *in, int rows) {
     const tf_backend *backend = model->backend;
     tf_pattention_cache *cache = &model->blocks[block].patt[which];
     int n = pattention_tokens(model, which), dim = model->config.dim;
 
-    pattention_scores(model, block, which, keys, in, rows);
+    pattention_scores(model, block, which, norm.keys, in, rows);
     model_op_class(model, TF_OP_PATTENTION_NORM);
     backend->pattention_norm_forward(model->probs, cache->row_norm, cache->scores, rows, n,
-                                     pattention_tau(model, block, which), model->config.eps, eps_scale);
+                                     pattention_tau(model, block, which), norm.eps, norm.eps_scale);
     model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(out, model->probs, model_param(model, model->layout.values[block][which]),
                     &(tf_matmul_desc){.m = rows, .n = dim, .k = n, .accumulate = accumulate});
 }
 
 void pattention_forward(tf_model *model, int block, int which, void *out, const void *in, int rows) {
-    pattention_apply(model, block, which, model_param(model, model->layout.keys[block][which]), NULL, out, false, in,
-                     rows);
+    keys_and_eps plain = {model_param(model, model->layout.keys[block][which]), model->config.eps, NULL};
+    pattention_apply(model, block, which, plain, out, false, in, rows);
 }
 
-/* The inference form's key tokens, centred where the model has them, and with them the eps scale
- * (the folded LayerNorm's sigma^2; NULL otherwise). */
-static const void *infer_keys(const tf_model *model, int block, int which, const void **eps_scale) {
+/* With centred keys, the LayerNorm folded in scales eps by its sigma^2 = var(x) + eps_ln per row
+ * (block.c), or by eps_ln alone where the keys prove eps var(x) below the row norms' precision
+ * (variance_proof.c). */
+static keys_and_eps infer_keys(const tf_model *model, int block, int which) {
     const void *centered = model->centered_keys[block][which];
-    *eps_scale = centered ? model->stream_variance : NULL;
-    return centered ? centered : model_param(model, model->layout.keys[block][which]);
+    float eps = model->config.eps;
+    if (!centered) return (keys_and_eps){model_param(model, model->layout.keys[block][which]), eps, NULL};
+    if (which == TF_PATT_FFN && ffn_variance_skipped(model, block))
+        return (keys_and_eps){centered, eps * TF_LAYERNORM_EPS, NULL};
+    return (keys_and_eps){centered, eps, model->stream_variance};
 }
 
 void pattention_infer(tf_model *model, int block, int which, void *out, bool accumulate, const void *in, int rows) {
-    const void *eps_scale, *keys = infer_keys(model, block, which, &eps_scale);
-    pattention_apply(model, block, which, keys, eps_scale, out, accumulate, in, rows);
+    pattention_apply(model, block, which, infer_keys(model, block, which), out, accumulate, in, rows);
 }
 
 void pattention_infer_pooled(tf_model *model, int block, int which, void *pooled, const void *in, int batch) {
     const tf_backend *backend = model->backend;
     tf_pattention_cache *cache = &model->blocks[block].patt[which];
     int n = pattention_tokens(model, which), dim = model->config.dim, tokens = model->tokens;
-    const void *eps_scale, *keys = infer_keys(model, block, which, &eps_scale);
+    keys_and_eps norm = infer_keys(model, block, which);
 
-    pattention_scores(model, block, which, keys, in, batch * tokens);
+    pattention_scores(model, block, which, norm.keys, in, batch * tokens);
     /* mean(S) per image into probs (a buffer of batch * tokens rows, n wide, so it fits), then one
      * row per image through the value tokens, added to the pool in the master dtype. */
     model_op_class(model, TF_OP_PATTENTION_NORM);
     backend->pattention_norm_pool(model->probs, cache->row_norm, cache->scores, batch, tokens, n,
-                                  pattention_tau(model, block, which), model->config.eps, eps_scale);
+                                  pattention_tau(model, block, which), norm.eps, norm.eps_scale);
     model_op_class(model, TF_OP_PATTENTION_GEMM);
     backend->matmul(pooled, model->probs, model_param(model, model->layout.values[block][which]),
                     &(tf_matmul_desc){.m = batch, .n = dim, .k = n, .accumulate = true, .master_output = true});

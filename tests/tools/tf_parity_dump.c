@@ -3,7 +3,9 @@
  * the contract): the initial model, the inputs (normalised images, soft targets, drop-path
  * scales), the logits, the mean loss, every parameter gradient, and the parameters after one
  * AdamW step; and the logits of the inference form (model_infer) on the same images, which the
- * reference computes without drop path.
+ * reference computes without drop path, once as it runs and once with every variance pass read
+ * (vision/variance_proof.c: the two must agree far inside the bf16 bound), with how many variance
+ * passes the proof skipped in the metadata.
  *
  *   tf_parity_dump --config FILE.yaml [--set section.key=value]... --batch B --seed S --out DIR
  *                  [--device cpu|cuda] */
@@ -31,7 +33,9 @@ typedef struct {
 
 /* Host copies of everything the bundle holds. */
 typedef struct {
-    float *images, *targets, *drop_scales, *logits, *inference_logits, *initial, *grads, *updated;
+    float *images, *targets, *drop_scales, *logits, *inference_logits, *every_variance_logits, *initial, *grads,
+        *updated;
+    int variance_passes_skipped;
     float loss;
 } dump_data;
 
@@ -86,6 +90,13 @@ static tf_status run_step(const tf_config *config, int batch, tf_model *model, d
     free(pixels); /* after the download, which waited for the upload */
     model_infer(model, batch);
     TF_TRY(model_logits(model, data->inference_logits, batch));
+    data->variance_passes_skipped = 0;
+    for (int block = 0; block < model_config->depth; block++)
+        data->variance_passes_skipped += model->ffn_variance_invisible[block];
+    model->read_every_variance = true;
+    model_infer(model, batch);
+    TF_TRY(model_logits(model, data->every_variance_logits, batch));
+    model->read_every_variance = false;
     model_zero_grads(model);
     model_forward(model, batch, data->drop_scales);
     TF_TRY(model_logits(model, data->logits, batch));
@@ -123,7 +134,7 @@ static tf_status write_bundle(const char *path, const tf_config *config, const t
                               const dump_data *data) {
     const tf_model_config *m = &model->config;
     const tf_param_layout *layout = &model->layout;
-    size_t count = 7 + 2 * (size_t)layout->count;
+    size_t count = 8 + 2 * (size_t)layout->count;
     safetensors_tensor_data *table = calloc(count, sizeof *table);
     char *names = malloc(2 * (size_t)layout->count * TF_CHECKPOINT_NAME_MAX);
     char *adamw = adamw_metadata(config, layout);
@@ -137,13 +148,17 @@ static tf_status write_bundle(const char *path, const tf_config *config, const t
     table[n++] = (safetensors_tensor_data){"output.loss", "F32", 1, {1}, &data->loss};
     table[n++] = (safetensors_tensor_data){"output.inference_logits", "F32", 2, {batch, m->classes},
                                            data->inference_logits};
+    table[n++] = (safetensors_tensor_data){"output.inference_logits_every_variance", "F32", 2, {batch, m->classes},
+                                           data->every_variance_logits};
     checkpoint_tensor_table(layout, "grad.", data->grads, names, table + n);
     n += (size_t)layout->count;
     checkpoint_tensor_table(layout, "adamw.", data->updated, names + (size_t)layout->count * TF_CHECKPOINT_NAME_MAX,
                             table + n);
     n += (size_t)layout->count;
-    safetensors_metadata_entry metadata[] = {{"adamw", adamw}};
-    tf_status status = safetensors_write(path, table, n, metadata, 1);
+    char skipped[16];
+    snprintf(skipped, sizeof skipped, "%d", data->variance_passes_skipped);
+    safetensors_metadata_entry metadata[] = {{"adamw", adamw}, {"variance_passes_skipped", skipped}};
+    tf_status status = safetensors_write(path, table, n, metadata, 2);
     free(table);
     free(names);
     cJSON_free(adamw);
@@ -180,6 +195,7 @@ static tf_status dump(const dump_arguments *arguments) {
         .drop_scales = malloc((size_t)config.model.depth * 2 * batch * sizeof(float)),
         .logits = malloc((size_t)batch * config.model.classes * sizeof(float)),
         .inference_logits = malloc((size_t)batch * config.model.classes * sizeof(float)),
+        .every_variance_logits = malloc((size_t)batch * config.model.classes * sizeof(float)),
         .initial = malloc(total * sizeof(float)),
         .grads = malloc(total * sizeof(float)),
         .updated = malloc(total * sizeof(float)),
@@ -199,6 +215,7 @@ static tf_status dump(const dump_arguments *arguments) {
     free(data.drop_scales);
     free(data.logits);
     free(data.inference_logits);
+    free(data.every_variance_logits);
     free(data.initial);
     free(data.grads);
     free(data.updated);

@@ -1,0 +1,119 @@
+/* When the inference form may skip a folded LayerNorm's variance pass (vision/block.c).
+ *
+ * The inference form reads the stream x instead of y = LayerNorm(x) and normalises A' = x Kc^T
+ * (Kc: the key tokens, each minus its own mean) by r^2 = |A'|^2 + eps sigma^2, sigma^2 = var(x) +
+ * eps_ln, so that tau A' / r is the definition's tau A / sqrt(|A|^2 + eps). sigma^2 costs a pass
+ * over the stream per LayerNorm, 2 x depth a forward (B/16: 24 passes of 52 us; without them a
+ * batch ran 2.5% faster), for a term that is almost always below the precision r^2 is summed in.
+ * For a set of keys that can be proved for every row at once:
+ *
+ *   Write x = xc + m 1 with xc orthogonal to 1 and |xc|^2 = d var(x). Then A' = Kc xc + m s, where
+ *   s = Kc 1 holds the keys' row sums: zero but for the rounding of the centred keys to bf16, so
+ *   m s is the folded form's own error (the definition has no such term). Let lambda be the least
+ *   of |Kc u|^2 over unit vectors u orthogonal to 1, so |Kc xc|^2 >= lambda d var(x). On every row
+ *   whose mean is within R = sqrt(lambda d) / (4 |s|) standard deviations, |m s| <= |Kc xc| / 4 and
+ *   |A'|^2 >= (9/16) lambda d var(x). If lambda d >= eps 2^(p + 2), eps var(x) <= (8/9) 2^-(p + 1)
+ *   |A'|^2: less than half a unit in the last place of a p-bit sum of squares even 10% off (A'
+ *   rounded to bf16 moves it by under 1%), so r^2 is the same number without it. Only eps eps_ln
+ *   stays (a row of zeros keeps Z = 0). A row with a larger mean is within 1/R of constant, and
+ *   there the folded form's scores already differ from the definition's by more than a quarter,
+ *   with or without eps var(x).
+ *
+ * On the GPU the norm pass sums r^2 in fp32 (p = 24): B/16's inference logits are bit for bit
+ * those with every pass read (tests/test_torch_parity.py). The CPU backend sums in double and
+ * rounds r to fp32, so there an r may move by one unit in its last place: 2.75e-7 on B/16's
+ * logits. In double (the fp64 backend, p = 53) no keys of a sensible size pass.
+ *
+ * lambda >= mu is decided by a Cholesky factorisation (LAPACK's dpotrf, in double) of
+ * P Kc^T Kc P + 2 mu 11^T / d - mu I, P = I - 11^T / d: it succeeds exactly when that matrix is
+ * positive definite, that is when Kc^T Kc exceeds mu on every direction orthogonal to 1. The keys
+ * are the GEMM's own (compute dtype, downloaded), so the proof is about the numbers it multiplies.
+ * B/16 at initialisation (FFN keys 3072 x 768, std 0.02): lambda d ~ (sqrt(3072) - sqrt(768))^2
+ * 0.02^2 d = 236 against eps 2^26 = 67 in fp32. The square 768 x 768 keys of Q, K and V have
+ * lambda near 0, so their LayerNorm keeps its pass. */
+#include "vision/layers.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+
+/* LAPACK's Cholesky factorisation (OpenBLAS exports it; the last argument is the length of the
+ * character argument that Fortran passes hidden). */
+extern void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info, size_t uplo_length);
+
+/* Whether lambda (above) of the centred keys [n, dim] is at least mu; |s| into *sums_norm. */
+static bool keys_exceed(const float *centered, int n, int dim, double mu, double *sums_norm) {
+    double *keys = calloc((size_t)n * dim, sizeof *keys), *gram = malloc((size_t)dim * dim * sizeof *gram);
+    double *row_sums = malloc((size_t)dim * sizeof *row_sums);
+    bool exceeds = false;
+    *sums_norm = 0.0;
+    if (!keys || !gram || !row_sums) goto done;
+    double sums_squared = 0.0;
+    for (int i = 0; i < n; i++) {
+        double sum = 0.0;
+        for (int j = 0; j < dim; j++) {
+            keys[(size_t)i * dim + j] = centered[(size_t)i * dim + j];
+            sum += keys[(size_t)i * dim + j];
+        }
+        sums_squared += sum * sum;
+    }
+    *sums_norm = sqrt(sums_squared);
+    /* Kc^T Kc: the upper triangle, then mirrored. */
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, dim, n, 1.0, keys, dim, 0.0, gram, dim);
+    for (int i = 0; i < dim; i++)
+        for (int j = 0; j < i; j++)
+            gram[(size_t)i * dim + j] = gram[(size_t)j * dim + i];
+    /* P Kc^T Kc P, plus 2 mu 11^T / d - mu I. */
+    double total = 0.0;
+    for (int i = 0; i < dim; i++) {
+        double sum = 0.0;
+        for (int j = 0; j < dim; j++)
+            sum += gram[(size_t)i * dim + j];
+        row_sums[i] = sum;
+        total += sum;
+    }
+    for (int i = 0; i < dim; i++)
+        for (int j = 0; j < dim; j++)
+            gram[(size_t)i * dim + j] +=
+                (total / dim - row_sums[i] - row_sums[j] + 2.0 * mu) / dim - (i == j ? mu : 0.0);
+    int info = 0;
+    dpotrf_("U", &dim, gram, &dim, &info, 1);
+    exceeds = info == 0;
+done:
+    free(keys), free(gram), free(row_sums);
+    return exceeds;
+}
+
+bool variance_proof_keys(const float *centered, int n, int dim, float eps, int precision_bits,
+                         double *mean_ratio) {
+    double mu = (double)eps * ldexp(1.0, precision_bits + 2) / dim, sums_norm;
+    bool proved = keys_exceed(centered, n, dim, mu, &sums_norm);
+    *mean_ratio = proved ? sqrt(mu * dim) / (4.0 * sums_norm) : 0.0; /* inf where s = 0 */
+    return proved;
+}
+
+/* The FFN's keys of every block, as the GEMMs read them (model->centered_keys, written by this
+ * model_infer's centring), once per set of parameters (model->params_generation). */
+void variance_proof_update(tf_model *model) {
+    if (model->proof_generation == model->params_generation) return;
+    const tf_backend *backend = model->backend;
+    const tf_model_config *config = &model->config;
+    int dim = config->dim, n = config->n_ffn;
+    int precision_bits = backend->master_dtype == TF_DTYPE_F64 ? 53 : 24;
+    float *keys = malloc((size_t)n * dim * sizeof *keys);
+    model->variance_proof_mean_ratio = INFINITY;
+    for (int block = 0; block < config->depth; block++) {
+        bool proved = false;
+        double mean_ratio = 0.0;
+        if (keys && model->centered_keys[block][TF_PATT_FFN]) {
+            backend->download(keys, model->centered_keys[block][TF_PATT_FFN], backend->compute_dtype,
+                              (size_t)n * dim);
+            proved = variance_proof_keys(keys, n, dim, config->eps, precision_bits, &mean_ratio);
+        }
+        model->ffn_variance_invisible[block] = proved;
+        if (proved && mean_ratio < model->variance_proof_mean_ratio)
+            model->variance_proof_mean_ratio = mean_ratio;
+    }
+    free(keys);
+    model->proof_generation = model->params_generation;
+}
