@@ -272,8 +272,7 @@ static void print_throughput(const tf_bench *bench, const bench_arguments *argum
     printf("\n  %.1f GFLOP/image, %.1f TFLOP/s%s = %.1f%% of %.0f TFLOP/s (H100 bf16 GEMM)\n", flops / 1e9, tflops,
            world > 1 ? " per GPU" : "", 100.0 * tflops / H100_BF16_TFLOPS, H100_BF16_TFLOPS);
     if (!bench->training) {
-        int skipped = 0, depth = bench->model.config.depth;
-        for (int block = 0; block < depth; block++) skipped += bench->model.ffn_variance_invisible[block];
+        int skipped = model_variance_passes_skipped(&bench->model), depth = bench->model.config.depth;
         printf("  variance passes skipped: %d of %d (FFN keys that prove eps var(x) below the row norms' precision",
                skipped, 2 * depth);
         if (skipped) printf(" on rows within %.0f sigma of their mean", bench->model.variance_proof_mean_ratio);

@@ -160,6 +160,9 @@ void model_refresh_compute_params(tf_model *model);
 /* Every change of the parameters calls this (model_set_params, model_refresh_compute_params,
  * model_swap_params, the optimizer's update): what was derived from the old ones is found again. */
 void model_params_changed(tf_model *model);
+/* How many variance passes model_infer skips (vision/variance_proof.c): one per block whose FFN
+ * keys proved the term invisible, as of the last model_infer. */
+int model_variance_passes_skipped(const tf_model *model);
 /* Exchanges the master parameters with another master buffer of the same size (the EMA weights)
  * and refreshes the compute copy; calling it again swaps back. */
 void model_swap_params(tf_model *model, void **other);

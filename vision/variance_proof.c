@@ -92,6 +92,12 @@ bool variance_proof_keys(const float *centered, int n, int dim, float eps, int p
     return proved;
 }
 
+int model_variance_passes_skipped(const tf_model *model) {
+    int skipped = 0;
+    for (int block = 0; block < model->config.depth; block++) skipped += ffn_variance_skipped(model, block);
+    return skipped;
+}
+
 /* The FFN's keys of every block, as the GEMMs read them (model->centered_keys, written by this
  * model_infer's centring), once per set of parameters (model->params_generation). */
 void variance_proof_update(tf_model *model) {

@@ -90,9 +90,7 @@ static tf_status run_step(const tf_config *config, int batch, tf_model *model, d
     free(pixels); /* after the download, which waited for the upload */
     model_infer(model, batch);
     TF_TRY(model_logits(model, data->inference_logits, batch));
-    data->variance_passes_skipped = 0;
-    for (int block = 0; block < model_config->depth; block++)
-        data->variance_passes_skipped += model->ffn_variance_invisible[block];
+    data->variance_passes_skipped = model_variance_passes_skipped(model);
     model->read_every_variance = true;
     model_infer(model, batch);
     TF_TRY(model_logits(model, data->every_variance_logits, batch));
