@@ -273,7 +273,7 @@ static void print_throughput(const tf_bench *bench, const bench_arguments *argum
            world > 1 ? " per GPU" : "", 100.0 * tflops / H100_BF16_TFLOPS, H100_BF16_TFLOPS);
     if (!bench->training) {
         int skipped = model_variance_passes_skipped(&bench->model), depth = bench->model.config.depth;
-        printf("  variance passes skipped: %d of %d (FFN keys that prove eps var(x) below the row norms' precision",
+        printf("  variance passes skipped: %d of %d (keys that bound eps var(x) below the row norms' precision",
                skipped, 2 * depth);
         if (skipped) printf(" on rows within %.0f sigma of their mean", bench->model.variance_proof_mean_ratio);
         printf("; vision/variance_proof.c)\n");

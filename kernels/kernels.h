@@ -43,6 +43,15 @@ typedef struct {
     const void *bias;   /* [n] added to every row, of C's dtype (master with master_output), or NULL */
 } tf_matmul_desc;
 
+/* One Pattention's normalised rows, for pattention_norm_recheck. */
+enum { TF_NORM_RECHECK_MAX = 3 };
+typedef struct {
+    void *s;        /* compute [rows, n]: S */
+    void *row_norm; /* master [rows]: r */
+    const void *a;  /* compute [rows, n]: the scores */
+    float tau;
+} tf_norm_rows;
+
 /* One group of parameters in the flat parameter buffer that AdamW updates alike. */
 typedef struct {
     size_t offset, count; /* elements */
@@ -138,6 +147,16 @@ struct tf_backend {
      * [batch * tokens], scratch (what it holds afterwards is unspecified); eps_scale as forward's. */
     void (*pattention_norm_pool)(void *pooled_s, void *row_norm, const void *a, int batch, int tokens, int n,
                                  float tau, float eps, const void *eps_scale);
+    /* The rows of count (at most TF_NORM_RECHECK_MAX) Pattentions that read the same stream x,
+     * whose forwards ran with eps times eps_ln alone where the LayerNorm folded in asks for eps
+     * times var(x) + eps_ln (the inference form's Q, K and V, whose keys bound var(x) by their row
+     * norms: vision/variance_proof.c). On each row where some r_p^2 is under share times their sum,
+     * the bound does not hold, and the row is done again as forward with eps_scale = var(x) + eps_ln
+     * does it: the variance of x's row (as layernorm_variance), then each Pattention's r and S.
+     * Other rows are left as they are. x: compute [rows, dim]; norms[p].a, .s: compute [rows, n];
+     * norms[p].row_norm: master [rows]. */
+    void (*pattention_norm_recheck)(const tf_norm_rows *norms, int count, const void *x, int rows, int n, int dim,
+                                    float eps, float eps_ln, float share);
 
     /* ---- multi-head softmax attention, not causal, scale 1/sqrt(head_dim) ----
      * q, k, v, out: compute [batch * tokens, heads * head_dim]; head h is columns

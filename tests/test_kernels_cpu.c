@@ -173,6 +173,7 @@ static void test_backend_tables(void) {
         EXPECT_SET(pattention_norm_forward);
         EXPECT_SET(pattention_norm_backward);
         EXPECT_SET(pattention_norm_pool);
+        EXPECT_SET(pattention_norm_recheck);
         EXPECT_SET(attention_forward);
         EXPECT_SET(attention_backward);
         EXPECT_SET(layernorm_forward);
@@ -432,6 +433,75 @@ static void test_pattention_norm_pool(int batch, int tokens, int n) {
     expect_f32_close(what, pooled32, expected, (size_t)batch * n, F32_BOUND);
 }
 
+/* pattention_norm_recheck on three Pattentions normalised with eps eps_ln alone (as the inference
+ * form's Q, K, V): every third row has its first Pattention's scores scaled by 0.1, so its r^2 is
+ * under a quarter of the three's sum and the row must be done again with var(x) + eps_ln; the
+ * other rows, whose three score rows have equal norms (the first reversed and negated), must be
+ * left as they are. Against the definition, in fp64 and fp32; the two definitions (with and without
+ * var(x)) are far apart on every row, so recomputing the wrong rows fails. */
+static void run_norm_recheck(const tf_backend *backend, void *const *s, void *const *row_norm, const void *const *a,
+                             const void *x, int rows, int n, int dim, const float *tau, float eps, float eps_ln) {
+    tf_norm_rows norms[3];
+    for (int p = 0; p < 3; p++) {
+        backend->pattention_norm_forward(s[p], row_norm[p], a[p], rows, n, tau[p], eps * eps_ln, NULL);
+        norms[p] = (tf_norm_rows){s[p], row_norm[p], a[p], tau[p]};
+    }
+    backend->pattention_norm_recheck(norms, 3, x, rows, n, dim, eps, eps_ln, 0.25f);
+}
+
+static void test_pattention_norm_recheck(int rows, int n, int dim) {
+    size_t count = (size_t)rows * n;
+    const float eps = 1e-3f, eps_ln = 1e-2f, tau[3] = {sqrtf((float)n), 2.0f, 3.0f};
+    double *x = random_input((size_t)rows * dim, 1.0), *a[3], *s[3], *row_norm[3], *expected_s[3], *expected_norm[3];
+    for (int p = 0; p < 3; p++) {
+        a[p] = p == 0 ? random_input(count, 0.01) : new_f64(count);
+        s[p] = new_f64(count), row_norm[p] = new_f64(rows);
+        expected_s[p] = new_f64(count), expected_norm[p] = new_f64(rows);
+    }
+    double farthest = INFINITY; /* the least relative distance of the two definitions' r */
+    for (int i = 0; i < rows; i++) {
+        double *row[3] = {a[0] + (size_t)i * n, a[1] + (size_t)i * n, a[2] + (size_t)i * n};
+        for (int j = 0; j < n; j++) row[1][j] = row[2][j] = -row[0][n - 1 - j];
+        bool recheck = i % 3 == 0;
+        if (recheck)
+            for (int j = 0; j < n; j++) row[0][j] = (float)(0.1 * row[0][j]);
+        const double *x_row = x + (size_t)i * dim;
+        double mean = 0.0, squares = 0.0;
+        for (int j = 0; j < dim; j++) mean += x_row[j] / dim;
+        for (int j = 0; j < dim; j++) squares += (x_row[j] - mean) * (x_row[j] - mean);
+        double with_variance = (double)eps * (squares / dim + eps_ln), without = (double)(eps * eps_ln);
+        for (int p = 0; p < 3; p++) {
+            double r = reference_row_norm(row[p], n, recheck ? with_variance : without);
+            double other = reference_row_norm(row[p], n, recheck ? without : with_variance);
+            farthest = fmin(farthest, fabs(other / r - 1.0));
+            expected_norm[p][i] = r;
+            for (int j = 0; j < n; j++) expected_s[p][(size_t)i * n + j] = reference_gelu(tau[p] * row[p][j] / r);
+        }
+    }
+    CHECK(farthest > 1e-2, "norm recheck test: the definitions with and without var(x) are only %.2g apart",
+          farthest);
+    run_norm_recheck(f64, (void *const *)s, (void *const *)row_norm, (const void *const *)a, x, rows, n, dim, tau,
+                     eps, eps_ln);
+    char what[96];
+    for (int p = 0; p < 3; p++) {
+        snprintf(what, sizeof what, "pattention_norm_recheck %dx%d, Pattention %d: r fp64", rows, n, p);
+        expect_close_f64(what, row_norm[p], expected_norm[p], rows, F64_BOUND);
+        snprintf(what, sizeof what, "pattention_norm_recheck %dx%d, Pattention %d: S fp64", rows, n, p);
+        expect_close_f64(what, s[p], expected_s[p], count, F64_BOUND);
+    }
+    float *a32[3], *s32[3], *norm32[3];
+    for (int p = 0; p < 3; p++) a32[p] = to_f32(a[p], count), s32[p] = new_f32(count), norm32[p] = new_f32(rows);
+    run_norm_recheck(f32, (void *const *)s32, (void *const *)norm32, (const void *const *)a32,
+                     to_f32(x, (size_t)rows * dim), rows, n, dim, tau, eps, eps_ln);
+    for (int p = 0; p < 3; p++) {
+        snprintf(what, sizeof what, "pattention_norm_recheck %dx%d, Pattention %d: r fp32", rows, n, p);
+        expect_f32_close(what, norm32[p], expected_norm[p], rows, F32_BOUND);
+        snprintf(what, sizeof what, "pattention_norm_recheck %dx%d, Pattention %d: S fp32", rows, n, p);
+        expect_f32_close(what, s32[p], expected_s[p], count, F32_BOUND);
+    }
+    printf("  (with and without var(x), r at least %.2g apart on every row)\n", farthest);
+}
+
 static void test_pattention_norm(void) {
     printf("pattention_norm\n");
     test_pattention_norm_case(6, 37, sqrtf(29.0f), 1e-5f);
@@ -439,6 +509,7 @@ static void test_pattention_norm(void) {
     test_pattention_norm_eps_scale(9, 40);
     test_pattention_norm_pool(3, 5, 40);
     test_pattention_norm_pool(2, 9, 300); /* columns in two blocks of the CPU loop */
+    test_pattention_norm_recheck(12, 40, 24);
     test_pattention_gelu_accuracy();
     test_cuda_standard_normal();
     free_all();

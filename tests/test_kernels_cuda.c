@@ -460,6 +460,50 @@ static void pattention_norm_pool_case(int batch, int tokens, int n) {
     op_end(&c);
 }
 
+/* pattention_norm_recheck after three forwards with eps eps_ln alone (the inference form's Q, K, V):
+ * every third row's first scores scaled by 0.1 (under a quarter of the three's summed squares:
+ * done again with var(x)), the others' three score rows of equal norms (the first reversed and
+ * negated: left as they are), eps large enough that var(x) moves r. */
+static void pattention_norm_recheck_case(int rows, int n, int dim) {
+    op_check c;
+    const float eps = 1e-3f, eps_ln = 1e-2f, tau[3] = {sqrtf((float)n), 2.0f, 3.0f};
+    op_begin(&c, "pattention_norm_recheck rows=%d n=%d dim=%d", rows, n, dim);
+    size_t count = (size_t)rows * n;
+    pair x = pair_new("x", (size_t)rows * dim, true), a[3], s[3], r[3];
+    const char *a_names[3] = {"A0", "A1", "A2"}, *s_names[3] = {"S0", "S1", "S2"}, *r_names[3] = {"r0", "r1", "r2"};
+    for (int p = 0; p < 3; p++)
+        a[p] = pair_new(a_names[p], count, true), s[p] = pair_new(s_names[p], count, true),
+        r[p] = pair_new(r_names[p], (size_t)rows, false);
+    pair_random(&x, 1.0f);
+    fill_random(a[0].host, count, 0.002f); /* sum A^2 ~ 4e-6 n: var(x) moves r by 5% or more */
+    for (int i = 0; i < rows; i++) {
+        float *row[3] = {a[0].host + (size_t)i * n, a[1].host + (size_t)i * n, a[2].host + (size_t)i * n};
+        for (int j = 0; j < n; j++) row[0][j] = round_bf16(row[0][j]);
+        for (int j = 0; j < n; j++) row[1][j] = row[2][j] = -row[0][n - 1 - j];
+        if (i % 3 == 0)
+            for (int j = 0; j < n; j++) row[0][j] *= 0.1f;
+    }
+    tf_norm_rows on_cpu[3], on_gpu[3];
+    for (int p = 0; p < 3; p++) {
+        pair_upload(&a[p]);
+        pair_poison(&s[p]);
+        pair_poison(&r[p]);
+        cpu->pattention_norm_forward(s[p].cpu, r[p].cpu, a[p].cpu, rows, n, tau[p], eps * eps_ln, NULL);
+        gpu->pattention_norm_forward(s[p].gpu, r[p].gpu, a[p].gpu, rows, n, tau[p], eps * eps_ln, NULL);
+        on_cpu[p] = (tf_norm_rows){s[p].cpu, r[p].cpu, a[p].cpu, tau[p]};
+        on_gpu[p] = (tf_norm_rows){s[p].gpu, r[p].gpu, a[p].gpu, tau[p]};
+    }
+    cpu->pattention_norm_recheck(on_cpu, 3, x.cpu, rows, n, dim, eps, eps_ln, 0.25f);
+    gpu->pattention_norm_recheck(on_gpu, 3, x.gpu, rows, n, dim, eps, eps_ln, 0.25f);
+    for (int p = 0; p < 3; p++) {
+        op_compare(&c, &s[p], BF16_LIMIT);
+        op_compare(&c, &r[p], BF16_LIMIT);
+    }
+    pair_free(&x);
+    for (int p = 0; p < 3; p++) pair_free(&a[p]), pair_free(&s[p]), pair_free(&r[p]);
+    op_end(&c);
+}
+
 static void test_pattention_norm(void) {
     pattention_norm_case(17, 96, false);
     pattention_norm_case(50, 192, false);
@@ -477,6 +521,9 @@ static void test_pattention_norm(void) {
     pattention_norm_pool_case(2, 11, 8192);  /* eight warps a row */
     pattention_norm_pool_case(3, 7, 100);    /* width not a multiple of 8: plain kernels */
     pattention_norm_pool_case(2, 6, 8200);   /* wider than 8192: plain kernels */
+    pattention_norm_recheck_case(30, 768, 768); /* B/16's Q, K, V */
+    pattention_norm_recheck_case(12, 100, 40);  /* widths not a multiple of 8: plain forwards */
+    pattention_norm_recheck_case(300, 96, 64);  /* two blocks, the last warps partly past the rows */
     if (small_only) return;
     pattention_norm_case(256 * 197, 768, false);
     pattention_norm_case(256 * 197, 3072, true);

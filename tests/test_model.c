@@ -354,13 +354,21 @@ static void check_variance_proof_keys(void) {
     free(keys);
 }
 
-/* The inference form with FFN keys large enough for the proof (x 3000: lambda d well above eps
- * 2^26 for this model's 10 x 8 keys): every FFN's variance pass skipped, logits as with every pass
- * read (the CPU sums r^2 in double and rounds r to fp32, so a row may move by an ulp) and as
- * model_forward's; and the proof found again for new parameters (back at the init scale, where it
- * does not hold). */
-static void check_variance_proof_in_model(tf_pool pool) {
+/* The inference form with keys scaled up until the proofs hold (x 3000: lambda d well above eps
+ * 2^26 for this model's 10 x 8 keys, or 20 x 8 and 30 x 8 stacked): the expected count of variance
+ * passes skipped, logits as with every pass read (the CPU sums r^2 in double and rounds r to fp32,
+ * so a row may move by an ulp) and as model_forward's; and the proof found again for new
+ * parameters (back at the init scale, where it does not hold). */
+typedef struct {
+    const char *label;
+    float eps;                              /* the Pattentions' eps */
+    float key_scale[TF_PATTENTIONS_PER_BLOCK]; /* per Pattention of every block */
+    int skipped_per_block;
+} proof_case;
+
+static void check_variance_proof_in_model(tf_pool pool, proof_case test) {
     tf_model_config config = tiny_config(pool, 3);
+    config.eps = test.eps;
     enum { BATCH = 4 };
     tf_model model;
     if (!CHECK_OK(model_create(&model, &config, tf_cpu_backend(TF_DTYPE_F32), BATCH, true))) return;
@@ -368,11 +376,11 @@ static void check_variance_proof_in_model(tf_pool pool) {
     size_t total = model.layout.total;
     float *params = malloc(total * sizeof *params);
     model_get_params(&model, params);
-    for (int block = 0; block < config.depth; block++) {
-        const tf_tensor_info *keys = &model.layout.tensors[model.layout.keys[block][TF_PATT_FFN]];
-        for (size_t i = 0; i < keys->count; i++)
-            params[keys->offset + i] *= 3000.0f;
-    }
+    for (int block = 0; block < config.depth; block++)
+        for (int which = 0; which < TF_PATTENTIONS_PER_BLOCK; which++) {
+            const tf_tensor_info *keys = &model.layout.tensors[model.layout.keys[block][which]];
+            for (size_t i = 0; i < keys->count; i++) params[keys->offset + i] *= test.key_scale[which];
+        }
     model_set_params(&model, params);
     tiny_inputs inputs = make_inputs(&config, BATCH, 41);
     size_t count = (size_t)BATCH * config.classes;
@@ -381,8 +389,8 @@ static void check_variance_proof_in_model(tf_pool pool) {
     model_infer(&model, BATCH);
     CHECK_OK(model_logits(&model, skipped, BATCH));
     int proved = model_variance_passes_skipped(&model);
-    CHECK(proved == config.depth, "variance proof: %d of %d FFNs proved with keys x 3000", proved,
-          config.depth);
+    CHECK(proved == test.skipped_per_block * config.depth, "variance proof, %s: %d passes skipped, want %d",
+          test.label, proved, test.skipped_per_block * config.depth);
     model.read_every_variance = true;
     model_infer(&model, BATCH);
     CHECK_OK(model_logits(&model, every, BATCH));
@@ -391,23 +399,38 @@ static void check_variance_proof_in_model(tf_pool pool) {
     CHECK_OK(model_logits(&model, forward, BATCH));
     double against_every = logits_error(skipped, every, count),
            against_forward = logits_error(skipped, forward, count);
-    CHECK(against_every <= 1e-6, "variance passes skipped: logits within 1e-6 of every pass read's: %.3g",
-          against_every);
-    CHECK(against_forward <= 1e-5, "variance passes skipped: logits within 1e-5 of model_forward's: %.3g",
-          against_forward);
-    printf("  %s pool, FFN keys x 3000: %d variance passes skipped (rows within %.3g sigma of their mean), "
-           "logits "
-           "%.2g from every pass read's, %.2g from model_forward's\n",
-           pool == TF_POOL_AVG ? "avg" : "cls", proved, model.variance_proof_mean_ratio, against_every,
+    CHECK(against_every <= 1e-6, "variance passes skipped, %s: logits within 1e-6 of every pass read's: %.3g",
+          test.label, against_every);
+    CHECK(against_forward <= 1e-5, "variance passes skipped, %s: logits within 1e-5 of model_forward's: %.3g",
+          test.label, against_forward);
+    printf("  %s pool, %s: %d variance passes skipped (rows within %.3g sigma of their mean), logits %.2g from "
+           "every pass read's, %.2g from model_forward's\n",
+           pool == TF_POOL_AVG ? "avg" : "cls", test.label, proved, model.variance_proof_mean_ratio, against_every,
            against_forward);
     CHECK_OK(model_init_params(&model, 3));
     model_infer(&model, BATCH);
     proved = model_variance_passes_skipped(&model);
-    CHECK(proved == 0, "variance proof: found again for new parameters (init scale): %d FFNs proved, want 0",
+    CHECK(proved == 0, "variance proof: found again for new parameters (init scale): %d passes skipped, want 0",
           proved);
     free(params);
     free_inputs(&inputs);
     model_destroy(&model);
+}
+
+/* The proofs for the FFNs alone; for Q, K and V as well; and with Q's keys small against K's and
+ * V's and an eps large enough that var(x) matters in Q's row norms (3% of r^2): Q's share of the
+ * three's summed squares is under a quarter on every row, so every row is rechecked with var(x)
+ * read (pattention_norm_recheck), and the logits are those with every pass read only if it is. */
+static void check_variance_proofs_in_model(void) {
+    const proof_case cases[] = {
+        {"FFN keys x 3000", 1e-6f, {1, 1, 1, 1, 3000}, 1},
+        {"Q, K, V, FFN keys x 3000", 1e-6f, {3000, 3000, 3000, 1, 3000}, 2},
+        {"eps 1e-2, K, V, FFN keys x 3e4, Q's x 3", 1e-2f, {3, 3e4f, 3e4f, 1, 3e4f}, 2},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        check_variance_proof_in_model(TF_POOL_AVG, cases[i]);
+        check_variance_proof_in_model(TF_POOL_CLS, cases[i]);
+    }
 }
 
 /* Drop path keeps a sample of block l with probability 1 - rate_l and scales it by 1/(1 - rate_l). */
@@ -445,8 +468,7 @@ int main(void) {
     check_inference_form(TF_DTYPE_F32, TF_POOL_AVG, 1e-5);
     check_inference_form(TF_DTYPE_F32, TF_POOL_CLS, 1e-5);
     check_variance_proof_keys();
-    check_variance_proof_in_model(TF_POOL_AVG);
-    check_variance_proof_in_model(TF_POOL_CLS);
+    check_variance_proofs_in_model();
     check_load_before_backward();
     check_gradient_hook();
     check_preset_counts();

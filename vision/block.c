@@ -67,7 +67,9 @@ void block_forward(tf_model *model, int block, int batch, const void *drop_scale
  * fp32 for the gradients' sake (kernels.h), which inference has none of. Without the eps scaling
  * the logits moved by up to 1e-4 relative (a fresh small model, whose stream has sigma ~ 0.1).
  * Where a block's FFN keys prove eps var(x) below the row norms' precision (variance_proof.c:
- * B/16's, which are 3072 x 768), the pass before the FFN is skipped: 12 of B/16's 24.
+ * B/16's, which are 3072 x 768), the pass before the FFN is skipped; where its Q, K and V keys
+ * stacked bound var(x) by their row norms, so is the pass before them (pattention_infer_qkv, which
+ * reads x again on the rows the bound does not cover): all 24 of B/16's at initialisation.
  * Here the attention branch, up to the stream's variance for the FFN's folded LayerNorm; the FFN
  * in block_infer and block_infer_pooled. */
 static void attention_branch_infer(tf_model *model, int block, int batch) {
@@ -77,11 +79,15 @@ static void attention_branch_infer(tf_model *model, int block, int batch) {
     int tokens = model->tokens, rows = batch * tokens, dim = config->dim;
     void *x = model->stream;
 
-    model_op_class(model, TF_OP_LAYERNORM);
-    backend->layernorm_variance(model->stream_variance, x, rows, dim, TF_LAYERNORM_EPS);
-    pattention_infer(model, block, TF_PATT_Q, cache->q, false, x, rows);
-    pattention_infer(model, block, TF_PATT_K, cache->k, false, x, rows);
-    pattention_infer(model, block, TF_PATT_V, cache->v, false, x, rows);
+    if (qkv_variance_skipped(model, block)) {
+        pattention_infer_qkv(model, block, x, rows); /* their keys bound var(x) */
+    } else {
+        model_op_class(model, TF_OP_LAYERNORM);
+        backend->layernorm_variance(model->stream_variance, x, rows, dim, TF_LAYERNORM_EPS);
+        pattention_infer(model, block, TF_PATT_Q, cache->q, false, x, rows);
+        pattention_infer(model, block, TF_PATT_K, cache->k, false, x, rows);
+        pattention_infer(model, block, TF_PATT_V, cache->v, false, x, rows);
+    }
     model_op_class(model, TF_OP_ATTENTION);
     backend->attention_forward(cache->attention, cache->attention_lse, cache->q, cache->k, cache->v, batch, tokens,
                                config->heads, dim / config->heads);

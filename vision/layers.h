@@ -40,20 +40,30 @@ void pattention_infer(tf_model *model, int block, int which, void *out, bool acc
  * tokens: pooled [batch, dim] (master) += that mean, with in [batch * tokens, dim]
  * (block_infer_pooled says why this is cheaper). */
 void pattention_infer_pooled(tf_model *model, int block, int which, void *pooled, const void *in, int batch);
+/* Q, K and V of block `block` in the inference form where their keys bound var(x)
+ * (qkv_variance_skipped): the block cache's q, k and v from the stream x, with no variance pass. */
+void pattention_infer_qkv(tf_model *model, int block, const void *x, int rows);
 /* From d_out, adds the key and value gradients, and writes (or adds, with accumulate) d_in. */
 void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,
                          const void *in, int rows);
 
 /* vision/variance_proof.c: whether centred keys [n, dim] prove eps var(x) below half a unit in the
  * last place of a row norm summed with precision_bits bits, for every row x whose mean is within
- * *mean_ratio standard deviations; and that proof for every FFN of the model, found again when
- * the parameters have changed (model_infer). */
+ * *mean_ratio standard deviations; and that proof for every FFN of the model and every Q, K, V
+ * stacked, found again when the parameters have changed (model_infer). */
 bool variance_proof_keys(const float *centered, int n, int dim, float eps, int precision_bits, double *mean_ratio);
 void variance_proof_update(tf_model *model);
 /* The inference form skips the variance pass of the LayerNorm folded into block `block`'s FFN. */
 static inline bool ffn_variance_skipped(const tf_model *model, int block) {
     return model->ffn_variance_invisible[block] && !model->read_every_variance;
 }
+/* ... and of the one folded into its Q, K and V (pattention_infer_qkv). */
+static inline bool qkv_variance_skipped(const tf_model *model, int block) {
+    return model->qkv_variance_bounded[block] && !model->read_every_variance;
+}
+/* The least share of their summed squared row norms that each of Q, K and V must have on a row for
+ * the bound to hold there (variance_proof.c says why a quarter). */
+#define TF_QKV_NORM_SHARE 0.25f
 
 /* Block `block`: model->residual (its input) becomes its output, in place; it also writes the
  * next block's LN(x) (or, for the last block, nothing more). drop_scales: the master buffer

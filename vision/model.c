@@ -70,6 +70,7 @@ static void plan_buffers(tf_model *model, arena *compute, arena *master) {
     size_t image = (size_t)config->channels * config->img_size * config->img_size;
     size_t patch_size = (size_t)config->channels * config->patch * config->patch;
     size_t max_tokens = (size_t)(config->n_attn > config->n_ffn ? config->n_attn : config->n_ffn);
+    size_t probs_width = 3 * (size_t)config->n_attn > max_tokens ? 3 * (size_t)config->n_attn : max_tokens;
 
     /* uint8 pixels share the master arena: its element size only matters for the other buffers. */
     size_t master_element = master->element_size;
@@ -95,7 +96,7 @@ static void plan_buffers(tf_model *model, arena *compute, arena *master) {
             model->blocks[l] = model->blocks[0];
     }
     model->branch = arena_take(compute, rows * dim);
-    model->probs = arena_take(compute, rows * max_tokens);
+    model->probs = arena_take(compute, rows * probs_width); /* Q's, K's and V's S side by side (block.c) */
     model->pooled = arena_take(master, batch * dim);
     model->head_ln = arena_take(compute, batch * dim);
     model->head_ln_rstd = arena_take(master, batch);

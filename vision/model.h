@@ -94,17 +94,19 @@ typedef struct {
      * mean, which the inference form reads in place of the LayerNorms (block_infer); rewritten by
      * every model_infer from the master parameters. NULL for P_o, whose input is no LayerNorm's. */
     void *centered_keys[TF_MAX_DEPTH][TF_PATTENTIONS_PER_BLOCK];
-    /* Per block: the FFN's keys prove eps var(x) invisible in its row norms, so the inference
-     * form skips the variance pass of the LayerNorm folded into it (vision/variance_proof.c). Found
-     * for the parameters of params_generation, which every change of parameters advances
-     * (model_params_changed). read_every_variance: skip none (tests, comparisons). */
+    /* Per block: the FFN's keys prove eps var(x) invisible in its row norms, and Q's, K's and V's
+     * stacked keys bound var(x) by their row norms, so the inference form skips the variance pass
+     * of the LayerNorm folded into them (vision/variance_proof.c). Found for the parameters of
+     * params_generation, which every change of parameters advances (model_params_changed).
+     * read_every_variance: skip none (tests, comparisons). */
     bool ffn_variance_invisible[TF_MAX_DEPTH];
+    bool qkv_variance_bounded[TF_MAX_DEPTH];
     double variance_proof_mean_ratio; /* the proofs hold on rows whose mean is within this many sigma */
     bool read_every_variance;
     unsigned long long params_generation, proof_generation;
     tf_block_cache *blocks;
     void *branch;       /* compute [B * tokens, dim]: P_o or FFN output before the residual add */
-    void *probs;        /* compute [B * tokens, max(n_attn, n_ffn)]: S of the Pattention at hand */
+    void *probs; /* compute [B * tokens, max(3 n_attn, n_ffn)]: S of the Pattention at hand (or of Q, K, V) */
     void *pooled;       /* master [B, dim] */
     void *head_ln, *head_ln_rstd;
     void *head_xhat;    /* compute [B, dim]: fc_norm's normalised input, for its backward (training) */
@@ -160,8 +162,8 @@ void model_refresh_compute_params(tf_model *model);
 /* Every change of the parameters calls this (model_set_params, model_refresh_compute_params,
  * model_swap_params, the optimizer's update): what was derived from the old ones is found again. */
 void model_params_changed(tf_model *model);
-/* How many variance passes model_infer skips (vision/variance_proof.c): one per block whose FFN
- * keys proved the term invisible, as of the last model_infer. */
+/* How many variance passes model_infer skips (vision/variance_proof.c), as of its last call: one
+ * per block whose FFN keys proved the term invisible, one per block whose Q, K, V keys bound it. */
 int model_variance_passes_skipped(const tf_model *model);
 /* Exchanges the master parameters with another master buffer of the same size (the EMA weights)
  * and refreshes the compute copy; calling it again swaps back. */

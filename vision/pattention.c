@@ -40,20 +40,31 @@ typedef struct {
     const void *eps_scale;
 } keys_and_eps;
 
-/* out = S V (or out += S V) with S = GELU(norm(in keys^T)); A and the row norms stay in the cache. */
-static void pattention_apply(tf_model *model, int block, int which, keys_and_eps norm, void *out, bool accumulate,
-                             const void *in, int rows) {
-    const tf_backend *backend = model->backend;
+/* probs = S = GELU(norm(in keys^T)); A and the row norms stay in the cache. */
+static void pattention_normed(tf_model *model, int block, int which, keys_and_eps norm, void *probs, const void *in,
+                              int rows) {
     tf_pattention_cache *cache = &model->blocks[block].patt[which];
-    int n = pattention_tokens(model, which), dim = model->config.dim;
-
     pattention_scores(model, block, which, norm.keys, in, rows);
     model_op_class(model, TF_OP_PATTENTION_NORM);
-    backend->pattention_norm_forward(model->probs, cache->row_norm, cache->scores, rows, n,
-                                     pattention_tau(model, block, which), norm.eps, norm.eps_scale);
+    model->backend->pattention_norm_forward(probs, cache->row_norm, cache->scores, rows,
+                                            pattention_tokens(model, which), pattention_tau(model, block, which),
+                                            norm.eps, norm.eps_scale);
+}
+
+/* out = probs V (or out += probs V). */
+static void pattention_values(tf_model *model, int block, int which, void *out, bool accumulate, const void *probs,
+                              int rows) {
     model_op_class(model, TF_OP_PATTENTION_GEMM);
-    backend->matmul(out, model->probs, model_param(model, model->layout.values[block][which]),
-                    &(tf_matmul_desc){.m = rows, .n = dim, .k = n, .accumulate = accumulate});
+    model->backend->matmul(out, probs, model_param(model, model->layout.values[block][which]),
+                           &(tf_matmul_desc){.m = rows, .n = model->config.dim, .k = pattention_tokens(model, which),
+                                             .accumulate = accumulate});
+}
+
+/* out = S V (or out += S V) with S = GELU(norm(in keys^T)). */
+static void pattention_apply(tf_model *model, int block, int which, keys_and_eps norm, void *out, bool accumulate,
+                             const void *in, int rows) {
+    pattention_normed(model, block, which, norm, model->probs, in, rows);
+    pattention_values(model, block, which, out, accumulate, model->probs, rows);
 }
 
 void pattention_forward(tf_model *model, int block, int which, void *out, const void *in, int rows) {
@@ -75,6 +86,28 @@ static keys_and_eps infer_keys(const tf_model *model, int block, int which) {
 
 void pattention_infer(tf_model *model, int block, int which, void *out, bool accumulate, const void *in, int rows) {
     pattention_apply(model, block, which, infer_keys(model, block, which), out, accumulate, in, rows);
+}
+
+/* The three norms with eps eps_ln alone, their S side by side in probs; the rows where the bound
+ * does not hold done again with var(x) read (pattention_norm_recheck); then the value GEMMs. */
+void pattention_infer_qkv(tf_model *model, int block, const void *x, int rows) {
+    tf_block_cache *cache = &model->blocks[block];
+    void *out[] = {cache->q, cache->k, cache->v};
+    tf_norm_rows norms[TF_NORM_RECHECK_MAX];
+    size_t slice = (size_t)rows * model->config.n_attn * tf_dtype_size(model->backend->compute_dtype);
+    float eps = model->config.eps;
+    for (int which = TF_PATT_Q; which <= TF_PATT_V; which++) {
+        void *probs = (char *)model->probs + (size_t)which * slice;
+        keys_and_eps norm = {model->centered_keys[block][which], eps * TF_LAYERNORM_EPS, NULL};
+        pattention_normed(model, block, which, norm, probs, x, rows);
+        norms[which] = (tf_norm_rows){probs, cache->patt[which].row_norm, cache->patt[which].scores,
+                                      pattention_tau(model, block, which)};
+    }
+    model_op_class(model, TF_OP_PATTENTION_NORM);
+    model->backend->pattention_norm_recheck(norms, TF_PATT_V + 1, x, rows, model->config.n_attn, model->config.dim,
+                                            eps, TF_LAYERNORM_EPS, TF_QKV_NORM_SHARE);
+    for (int which = TF_PATT_Q; which <= TF_PATT_V; which++)
+        pattention_values(model, block, which, out[which], false, norms[which].s, rows);
 }
 
 void pattention_infer_pooled(tf_model *model, int block, int which, void *pooled, const void *in, int batch) {

@@ -5,7 +5,7 @@
  * eps_ln, so that tau A' / r is the definition's tau A / sqrt(|A|^2 + eps). sigma^2 costs a pass
  * over the stream per LayerNorm, 2 x depth a forward (B/16: 24 passes of 52 us; without them a
  * batch ran 2.5% faster), for a term that is almost always below the precision r^2 is summed in.
- * For a set of keys that can be proved for every row at once:
+ * For the keys of an FFN it can be proved for every row at once:
  *
  *   Write x = xc + m 1 with xc orthogonal to 1 and |xc|^2 = d var(x). Then A' = Kc xc + m s, where
  *   s = Kc 1 holds the keys' row sums: zero but for the rounding of the centred keys to bf16, so
@@ -19,18 +19,29 @@
  *   there the folded form's scores already differ from the definition's by more than a quarter,
  *   with or without eps var(x).
  *
+ * Q, K and V read the same x. Their keys are square (768 x 768 in B/16), so each alone has lambda
+ * near 0, but stacked (2304 x 768) they pass the same test, and then (9/16) lambda d var(x) <=
+ * sum_p |A'_p|^2 <= sum_p r_p^2 over the three. On a row where each r_p^2 is at least a quarter of
+ * that sum (TF_QKV_NORM_SHARE), eps var(x) <= (16/9) 2^-p r_p^2: without it r_p moves by at most
+ * (8/9) 2^-p of itself, under one unit in its last place. Which rows those are is known only once
+ * all three norms have run, so they run with eps eps_ln alone, their S side by side, and
+ * pattention_norm_recheck does again, with var(x) read, the rows where a share is under a quarter
+ * (none in B/16 at initialisation, where each is about a third), before the value GEMMs
+ * (pattention_infer_qkv).
+ *
  * On the GPU the norm pass sums r^2 in fp32 (p = 24): B/16's inference logits are bit for bit
- * those with every pass read (tests/test_torch_parity.py). The CPU backend sums in double and
- * rounds r to fp32, so there an r may move by one unit in its last place: 2.75e-7 on B/16's
- * logits. In double (the fp64 backend, p = 53) no keys of a sensible size pass.
+ * those with every pass read (tests/test_torch_parity.py), Q's, K's and V's included. The CPU
+ * backend sums in double and rounds r to fp32, so there an r may move by one unit in its last
+ * place: 2.75e-7 on B/16's logits. In double (the fp64 backend, p = 53) no keys of a sensible size
+ * pass.
  *
  * lambda >= mu is decided by a Cholesky factorisation (LAPACK's dpotrf, in double) of
  * P Kc^T Kc P + 2 mu 11^T / d - mu I, P = I - 11^T / d: it succeeds exactly when that matrix is
  * positive definite, that is when Kc^T Kc exceeds mu on every direction orthogonal to 1. The keys
  * are the GEMM's own (compute dtype, downloaded), so the proof is about the numbers it multiplies.
- * B/16 at initialisation (FFN keys 3072 x 768, std 0.02): lambda d ~ (sqrt(3072) - sqrt(768))^2
- * 0.02^2 d = 236 against eps 2^26 = 67 in fp32. The square 768 x 768 keys of Q, K and V have
- * lambda near 0, so their LayerNorm keeps its pass. */
+ * B/16 at initialisation (keys of std 0.02): lambda d ~ (sqrt(3072) - sqrt(768))^2 0.02^2 d = 236
+ * for the FFN's 3072 x 768 keys and (sqrt(2304) - sqrt(768))^2 0.02^2 d = 126 for Q's, K's and V's
+ * stacked, against eps 2^26 = 67 in fp32. */
 #include "vision/layers.h"
 
 #include <cblas.h>
@@ -94,31 +105,39 @@ bool variance_proof_keys(const float *centered, int n, int dim, float eps, int p
 
 int model_variance_passes_skipped(const tf_model *model) {
     int skipped = 0;
-    for (int block = 0; block < model->config.depth; block++) skipped += ffn_variance_skipped(model, block);
+    for (int block = 0; block < model->config.depth; block++)
+        skipped += ffn_variance_skipped(model, block) + qkv_variance_skipped(model, block);
     return skipped;
 }
 
-/* The FFN's keys of every block, as the GEMMs read them (model->centered_keys, written by this
+/* Whether the centred keys of Pattentions first .. first + count - 1 of a block, stacked, prove the
+ * bound (keys: room for them on the host); the least mean ratio of the proofs so far kept. */
+static bool prove_block_keys(tf_model *model, int block, int first, int count, float *keys) {
+    const tf_backend *backend = model->backend;
+    int dim = model->config.dim, n = first == TF_PATT_FFN ? model->config.n_ffn : model->config.n_attn;
+    int precision_bits = backend->master_dtype == TF_DTYPE_F64 ? 53 : 24;
+    for (int which = first; which < first + count; which++) {
+        if (!model->centered_keys[block][which]) return false;
+        backend->download(keys + (size_t)(which - first) * n * dim, model->centered_keys[block][which],
+                          backend->compute_dtype, (size_t)n * dim);
+    }
+    double mean_ratio = 0.0;
+    bool proved = variance_proof_keys(keys, count * n, dim, model->config.eps, precision_bits, &mean_ratio);
+    if (proved && mean_ratio < model->variance_proof_mean_ratio) model->variance_proof_mean_ratio = mean_ratio;
+    return proved;
+}
+
+/* The keys of every block, as the GEMMs read them (model->centered_keys, written by this
  * model_infer's centring), once per set of parameters (model->params_generation). */
 void variance_proof_update(tf_model *model) {
     if (model->proof_generation == model->params_generation) return;
-    const tf_backend *backend = model->backend;
     const tf_model_config *config = &model->config;
-    int dim = config->dim, n = config->n_ffn;
-    int precision_bits = backend->master_dtype == TF_DTYPE_F64 ? 53 : 24;
-    float *keys = malloc((size_t)n * dim * sizeof *keys);
+    size_t most = (size_t)(config->n_ffn > 3 * config->n_attn ? config->n_ffn : 3 * config->n_attn);
+    float *keys = malloc(most * config->dim * sizeof *keys);
     model->variance_proof_mean_ratio = INFINITY;
     for (int block = 0; block < config->depth; block++) {
-        bool proved = false;
-        double mean_ratio = 0.0;
-        if (keys && model->centered_keys[block][TF_PATT_FFN]) {
-            backend->download(keys, model->centered_keys[block][TF_PATT_FFN], backend->compute_dtype,
-                              (size_t)n * dim);
-            proved = variance_proof_keys(keys, n, dim, config->eps, precision_bits, &mean_ratio);
-        }
-        model->ffn_variance_invisible[block] = proved;
-        if (proved && mean_ratio < model->variance_proof_mean_ratio)
-            model->variance_proof_mean_ratio = mean_ratio;
+        model->ffn_variance_invisible[block] = keys && prove_block_keys(model, block, TF_PATT_FFN, 1, keys);
+        model->qkv_variance_bounded[block] = keys && prove_block_keys(model, block, TF_PATT_Q, 3, keys);
     }
     free(keys);
     model->proof_generation = model->params_generation;

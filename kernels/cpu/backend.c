@@ -36,6 +36,7 @@ const tf_backend CPU_FN(backend) = {
     .pattention_norm_forward = CPU_FN(pattention_norm_forward),
     .pattention_norm_backward = CPU_FN(pattention_norm_backward),
     .pattention_norm_pool = CPU_FN(pattention_norm_pool),
+    .pattention_norm_recheck = CPU_FN(pattention_norm_recheck),
 
     .attention_forward = CPU_FN(attention_forward),
     .attention_backward = CPU_FN(attention_backward),

@@ -6,32 +6,66 @@
  * Row sums are accumulated in double in both builds. */
 #include "kernels/cpu/cpu_real.h"
 
-/* r = sqrt(sum_j A_j^2 + eps e_row) of row `row` of a, e_row = eps_scale[row] or 1 without a
- * scale; the sum in double. */
-static real row_norm_of(const real *a, size_t row, int n, float eps, const real *eps_scale) {
+/* r = sqrt(sum_j A_j^2 + eps_row) of row `row` of a, the sum in double. */
+static real row_norm_of(const real *a, size_t row, int n, double eps_row) {
     const real *a_row = a + row * n;
     double sum_squares = 0.0;
 #pragma omp simd reduction(+ : sum_squares)
     for (int j = 0; j < n; j++)
         sum_squares += (double)a_row[j] * (double)a_row[j];
-    return (real)sqrt(sum_squares + (double)eps * (eps_scale ? (double)eps_scale[row] : 1.0));
+    return (real)sqrt(sum_squares + eps_row);
+}
+
+/* eps e_row, e_row = eps_scale[row] or 1 without a scale (kernels.h). */
+static double row_eps(float eps, const real *eps_scale, size_t row) {
+    return (double)eps * (eps_scale ? (double)eps_scale[row] : 1.0);
+}
+
+/* r and S of one row. Z is computed from the stored (rounded) r so that backward recomputes the
+ * same Z. */
+static void normalize_row(real *s, real *row_norm, const real *a, size_t row, int n, float tau, double eps_row) {
+    const real *a_row = a + row * n;
+    real *s_row = s + row * n;
+    real r = row_norm_of(a, row, n, eps_row);
+    real scale = (real)tau / r;
+    row_norm[row] = r;
+#pragma omp simd
+    for (int j = 0; j < n; j++)
+        s_row[j] = cpu_gelu(scale * a_row[j]);
 }
 
 void CPU_FN(pattention_norm_forward)(void *s_buffer, void *row_norm_buffer, const void *a_buffer, int rows,
                                      int n, float tau, float eps, const void *eps_scale_buffer) {
-    real *s = s_buffer, *row_norm = row_norm_buffer;
-    const real *a = a_buffer, *eps_scale = eps_scale_buffer;
+    const real *eps_scale = eps_scale_buffer;
+#pragma omp parallel for schedule(static)
+    for (int row = 0; row < rows; row++)
+        normalize_row(s_buffer, row_norm_buffer, a_buffer, (size_t)row, n, tau, row_eps(eps, eps_scale, row));
+}
+
+/* Whether row `row` holds the bound (kernels.h): each r_p^2 at least share times their sum. */
+static bool row_within_share(const tf_norm_rows *norms, int count, size_t row, float share) {
+    double squares[TF_NORM_RECHECK_MAX], total = 0.0;
+    for (int p = 0; p < count; p++) {
+        double r = ((const real *)norms[p].row_norm)[row];
+        squares[p] = r * r;
+        total += squares[p];
+    }
+    for (int p = 0; p < count; p++)
+        if (squares[p] < share * total) return false;
+    return true;
+}
+
+void CPU_FN(pattention_norm_recheck)(const tf_norm_rows *norms, int count, const void *x_buffer, int rows, int n,
+                                     int dim, float eps, float eps_ln, float share) {
+    const real *x = x_buffer;
 #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++) {
-        const real *a_row = a + (size_t)row * n;
-        real *s_row = s + (size_t)row * n;
-        /* Z is computed from the stored (rounded) r so that backward recomputes the same Z. */
-        real r = row_norm_of(a, (size_t)row, n, eps, eps_scale);
-        real scale = (real)tau / r;
-        row_norm[row] = r;
-#pragma omp simd
-        for (int j = 0; j < n; j++)
-            s_row[j] = cpu_gelu(scale * a_row[j]);
+        if (row_within_share(norms, count, (size_t)row, share)) continue;
+        real variance;
+        CPU_FN(layernorm_variance)(&variance, x + (size_t)row * dim, 1, dim, eps_ln);
+        for (int p = 0; p < count; p++)
+            normalize_row(norms[p].s, norms[p].row_norm, norms[p].a, (size_t)row, n, norms[p].tau,
+                          row_eps(eps, &variance, 0));
     }
 }
 
@@ -82,7 +116,7 @@ void CPU_FN(pattention_norm_pool)(void *pooled_buffer, void *row_norm_buffer, co
     int rows = batch * tokens, column_blocks = (n + COLUMNS - 1) / COLUMNS;
 #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++)
-        row_norm[row] = row_norm_of(a, (size_t)row, n, eps, eps_scale);
+        row_norm[row] = row_norm_of(a, (size_t)row, n, row_eps(eps, eps_scale, row));
 #pragma omp parallel for schedule(static)
     for (int task = 0; task < batch * column_blocks; task++) {
         int image = task / column_blocks, first = task % column_blocks * COLUMNS;

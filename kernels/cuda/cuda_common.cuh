@@ -233,6 +233,19 @@ __device__ __forceinline__ double warp_sum_double(double v) {
     return v;
 }
 
+/* var(x) + eps of a row of dim elements, summed by the 32 lanes of a warp: the mean, then the
+ * squares about it (two reads of the row, no cancellation). */
+__device__ __forceinline__ float warp_row_variance(const bf16 *x_row, int dim, int lane, float eps) {
+    float sum = 0.0f, squares = 0.0f;
+    for (int j = lane; j < dim; j += 32) sum += bf16_load(x_row + j);
+    float mean = warp_sum(sum) / dim;
+    for (int j = lane; j < dim; j += 32) {
+        float centered = bf16_load(x_row + j) - mean;
+        squares = fmaf(centered, centered, squares);
+    }
+    return warp_sum(squares) / dim + eps;
+}
+
 /* Sum over a block of blockDim.x threads (a multiple of 32, at most 1024); every thread gets
  * the result. scratch: __shared__ float[32]. */
 __device__ __forceinline__ float block_sum(float v, float *scratch) {
@@ -401,6 +414,8 @@ void cuda_pattention_norm_backward(void *da, void *s, const void *ds, const void
                                    int n, float tau);
 void cuda_pattention_norm_pool(void *pooled_s, void *row_norm, const void *a, int batch, int tokens, int n, float tau,
                                float eps, const void *eps_scale);
+void cuda_pattention_norm_recheck(const tf_norm_rows *norms, int count, const void *x, int rows, int n, int dim,
+                                  float eps, float eps_ln, float share);
 /* attention.cu */
 void cuda_attention_forward(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                             int tokens, int heads, int head_dim);

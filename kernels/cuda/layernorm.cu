@@ -421,16 +421,8 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void layernorm_variance_plain_ke
                                                                                        int rows, int dim, float eps) {
     int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const bf16 *x_row = x + (size_t)row * dim;
-    float sum = 0.0f, squares = 0.0f;
-    for (int j = lane; j < dim; j += 32) sum += bf16_load(x_row + j);
-    float mean = warp_sum(sum) / dim;
-    for (int j = lane; j < dim; j += 32) {
-        float centered = bf16_load(x_row + j) - mean;
-        squares = fmaf(centered, centered, squares);
-    }
-    squares = warp_sum(squares);
-    if (lane == 0) variance[row] = squares / dim + eps;
+    float row_variance = warp_row_variance(x + (size_t)row * dim, dim, lane, eps);
+    if (lane == 0) variance[row] = row_variance;
 }
 
 extern "C" void cuda_layernorm_variance(void *variance, const void *x, int rows, int dim, float eps) {

@@ -119,7 +119,16 @@ __device__ __forceinline__ float warp_row_norm(const bf16 *a_row, int n, int lan
     return sqrtf(warp_sum(sum) + eps);
 }
 
-/* Any width and alignment: one warp per row, the row read from memory in each pass. */
+/* r and S of one row, by the 32 lanes of a warp, the row read from memory in each pass. */
+__device__ __forceinline__ void warp_normalize_row(bf16 *s, float *row_norm, const bf16 *a, size_t row, int n,
+                                                   int lane, float tau, float eps_row) {
+    const bf16 *a_row = a + row * n;
+    float r = warp_row_norm(a_row, n, lane, eps_row), scale = tau / r;
+    if (lane == 0) row_norm[row] = r;
+    for (int j = lane; j < n; j += 32) bf16_store(s + row * n + j, gelu_erf(bf16_load(a_row + j) * scale));
+}
+
+/* Any width and alignment: one warp per row. */
 __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_plain_kernel(bf16 *s, float *row_norm,
                                                                                             const bf16 *a, int rows,
                                                                                             int n, float tau,
@@ -127,10 +136,7 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_forward_pla
                                                                                             const float *eps_scale) {
     int row = blockIdx.x * (ROW_BLOCK_THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const bf16 *a_row = a + (size_t)row * n;
-    float r = warp_row_norm(a_row, n, lane, row_eps(eps, eps_scale, row)), scale = tau / r;
-    if (lane == 0) row_norm[row] = r;
-    for (int j = lane; j < n; j += 32) bf16_store(s + (size_t)row * n + j, gelu_erf(bf16_load(a_row + j) * scale));
+    warp_normalize_row(s, row_norm, a, (size_t)row, n, lane, tau, row_eps(eps, eps_scale, row));
 }
 
 __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_backward_plain_kernel(
@@ -242,6 +248,50 @@ __global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_pool_plain_kerne
     bf16_store(pooled_s + (size_t)image * n + j, sum / (float)(tokens - 1));
 }
 
+/* pattention_norm_recheck's Pattentions, by value: a kernel argument. */
+struct norm_recheck_rows {
+    bf16 *s[TF_NORM_RECHECK_MAX];
+    float *row_norm[TF_NORM_RECHECK_MAX];
+    const bf16 *a[TF_NORM_RECHECK_MAX];
+    float tau[TF_NORM_RECHECK_MAX];
+};
+
+/* One thread per row checks the bound (kernels.h) from the row norms; the rows of a warp that fail
+ * it (none in B/16 at initialisation) are then done again one at a time by the whole warp, which
+ * reads x. One thread a row, not a warp: B/16's 100864 rows in one wave of blocks (a warp a row
+ * took 16 us a call, 12 waves of warps that only read three numbers). The loops over the
+ * Pattentions are unrolled to TF_NORM_RECHECK_MAX so that norms stays in the kernel's parameter
+ * space (indexed at run time, it is copied to each thread's stack: 104 bytes). */
+__global__ __launch_bounds__(ROW_BLOCK_THREADS) void pattention_norm_recheck_kernel(norm_recheck_rows norms,
+                                                                                      int count, const bf16 *x,
+                                                                                      int rows, int n, int dim,
+                                                                                      float eps, float eps_ln,
+                                                                                      float share) {
+    int lane = threadIdx.x & 31, first = blockIdx.x * ROW_BLOCK_THREADS + (threadIdx.x & ~31);
+    int row = first + lane;
+    bool within = true;
+    if (row < rows) {
+        float squares[TF_NORM_RECHECK_MAX], total = 0.0f;
+#pragma unroll
+        for (int p = 0; p < TF_NORM_RECHECK_MAX; p++) {
+            float r = p < count ? norms.row_norm[p][row] : 0.0f;
+            squares[p] = r * r;
+            total += squares[p];
+        }
+#pragma unroll
+        for (int p = 0; p < TF_NORM_RECHECK_MAX; p++) within = within && (p >= count || squares[p] >= share * total);
+    }
+    for (unsigned redo = __ballot_sync(0xffffffffu, !within); redo; redo &= redo - 1) {
+        size_t failed = (size_t)first + (size_t)(__ffs(redo) - 1);
+        float variance = warp_row_variance(x + failed * dim, dim, lane, eps_ln);
+#pragma unroll
+        for (int p = 0; p < TF_NORM_RECHECK_MAX; p++)
+            if (p < count)
+                warp_normalize_row(norms.s[p], norms.row_norm[p], norms.a[p], failed, n, lane, norms.tau[p],
+                                   eps * variance);
+    }
+}
+
 #define PATTENTION_SHAPE "rows %d n %d tau %g", rows, n, (double)tau
 
 extern "C" void cuda_pattention_norm_forward(void *s, void *row_norm, const void *a, int rows, int n, float tau,
@@ -306,4 +356,25 @@ extern "C" void cuda_pattention_norm_pool(void *pooled_s, void *row_norm, const 
 #undef POOL_CASE
 #undef POOL_PLAIN
     LAUNCH_CHECK("pattention_norm_pool_kernel", "batch %d tokens %d n %d tau %g", batch, tokens, n, (double)tau);
+}
+
+extern "C" void cuda_pattention_norm_recheck(const tf_norm_rows *norms, int count, const void *x, int rows, int n,
+                                             int dim, float eps, float eps_ln, float share) {
+    if (rows <= 0 || n <= 0 || count <= 0) return;
+    if (count > TF_NORM_RECHECK_MAX) {
+        cuda_record_failure(__FILE__, __LINE__, "pattention_norm_recheck", "unsupported count",
+                            "%d Pattentions, at most %d", count, TF_NORM_RECHECK_MAX);
+        return;
+    }
+    norm_recheck_rows rows_of = {};
+    for (int p = 0; p < count; p++) {
+        rows_of.s[p] = (bf16 *)norms[p].s;
+        rows_of.row_norm[p] = (float *)norms[p].row_norm;
+        rows_of.a[p] = (const bf16 *)norms[p].a;
+        rows_of.tau[p] = norms[p].tau;
+    }
+    unsigned grid = ceil_div_u((size_t)rows, ROW_BLOCK_THREADS);
+    pattention_norm_recheck_kernel<<<grid, ROW_BLOCK_THREADS, 0, cuda_ctx.stream>>>(
+        rows_of, count, (const bf16 *)x, rows, n, dim, eps, eps_ln, share);
+    LAUNCH_CHECK("pattention_norm_recheck_kernel", "rows %d n %d dim %d count %d", rows, n, dim, count);
 }
