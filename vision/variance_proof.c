@@ -45,6 +45,7 @@
 #include "vision/layers.h"
 
 #include <cblas.h>
+#include <omp.h>
 #include <math.h>
 #include <stdlib.h>
 
@@ -110,35 +111,72 @@ int model_variance_passes_skipped(const tf_model *model) {
     return skipped;
 }
 
-/* Whether the centred keys of Pattentions first .. first + count - 1 of a block, stacked, prove the
- * bound (keys: room for them on the host); the least mean ratio of the proofs so far kept. */
-static bool prove_block_keys(tf_model *model, int block, int first, int count, float *keys) {
-    const tf_backend *backend = model->backend;
-    int dim = model->config.dim, n = first == TF_PATT_FFN ? model->config.n_ffn : model->config.n_attn;
-    int precision_bits = backend->master_dtype == TF_DTYPE_F64 ? 53 : 24;
-    for (int which = first; which < first + count; which++) {
-        if (!model->centered_keys[block][which]) return false;
-        backend->download(keys + (size_t)(which - first) * n * dim, model->centered_keys[block][which],
-                          backend->compute_dtype, (size_t)n * dim);
-    }
-    double mean_ratio = 0.0;
-    bool proved = variance_proof_keys(keys, count * n, dim, model->config.eps, precision_bits, &mean_ratio);
-    if (proved && mean_ratio < model->variance_proof_mean_ratio) model->variance_proof_mean_ratio = mean_ratio;
-    return proved;
+/* One proof: a block's FFN keys, or its Q, K and V keys stacked. */
+typedef struct {
+    int block, first, count, n; /* Pattentions first .. first + count - 1, n key tokens each */
+    bool downloaded, proved;
+    double mean_ratio;
+} proof_task;
+
+static proof_task proof_task_of(const tf_model *model, int index) {
+    const tf_model_config *config = &model->config;
+    bool ffn = index % 2 == 0;
+    return (proof_task){.block = index / 2, .first = ffn ? TF_PATT_FFN : TF_PATT_Q, .count = ffn ? 1 : 3,
+                        .n = ffn ? config->n_ffn : config->n_attn};
 }
 
-/* The keys of every block, as the GEMMs read them (model->centered_keys, written by this
- * model_infer's centring), once per set of parameters (model->params_generation). */
+/* The task's keys, stacked, into keys (host), as the GEMMs read them. */
+static bool download_task_keys(const tf_model *model, const proof_task *task, float *keys) {
+    const tf_backend *backend = model->backend;
+    size_t size = (size_t)task->n * model->config.dim;
+    for (int which = task->first; which < task->first + task->count; which++) {
+        const void *centered = model->centered_keys[task->block][which];
+        if (!centered) return false;
+        backend->download(keys + (size_t)(which - task->first) * size, centered, backend->compute_dtype, size);
+    }
+    return true;
+}
+
+/* The keys of every block (model->centered_keys, written by this model_infer's centring), once per
+ * set of parameters (model->params_generation). The proofs run in waves of one per OpenMP thread,
+ * each with single-threaded BLAS (OpenBLAS runs one thread inside a parallel region), and only a
+ * wave's keys are on the host at a time. On the H100 machine's 16 cores, B/16's 24 proofs took
+ * 0.51 s this way against 0.78 s one after another with every thread on each, and 0.94 s against
+ * 23.7 s beside 15 busy processes (as a loader's workers can be), where threads that spin for each
+ * other lose their cores. */
 void variance_proof_update(tf_model *model) {
     if (model->proof_generation == model->params_generation) return;
     const tf_model_config *config = &model->config;
-    size_t most = (size_t)(config->n_ffn > 3 * config->n_attn ? config->n_ffn : 3 * config->n_attn);
-    float *keys = malloc(most * config->dim * sizeof *keys);
+    int tasks = 2 * config->depth, wave = omp_get_max_threads();
+    int precision_bits = model->backend->master_dtype == TF_DTYPE_F64 ? 53 : 24;
+    size_t most = (size_t)(config->n_ffn > 3 * config->n_attn ? config->n_ffn : 3 * config->n_attn) * config->dim;
+    float *keys = malloc((size_t)wave * most * sizeof *keys);
+    proof_task *wave_tasks = calloc((size_t)wave, sizeof *wave_tasks);
     model->variance_proof_mean_ratio = INFINITY;
-    for (int block = 0; block < config->depth; block++) {
-        model->ffn_variance_invisible[block] = keys && prove_block_keys(model, block, TF_PATT_FFN, 1, keys);
-        model->qkv_variance_bounded[block] = keys && prove_block_keys(model, block, TF_PATT_Q, 3, keys);
+    for (int block = 0; block < config->depth; block++) /* what stays so without memory for the keys */
+        model->ffn_variance_invisible[block] = model->qkv_variance_bounded[block] = false;
+    for (int start = 0; start < tasks && keys && wave_tasks; start += wave) {
+        int size = tasks - start < wave ? tasks - start : wave;
+        for (int i = 0; i < size; i++) {
+            wave_tasks[i] = proof_task_of(model, start + i);
+            wave_tasks[i].downloaded = download_task_keys(model, &wave_tasks[i], keys + (size_t)i * most);
+        }
+#pragma omp parallel for schedule(dynamic)
+        for (int i = 0; i < size; i++) {
+            proof_task *task = &wave_tasks[i];
+            if (task->downloaded)
+                task->proved = variance_proof_keys(keys + (size_t)i * most, task->count * task->n, config->dim,
+                                                   config->eps, precision_bits, &task->mean_ratio);
+        }
+        for (int i = 0; i < size; i++) {
+            const proof_task *task = &wave_tasks[i];
+            bool *proved = task->first == TF_PATT_FFN ? model->ffn_variance_invisible : model->qkv_variance_bounded;
+            proved[task->block] = task->proved;
+            if (task->proved && task->mean_ratio < model->variance_proof_mean_ratio)
+                model->variance_proof_mean_ratio = task->mean_ratio;
+        }
     }
     free(keys);
+    free(wave_tasks);
     model->proof_generation = model->params_generation;
 }
