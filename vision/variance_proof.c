@@ -45,8 +45,8 @@
 #include "vision/layers.h"
 
 #include <cblas.h>
-#include <omp.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 /* LAPACK's Cholesky factorisation (OpenBLAS exports it; the last argument is the length of the
