@@ -52,6 +52,16 @@ typedef struct {
     float tau;
 } tf_norm_rows;
 
+/* One question of keys_exceed: parts key buffers (compute [n, dim] each) stacked into Kc
+ * [parts * n, dim]; the answers are filled in. */
+typedef struct {
+    const void *keys[TF_NORM_RECHECK_MAX];
+    int parts, n;
+    double mu;
+    bool exceeds;     /* |Kc u|^2 >= mu for every unit u orthogonal to 1 (strictly: see keys_exceed) */
+    double sums_norm; /* |Kc 1|: the norm of Kc's row sums */
+} tf_keys_exceed;
+
 /* One group of parameters in the flat parameter buffer that AdamW updates alike. */
 typedef struct {
     size_t offset, count; /* elements */
@@ -157,6 +167,14 @@ struct tf_backend {
      * norms[p].row_norm: master [rows]. */
     void (*pattention_norm_recheck)(const tf_norm_rows *norms, int count, const void *x, int rows, int n, int dim,
                                     float eps, float eps_ln, float share);
+
+    /* The variance proofs of the inference form (vision/variance_proof.c): for each of count
+     * questions, whether P Kc^T Kc P + 2 mu 11^T / d - mu I (P = I - 11^T / d, d = dim) is positive
+     * definite, decided by a Cholesky factorisation in double of the Gram matrix of the keys as
+     * stored (the numbers the GEMMs multiply): it is exactly when Kc^T Kc exceeds mu on every
+     * direction orthogonal to 1. Also |Kc 1|, summed in double. Waits for the answers; a failure
+     * (recorded, as any operation's) leaves exceeds false. */
+    void (*keys_exceed)(tf_keys_exceed *questions, int count, int dim);
 
     /* ---- multi-head softmax attention, not causal, scale 1/sqrt(head_dim) ----
      * q, k, v, out: compute [batch * tokens, heads * head_dim]; head h is columns

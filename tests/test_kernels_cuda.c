@@ -504,6 +504,76 @@ static void pattention_norm_recheck_case(int rows, int n, int dim) {
     op_end(&c);
 }
 
+/* ---- the variance proofs' keys test ---- */
+/* The least lambda of |Kc u|^2 over unit u orthogonal to 1, found on the CPU by bisection on mu:
+ * within 2^-24 of trace(Kc^T Kc) / (d - 1), which bounds it from above. */
+static double cpu_keys_lambda(tf_keys_exceed question, const pair *keys, int dim) {
+    double low = 0.0, high = 0.0;
+    for (int part = 0; part < question.parts; part++)
+        for (size_t i = 0; i < keys[part].n; i++)
+            high += (double)keys[part].host[i] * keys[part].host[i];
+    high /= dim - 1;
+    for (int step = 0; step < 24; step++) {
+        question.mu = 0.5 * (low + high);
+        cpu->keys_exceed(&question, 1, dim);
+        *(question.exceeds ? &low : &high) = question.mu;
+    }
+    return 0.5 * (low + high);
+}
+
+/* Random keys, one set [n_single, dim] and one of three parts [n_stacked, dim] stacked, with
+ * lambda found on the CPU; both backends asked in one call 0.1% either side of each lambda (yes,
+ * no, yes, no), and |Kc 1| compared (both sum the same bf16 values in double). */
+static void keys_exceed_case(int n_single, int n_stacked, int dim) {
+    op_check c;
+    op_begin(&c, "keys_exceed [%d, %d] and 3 x [%d, %d] stacked", n_single, dim, n_stacked, dim);
+    pair keys[4] = {
+        pair_new("single", (size_t)n_single * dim, true), pair_new("part0", (size_t)n_stacked * dim, true),
+        pair_new("part1", (size_t)n_stacked * dim, true), pair_new("part2", (size_t)n_stacked * dim, true)};
+    for (int k = 0; k < 4; k++)
+        pair_random(&keys[k], 0.02f);
+    tf_keys_exceed on_cpu[4], on_gpu[4];
+    const double margin = 1e-3;
+    for (int set = 0; set < 2; set++) {
+        tf_keys_exceed question = {.parts = set == 0 ? 1 : 3, .n = set == 0 ? n_single : n_stacked};
+        for (int part = 0; part < question.parts; part++)
+            question.keys[part] = keys[set + part].cpu;
+        double lambda = cpu_keys_lambda(question, &keys[set], dim);
+        for (int side = 0; side < 2; side++) {
+            question.mu = lambda * (side == 0 ? 1.0 - margin : 1.0 + margin);
+            on_cpu[2 * set + side] = on_gpu[2 * set + side] = question;
+            for (int part = 0; part < question.parts; part++)
+                on_gpu[2 * set + side].keys[part] = keys[set + part].gpu;
+        }
+    }
+    cpu->keys_exceed(on_cpu, 4, dim);
+    gpu->keys_exceed(on_gpu, 4, dim);
+    for (int i = 0; i < 4; i++) {
+        bool want = i % 2 == 0;
+        if (on_cpu[i].exceeds != want || on_gpu[i].exceeds != want)
+            op_fail(&c, "question %d (mu %.8g): exceeds cpu %d cuda %d, want %d", i, on_cpu[i].mu,
+                    on_cpu[i].exceeds, on_gpu[i].exceeds, want);
+        double error = fabs(on_gpu[i].sums_norm - on_cpu[i].sums_norm) / on_cpu[i].sums_norm;
+        if (!(error <= c.worst) || c.worst_name[0] == '\0') {
+            c.worst = error;
+            snprintf(c.worst_name, sizeof c.worst_name, "|Kc 1|");
+        }
+        if (!(error <= 1e-12))
+            op_fail(&c, "question %d: |Kc 1| cuda %.17g cpu %.17g", i, on_gpu[i].sums_norm,
+                    on_cpu[i].sums_norm);
+    }
+    for (int k = 0; k < 4; k++)
+        pair_free(&keys[k]);
+    op_end(&c);
+}
+
+static void test_keys_exceed(void) {
+    keys_exceed_case(100, 40, 32);
+    keys_exceed_case(70, 30, 50); /* width not a multiple of 32 */
+    if (small_only) return;
+    keys_exceed_case(3072, 768, 768); /* B/16's FFN keys; its Q, K and V keys */
+}
+
 static void test_pattention_norm(void) {
     pattention_norm_case(17, 96, false);
     pattention_norm_case(50, 192, false);
@@ -1211,6 +1281,7 @@ int main(int argc, char **argv) {
     test_matmul();
     test_tuning_record();
     test_pattention_norm();
+    test_keys_exceed();
     test_attention();
     test_layernorm();
     test_residual();

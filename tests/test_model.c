@@ -315,12 +315,16 @@ static void check_preset_counts(void) {
  * the directions orthogonal to 1 (Helmert's), so that Kc^T Kc = 4 c^2 (I - 11^T / d) and lambda =
  * 4 c^2, 10% either side of the threshold eps 2^(p + 2) / d; with a basis direction left out,
  * lambda = 0. One key row given a mean t: lambda is the same (the mean lies along 1), and the rows
- * over which the proof holds are those with |m| <= sqrt(mu d) / (4 |s|) sigma, |s| = t d. */
-static void check_variance_proof_keys(void) {
+ * over which the proof holds are those with |m| <= sqrt(mu d) / (4 |s|) sigma, |s| = t d. On
+ * both CPU backends (keys_exceed reads fp32 keys and fp64 keys). */
+static void check_variance_proof_keys(tf_dtype dtype) {
     enum { DIM = 16, COPIES = 4, N = COPIES * (DIM - 1) };
+    const tf_backend *backend = tf_cpu_backend(dtype);
     const float eps = 1e-6f;
     const double mu = eps * ldexp(1.0, 24 + 2) / DIM;
     float *keys = malloc((size_t)N * DIM * sizeof *keys);
+    void *stored = NULL;
+    CHECK_OK(backend->alloc(&stored, (size_t)N * DIM * tf_dtype_size(dtype), "keys"));
     double basis[DIM - 1][DIM];
     for (int k = 1; k < DIM; k++)
         for (int j = 0; j < DIM; j++)
@@ -338,19 +342,22 @@ static void check_variance_proof_keys(void) {
                 if (trial == 4 && i == 0) value += 0.5 * c; /* a mean on one key row */
                 keys[(size_t)i * DIM + j] = (float)value;
             }
-        proved[trial] = variance_proof_keys(keys, N, DIM, eps, 24, &mean_ratio[trial]);
+        backend->upload(stored, dtype, keys, (size_t)N * DIM);
+        proved[trial] = variance_proof_keys(backend, stored, N, DIM, eps, 24, &mean_ratio[trial]);
     }
+    const char *name = backend->name;
     CHECK(!proved[0] && proved[1] && proved[2],
-          "variance proof: lambda at 0.9 / 1.1 / 1.2 x the threshold gives %d %d %d (want 0 1 1)", proved[0],
-          proved[1], proved[2]);
-    CHECK(!proved[3], "variance proof: keys missing a direction (lambda 0) proved");
+          "variance proof (%s): lambda at 0.9 / 1.1 / 1.2 x the threshold gives %d %d %d (want 0 1 1)", name,
+          proved[0], proved[1], proved[2]);
+    CHECK(!proved[3], "variance proof (%s): keys missing a direction (lambda 0) proved", name);
     double expected = sqrt(mu * DIM) / (4.0 * 0.5 * c * DIM);
     CHECK(proved[4] && fabs(mean_ratio[4] / expected - 1.0) < 1e-5,
-          "variance proof with a key row's mean: proved %d, rows within %.6g sigma of their mean (want 1, "
-          "%.6g)",
-          proved[4], mean_ratio[4], expected);
-    CHECK(!variance_proof_keys(keys, N, DIM, eps, 53, &mean_ratio[0]),
-          "variance proof in double precision: never for such keys");
+          "variance proof (%s) with a key row's mean: proved %d, rows within %.6g sigma of their mean "
+          "(want 1, %.6g)",
+          name, proved[4], mean_ratio[4], expected);
+    CHECK(!variance_proof_keys(backend, stored, N, DIM, eps, 53, &mean_ratio[0]),
+          "variance proof (%s) in double precision: never for such keys", name);
+    backend->free(stored);
     free(keys);
 }
 
@@ -467,7 +474,8 @@ int main(void) {
     check_inference_form(TF_DTYPE_F64, TF_POOL_CLS, 1e-7);
     check_inference_form(TF_DTYPE_F32, TF_POOL_AVG, 1e-5);
     check_inference_form(TF_DTYPE_F32, TF_POOL_CLS, 1e-5);
-    check_variance_proof_keys();
+    check_variance_proof_keys(TF_DTYPE_F32);
+    check_variance_proof_keys(TF_DTYPE_F64);
     check_variance_proofs_in_model();
     check_load_before_backward();
     check_gradient_hook();

@@ -47,11 +47,12 @@ void pattention_infer_qkv(tf_model *model, int block, const void *x, int rows);
 void pattention_backward(tf_model *model, int block, int which, void *d_in, bool accumulate, const void *d_out,
                          const void *in, int rows);
 
-/* vision/variance_proof.c: whether centred keys [n, dim] prove eps var(x) below half a unit in the
- * last place of a row norm summed with precision_bits bits, for every row x whose mean is within
- * *mean_ratio standard deviations; and that proof for every FFN of the model and every Q, K, V
- * stacked, found again when the parameters have changed (model_infer). */
-bool variance_proof_keys(const float *centered, int n, int dim, float eps, int precision_bits, double *mean_ratio);
+/* vision/variance_proof.c: whether centred keys (backend compute [n, dim]) prove eps var(x) below
+ * half a unit in the last place of a row norm summed with precision_bits bits, for every row x
+ * whose mean is within *mean_ratio standard deviations; and that proof for every FFN of the model
+ * and every Q, K, V stacked, found again when the parameters have changed (model_infer). */
+bool variance_proof_keys(const tf_backend *backend, const void *centered, int n, int dim, float eps,
+                         int precision_bits, double *mean_ratio);
 void variance_proof_update(tf_model *model);
 /* The inference form skips the variance pass of the LayerNorm folded into block `block`'s FFN. */
 static inline bool ffn_variance_skipped(const tf_model *model, int block) {

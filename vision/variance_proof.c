@@ -35,73 +35,39 @@
  * place: 2.75e-7 on B/16's logits. In double (the fp64 backend, p = 53) no keys of a sensible size
  * pass.
  *
- * lambda >= mu is decided by a Cholesky factorisation (LAPACK's dpotrf, in double) of
- * P Kc^T Kc P + 2 mu 11^T / d - mu I, P = I - 11^T / d: it succeeds exactly when that matrix is
- * positive definite, that is when Kc^T Kc exceeds mu on every direction orthogonal to 1. The keys
- * are the GEMM's own (compute dtype, downloaded), so the proof is about the numbers it multiplies.
- * B/16 at initialisation (keys of std 0.02): lambda d ~ (sqrt(3072) - sqrt(768))^2 0.02^2 d = 236
- * for the FFN's 3072 x 768 keys and (sqrt(2304) - sqrt(768))^2 0.02^2 d = 126 for Q's, K's and V's
- * stacked, against eps 2^26 = 67 in fp32. */
+ * lambda >= mu is decided by the backend's keys_exceed: a Cholesky factorisation in double of
+ * P Kc^T Kc P + 2 mu 11^T / d - mu I, P = I - 11^T / d, which succeeds exactly when that matrix is
+ * positive definite, that is when Kc^T Kc exceeds mu on every direction orthogonal to 1 (cuBLASLt
+ * and cuSOLVER on the GPU, about 1 ms a proof; OpenBLAS and LAPACK on the CPU, where B/16's 24 took
+ * 0.51 s on 16 cores). The keys are the GEMM's own (compute dtype, as stored), so the proof is
+ * about the numbers it multiplies. B/16 at initialisation (keys of std 0.02): lambda d ~
+ * (sqrt(3072) - sqrt(768))^2 0.02^2 d = 236 for the FFN's 3072 x 768 keys and (sqrt(2304) -
+ * sqrt(768))^2 0.02^2 d = 126 for Q's, K's and V's stacked, against eps 2^26 = 67 in fp32. */
 #include "vision/layers.h"
 
-#include <cblas.h>
 #include <math.h>
-#include <omp.h>
 #include <stdlib.h>
 
-/* LAPACK's Cholesky factorisation (OpenBLAS exports it; the last argument is the length of the
- * character argument that Fortran passes hidden). */
-extern void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info, size_t uplo_length);
-
-/* Whether lambda (above) of the centred keys [n, dim] is at least mu; |s| into *sums_norm. */
-static bool keys_exceed(const float *centered, int n, int dim, double mu, double *sums_norm) {
-    double *keys = calloc((size_t)n * dim, sizeof *keys), *gram = malloc((size_t)dim * dim * sizeof *gram);
-    double *row_sums = malloc((size_t)dim * sizeof *row_sums);
-    bool exceeds = false;
-    *sums_norm = 0.0;
-    if (!keys || !gram || !row_sums) goto done;
-    double sums_squared = 0.0;
-    for (int i = 0; i < n; i++) {
-        double sum = 0.0;
-        for (int j = 0; j < dim; j++) {
-            keys[(size_t)i * dim + j] = centered[(size_t)i * dim + j];
-            sum += keys[(size_t)i * dim + j];
-        }
-        sums_squared += sum * sum;
-    }
-    *sums_norm = sqrt(sums_squared);
-    /* Kc^T Kc: the upper triangle, then mirrored. */
-    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, dim, n, 1.0, keys, dim, 0.0, gram, dim);
-    for (int i = 0; i < dim; i++)
-        for (int j = 0; j < i; j++)
-            gram[(size_t)i * dim + j] = gram[(size_t)j * dim + i];
-    /* P Kc^T Kc P, plus 2 mu 11^T / d - mu I. */
-    double total = 0.0;
-    for (int i = 0; i < dim; i++) {
-        double sum = 0.0;
-        for (int j = 0; j < dim; j++)
-            sum += gram[(size_t)i * dim + j];
-        row_sums[i] = sum;
-        total += sum;
-    }
-    for (int i = 0; i < dim; i++)
-        for (int j = 0; j < dim; j++)
-            gram[(size_t)i * dim + j] +=
-                (total / dim - row_sums[i] - row_sums[j] + 2.0 * mu) / dim - (i == j ? mu : 0.0);
-    int info = 0;
-    dpotrf_("U", &dim, gram, &dim, &info, 1);
-    exceeds = info == 0;
-done:
-    free(keys), free(gram), free(row_sums);
-    return exceeds;
+/* The question for keys of width dim: mu = eps 2^(p + 2) / d. */
+static tf_keys_exceed proof_question(float eps, int precision_bits, int dim) {
+    return (tf_keys_exceed){.mu = (double)eps * ldexp(1.0, precision_bits + 2) / dim};
 }
 
-bool variance_proof_keys(const float *centered, int n, int dim, float eps, int precision_bits,
-                         double *mean_ratio) {
-    double mu = (double)eps * ldexp(1.0, precision_bits + 2) / dim, sums_norm;
-    bool proved = keys_exceed(centered, n, dim, mu, &sums_norm);
-    *mean_ratio = proved ? sqrt(mu * dim) / (4.0 * sums_norm) : 0.0; /* inf where s = 0 */
-    return proved;
+/* The rows over which a proved question's bound holds: means within this many sigma (inf where
+ * s = 0), or 0 where it was not proved. */
+static double proof_mean_ratio(const tf_keys_exceed *question, int dim) {
+    return question->exceeds ? sqrt(question->mu * dim) / (4.0 * question->sums_norm) : 0.0;
+}
+
+bool variance_proof_keys(const tf_backend *backend, const void *centered, int n, int dim, float eps,
+                         int precision_bits, double *mean_ratio) {
+    tf_keys_exceed question = proof_question(eps, precision_bits, dim);
+    question.keys[0] = centered;
+    question.parts = 1;
+    question.n = n;
+    backend->keys_exceed(&question, 1, dim);
+    *mean_ratio = proof_mean_ratio(&question, dim);
+    return question.exceeds;
 }
 
 int model_variance_passes_skipped(const tf_model *model) {
@@ -111,72 +77,47 @@ int model_variance_passes_skipped(const tf_model *model) {
     return skipped;
 }
 
-/* One proof: a block's FFN keys, or its Q, K and V keys stacked. */
-typedef struct {
-    int block, first, count, n; /* Pattentions first .. first + count - 1, n key tokens each */
-    bool downloaded, proved;
-    double mean_ratio;
-} proof_task;
-
-static proof_task proof_task_of(const tf_model *model, int index) {
+/* A block's FFN keys (index 2 block), or its Q, K and V keys stacked (index 2 block + 1), as
+ * the question of the proof; parts 0 where a Pattention has no centred keys. */
+static tf_keys_exceed block_question(const tf_model *model, int index, int precision_bits) {
     const tf_model_config *config = &model->config;
-    bool ffn = index % 2 == 0;
-    return (proof_task){.block = index / 2, .first = ffn ? TF_PATT_FFN : TF_PATT_Q, .count = ffn ? 1 : 3,
-                        .n = ffn ? config->n_ffn : config->n_attn};
-}
-
-/* The task's keys, stacked, into keys (host), as the GEMMs read them. */
-static bool download_task_keys(const tf_model *model, const proof_task *task, float *keys) {
-    const tf_backend *backend = model->backend;
-    size_t size = (size_t)task->n * model->config.dim;
-    for (int which = task->first; which < task->first + task->count; which++) {
-        const void *centered = model->centered_keys[task->block][which];
-        if (!centered) return false;
-        backend->download(keys + (size_t)(which - task->first) * size, centered, backend->compute_dtype, size);
+    tf_keys_exceed question = proof_question(config->eps, precision_bits, config->dim);
+    int block = index / 2, first = index % 2 == 0 ? TF_PATT_FFN : TF_PATT_Q;
+    question.parts = first == TF_PATT_FFN ? 1 : 3;
+    question.n = first == TF_PATT_FFN ? config->n_ffn : config->n_attn;
+    for (int part = 0; part < question.parts; part++) {
+        question.keys[part] = model->centered_keys[block][first + part];
+        if (!question.keys[part]) return (tf_keys_exceed){.parts = 0};
     }
-    return true;
+    return question;
 }
 
 /* The keys of every block (model->centered_keys, written by this model_infer's centring), once per
- * set of parameters (model->params_generation). The proofs run in waves of one per OpenMP thread,
- * each with single-threaded BLAS (OpenBLAS runs one thread inside a parallel region), and only a
- * wave's keys are on the host at a time. On the H100 machine's 16 cores, B/16's 24 proofs took
- * 0.51 s this way against 0.78 s one after another with every thread on each, and 0.94 s against
- * 23.7 s beside 15 busy processes (as a loader's workers can be), where threads that spin for each
- * other lose their cores. */
+ * set of parameters (model->params_generation), all in one call of keys_exceed. */
 void variance_proof_update(tf_model *model) {
     if (model->proof_generation == model->params_generation) return;
     const tf_model_config *config = &model->config;
-    int tasks = 2 * config->depth, wave = omp_get_max_threads();
+    int count = 2 * config->depth, asked = 0;
     int precision_bits = model->backend->master_dtype == TF_DTYPE_F64 ? 53 : 24;
-    size_t most = (size_t)(config->n_ffn > 3 * config->n_attn ? config->n_ffn : 3 * config->n_attn) * config->dim;
-    float *keys = malloc((size_t)wave * most * sizeof *keys);
-    proof_task *wave_tasks = calloc((size_t)wave, sizeof *wave_tasks);
-    model->variance_proof_mean_ratio = INFINITY;
-    for (int block = 0; block < config->depth; block++) /* what stays so without memory for the keys */
-        model->ffn_variance_invisible[block] = model->qkv_variance_bounded[block] = false;
-    for (int start = 0; start < tasks && keys && wave_tasks; start += wave) {
-        int size = tasks - start < wave ? tasks - start : wave;
-        for (int i = 0; i < size; i++) {
-            wave_tasks[i] = proof_task_of(model, start + i);
-            wave_tasks[i].downloaded = download_task_keys(model, &wave_tasks[i], keys + (size_t)i * most);
-        }
-#pragma omp parallel for schedule(dynamic)
-        for (int i = 0; i < size; i++) {
-            proof_task *task = &wave_tasks[i];
-            if (task->downloaded)
-                task->proved = variance_proof_keys(keys + (size_t)i * most, task->count * task->n, config->dim,
-                                                   config->eps, precision_bits, &task->mean_ratio);
-        }
-        for (int i = 0; i < size; i++) {
-            const proof_task *task = &wave_tasks[i];
-            bool *proved = task->first == TF_PATT_FFN ? model->ffn_variance_invisible : model->qkv_variance_bounded;
-            proved[task->block] = task->proved;
-            if (task->proved && task->mean_ratio < model->variance_proof_mean_ratio)
-                model->variance_proof_mean_ratio = task->mean_ratio;
-        }
+    tf_keys_exceed questions[2 * TF_MAX_DEPTH];
+    int block_of[2 * TF_MAX_DEPTH];
+    for (int index = 0; index < count; index++) {
+        tf_keys_exceed question = block_question(model, index, precision_bits);
+        if (!question.parts) continue;
+        block_of[asked] = index;
+        questions[asked++] = question;
     }
-    free(keys);
-    free(wave_tasks);
+    for (int block = 0; block < config->depth; block++) /* what stays so for keys not asked about */
+        model->ffn_variance_invisible[block] = model->qkv_variance_bounded[block] = false;
+    if (asked) model->backend->keys_exceed(questions, asked, config->dim);
+    model->variance_proof_mean_ratio = INFINITY;
+    for (int i = 0; i < asked; i++) {
+        int index = block_of[i];
+        bool *proved = index % 2 == 0 ? model->ffn_variance_invisible : model->qkv_variance_bounded;
+        proved[index / 2] = questions[i].exceeds;
+        double mean_ratio = proof_mean_ratio(&questions[i], config->dim);
+        if (questions[i].exceeds && mean_ratio < model->variance_proof_mean_ratio)
+            model->variance_proof_mean_ratio = mean_ratio;
+    }
     model->proof_generation = model->params_generation;
 }

@@ -37,6 +37,7 @@ const tf_backend CPU_FN(backend) = {
     .pattention_norm_backward = CPU_FN(pattention_norm_backward),
     .pattention_norm_pool = CPU_FN(pattention_norm_pool),
     .pattention_norm_recheck = CPU_FN(pattention_norm_recheck),
+    .keys_exceed = CPU_FN(keys_exceed),
 
     .attention_forward = CPU_FN(attention_forward),
     .attention_backward = CPU_FN(attention_backward),

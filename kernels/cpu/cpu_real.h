@@ -154,6 +154,7 @@ void CPU_FN(pattention_norm_pool)(void *pooled_s, void *row_norm, const void *a,
                                   float tau, float eps, const void *eps_scale);
 void CPU_FN(pattention_norm_recheck)(const tf_norm_rows *norms, int count, const void *x, int rows, int n,
                                      int dim, float eps, float eps_ln, float share);
+void CPU_FN(keys_exceed)(tf_keys_exceed *questions, int count, int dim);
 
 void CPU_FN(attention_forward)(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                                int tokens, int heads, int head_dim);

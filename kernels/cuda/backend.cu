@@ -258,6 +258,7 @@ static void fill_table(tf_backend *t) {
     t->pattention_norm_backward = cuda_pattention_norm_backward;
     t->pattention_norm_pool = cuda_pattention_norm_pool;
     t->pattention_norm_recheck = cuda_pattention_norm_recheck;
+    t->keys_exceed = cuda_keys_exceed;
     t->attention_forward = cuda_attention_forward;
     t->attention_backward = cuda_attention_backward;
     t->layernorm_forward = cuda_layernorm_forward;

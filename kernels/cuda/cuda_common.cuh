@@ -416,6 +416,8 @@ void cuda_pattention_norm_pool(void *pooled_s, void *row_norm, const void *a, in
                                float eps, const void *eps_scale);
 void cuda_pattention_norm_recheck(const tf_norm_rows *norms, int count, const void *x, int rows, int n, int dim,
                                   float eps, float eps_ln, float share);
+/* keys_exceed.cu */
+void cuda_keys_exceed(tf_keys_exceed *questions, int count, int dim);
 /* attention.cu */
 void cuda_attention_forward(void *out, void *lse, const void *q, const void *k, const void *v, int batch,
                             int tokens, int heads, int head_dim);
