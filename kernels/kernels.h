@@ -53,7 +53,8 @@ typedef struct {
 } tf_norm_rows;
 
 /* One question of keys_exceed: parts key buffers (compute [n, dim] each) stacked into Kc
- * [parts * n, dim]; the answers are filled in. */
+ * [parts * n, dim]; the answers are filled in. At most three parts: Q's, K's and V's keys, the
+ * Pattentions that read one stream (as in pattention_norm_recheck). */
 typedef struct {
     const void *keys[TF_NORM_RECHECK_MAX];
     int parts, n;
