@@ -237,11 +237,8 @@ void model_swap_params(tf_model *model, void **other) {
     void *current = model->params;
     model->params = *other;
     *other = current;
-    if (model->params_compute == current)
-        model->params_compute = model->params;
-    else
-        model_refresh_compute_params(model);
-    model_params_changed(model);
+    if (model->params_compute == current) model->params_compute = model->params; /* one buffer (the CPU) */
+    model_refresh_compute_params(model); /* converts where there are two; marks the change */
 }
 
 void model_zero_grads(tf_model *model) {

@@ -46,7 +46,6 @@
 #include "vision/layers.h"
 
 #include <math.h>
-#include <stdlib.h>
 
 /* The question for keys of width dim: mu = eps 2^(p + 2) / d. */
 static tf_keys_exceed proof_question(float eps, int precision_bits, int dim) {
@@ -100,11 +99,11 @@ void variance_proof_update(tf_model *model) {
     int count = 2 * config->depth, asked = 0;
     int precision_bits = model->backend->master_dtype == TF_DTYPE_F64 ? 53 : 24;
     tf_keys_exceed questions[2 * TF_MAX_DEPTH];
-    int block_of[2 * TF_MAX_DEPTH];
+    int index_of[2 * TF_MAX_DEPTH]; /* of each question asked: 2 block (FFN) or 2 block + 1 */
     for (int index = 0; index < count; index++) {
         tf_keys_exceed question = block_question(model, index, precision_bits);
         if (!question.parts) continue;
-        block_of[asked] = index;
+        index_of[asked] = index;
         questions[asked++] = question;
     }
     for (int block = 0; block < config->depth; block++) /* what stays so for keys not asked about */
@@ -112,7 +111,7 @@ void variance_proof_update(tf_model *model) {
     if (asked) model->backend->keys_exceed(questions, asked, config->dim);
     model->variance_proof_mean_ratio = INFINITY;
     for (int i = 0; i < asked; i++) {
-        int index = block_of[i];
+        int index = index_of[i];
         bool *proved = index % 2 == 0 ? model->ffn_variance_invisible : model->qkv_variance_bounded;
         proved[index / 2] = questions[i].exceeds;
         double mean_ratio = proof_mean_ratio(&questions[i], config->dim);
